@@ -1,0 +1,102 @@
+"""Checkpoints as safetensors: no pickle, so loading one can never run code.
+
+A checkpoint is one file: the weights as tensors and, in its metadata, JSON with
+the model and training configs, the package version, the input normalisation
+and the calibrated threshold. Resumable training state uses the same format.
+Writes are atomic (write a temporary file, then rename).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from . import __version__
+from .models import AnomalyModel, ModelConfig
+from .models.teacher import RANDOM
+
+FORMAT = "pfadseg-checkpoint"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is unreadable or does not fit; the message says why."""
+
+
+def atomic_save(tensors: dict[str, torch.Tensor], meta: dict, path: Path) -> None:
+    """Write tensors + JSON metadata to `path` without ever leaving a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    save_file(tensors, str(tmp), metadata={"pfadseg": json.dumps(meta)})
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def read(path: Path, kind: str = FORMAT) -> tuple[dict[str, torch.Tensor], dict]:
+    """Tensors and metadata of a file we wrote, refusing anything else with a reason."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        tensors = load_file(str(path))
+        from safetensors import safe_open
+        with safe_open(str(path), framework="pt") as fh:
+            raw = (fh.metadata() or {}).get("pfadseg")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or not "
+                              f"safetensors): {exc}") from exc
+    if raw is None:
+        raise CheckpointError(f"{path}: a safetensors file but not a pfadseg checkpoint")
+    meta = json.loads(raw)
+    if meta.get("format") != kind:
+        raise CheckpointError(f"{path}: holds {meta.get('format')!r}, expected {kind!r}")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: checkpoint format {meta.get('format_version')} written by pfadseg "
+            f"{meta.get('pfadseg_version')}; this pfadseg {__version__} reads format "
+            f"{FORMAT_VERSION}. Fix: retrain, or use the pfadseg version that wrote it.")
+    return tensors, meta
+
+
+def save_checkpoint(model: AnomalyModel, path: Path, train_config: dict,
+                    threshold: float | None, extra: dict | None = None) -> None:
+    """The deployable checkpoint: weights, configs, version, normalisation, threshold."""
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "pfadseg_version": __version__,
+        "model": model.config.to_dict(),
+        "variant": model.config.variant,
+        "train": train_config,
+        "normalization": {"mean": list(model.config.mean), "std": list(model.config.std)},
+        "threshold": threshold,
+        **(extra or {}),
+    }
+    atomic_save(model.state_dict(), meta, path)
+
+
+def load_checkpoint(path: Path, expect_variant: str | None = None) -> tuple[AnomalyModel, dict]:
+    """Rebuild the model from a checkpoint alone (no download: the teacher's
+    weights are in the file) and return it in eval mode with its metadata."""
+    tensors, meta = read(path)
+    cfg_dict = dict(meta["model"])
+    cfg_dict["pcar_dilations"] = tuple(cfg_dict.get("pcar_dilations", (1, 2, 3)))
+    cfg_dict["mean"], cfg_dict["std"] = tuple(cfg_dict["mean"]), tuple(cfg_dict["std"])
+    config = ModelConfig(**cfg_dict)
+    if expect_variant is not None and config.variant != expect_variant:
+        raise CheckpointError(f"{path}: holds variant {config.variant}, expected {expect_variant}")
+    model = AnomalyModel.build(config, teacher_weights=RANDOM)  # filled from the file below
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: weights do not fit variant {config.variant} with "
+                              f"teacher {config.teacher}: {str(exc)[:300]}") from exc
+    model.eval()
+    return model, meta

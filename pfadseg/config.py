@@ -1,0 +1,56 @@
+"""Training schedules ("presets") and the settings of one training run."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+
+
+@dataclass
+class TrainConfig:
+    """Schedule, optimiser and speed settings of the two training stages."""
+
+    batch_size: int = 16
+    stage1_steps: int = 3000
+    stage2_steps: int = 4000
+    lr_student: float = 0.5
+    lr_seg_res: float = 0.1  # residual blocks of the segmentation net
+    lr_seg_head: float = 0.01  # its head (RCM or ASPP and the output convs)
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    focal_gamma: float = 4.0
+    seed: int = 0
+    bf16: bool = True  # bf16 autocast where the CPU supports it
+    channels_last: bool = True
+    save_every: int = 100  # steps between resumable state files
+    log_every: int = 10
+
+    @property
+    def total_steps(self) -> int:
+        return self.stage1_steps + self.stage2_steps
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+PRESETS: dict[str, TrainConfig] = {
+    # PFADSeg paper, Sec. 4: batch 16, 3000 + 4000 SGD steps, lr 0.5 / 0.1 / 0.01
+    "paper": TrainConfig(),
+    # the official DeSTSeg code: batch 32, 1000 + 4000 steps, lr 0.4 / 0.1 / 0.01
+    "official": TrainConfig(batch_size=32, stage1_steps=1000, stage2_steps=4000, lr_student=0.4),
+    # fits a 2-core CPU: see README "Presets" for how it was chosen
+    "cpu": TrainConfig(batch_size=8, stage1_steps=700, stage2_steps=500, lr_student=0.25,
+                       save_every=50),
+    # seconds; for tests and smoke checks only
+    "tiny": TrainConfig(batch_size=2, stage1_steps=2, stage2_steps=2, save_every=1, log_every=1),
+}
+
+
+def preset(name: str, **overrides: object) -> TrainConfig:
+    """A preset's TrainConfig with some fields replaced (None values ignored)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+    return replace(PRESETS[name], **{k: v for k, v in overrides.items() if v is not None})

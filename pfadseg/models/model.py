@@ -1,0 +1,144 @@
+"""DeSTSeg and PFADSeg: teacher, denoising student and segmentation network.
+
+`ModelConfig` names a variant: `destseg` is the CVPR 2023 baseline, `pfadseg`
+turns on all three PFADSeg modules, and the switches give every ablation row.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .residual import BlockOptions
+from .segmentation import SegmentationNet
+from .student import Student
+from .teacher import Teacher, build_teacher
+
+TOP_K = 100  # image score = mean of the top-100 pixels of the anomaly map
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of one variant. Input images are RGB in [0, 1]."""
+
+    aff: bool = True
+    pcar: bool = True
+    rcm: bool = True
+    teacher: str = "resnet18"
+    image_size: int = 256
+    pcar_dilations: tuple[int, ...] = (1, 2, 3)
+    mean: tuple[float, ...] = field(default=())
+    std: tuple[float, ...] = field(default=())
+
+    @classmethod
+    def named(cls, model: str, **kwargs: object) -> "ModelConfig":
+        """`destseg` (no modules) or `pfadseg` (AFF+PCAR+RCM); kwargs override."""
+        if model not in ("destseg", "pfadseg"):
+            raise ValueError(f"unknown model {model!r}; choose destseg or pfadseg")
+        on = model == "pfadseg"
+        base = dict(aff=on, pcar=on, rcm=on)
+        base.update({k: v for k, v in kwargs.items() if v is not None})
+        return cls(**base)  # type: ignore[arg-type]
+
+    @property
+    def variant(self) -> str:
+        """Readable name: destseg, pfadseg, or destseg+<modules>."""
+        mods = [m for m in ("aff", "pcar", "rcm") if getattr(self, m)]
+        if len(mods) == 3:
+            return "pfadseg"
+        return "+".join(["destseg"] + mods)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def l2_normalize(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """Unit length over the channel axis (as the official code: x / (|x| + eps))."""
+    return x / (x.float().pow(2).sum(dim=1, keepdim=True).sqrt().to(x.dtype) + eps)
+
+
+def cosine_distance(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """1 - cos(T, S) at every pixel: (B, 1, H, W)."""
+    return 1 - (l2_normalize(t.float()) * l2_normalize(s.float())).sum(dim=1, keepdim=True)
+
+
+class AnomalyModel(nn.Module):
+    """Teacher + student + segmentation net, with the normalisation built in."""
+
+    def __init__(self, config: ModelConfig, teacher: Teacher) -> None:
+        super().__init__()
+        if config.image_size % 32:
+            raise ValueError(f"image_size must be a multiple of 32, got {config.image_size}")
+        config.mean, config.std = tuple(teacher.mean), tuple(teacher.std)
+        self.config = config
+        opts = BlockOptions(aff=config.aff, pcar=config.pcar, pcar_dilations=tuple(config.pcar_dilations))
+        self.teacher = teacher
+        self.student = Student(teacher.channels, opts)
+        self.segmentation = SegmentationNet(sum(teacher.channels), rcm=config.rcm, opts=opts)
+        self.register_buffer("mean", torch.tensor(teacher.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(teacher.std).view(1, 3, 1, 1), persistent=False)
+
+    @classmethod
+    def build(cls, config: ModelConfig, teacher_weights: str | None = None) -> "AnomalyModel":
+        """Build with the teacher's pretrained weights (or a local/random source)."""
+        return cls(config, build_teacher(config.teacher, teacher_weights))
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        return (images - self.mean) / self.std
+
+    # --- the two training stages -------------------------------------------------
+    def student_loss(self, clean: torch.Tensor, augmented: torch.Tensor) -> torch.Tensor:
+        """Stage 1: teacher on the clean image, student on the synthetic one.
+
+        Per level: 1 - cosine similarity, averaged over pixels; summed over the
+        three levels and over the batch (the official reduction).
+        """
+        with torch.no_grad():
+            targets = self.teacher(self.normalize(clean))
+        preds = self.student(self.normalize(augmented))
+        return sum(cosine_distance(t, s).mean(dim=(2, 3)).sum() for t, s in zip(targets, preds))
+
+    def segmentation_input(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Frozen teacher and student on the same images: the 448-channel (for
+        ResNet18) map -T_l*S_l at 1/4 size, and the per-level cosine distances."""
+        x = self.normalize(images)
+        with torch.no_grad():
+            t_feats = self.teacher(x)
+            s_feats = self.student(x)
+        size = t_feats[0].shape[-2:]
+        parts, dists = [], []
+        for t, s in zip(t_feats, s_feats):
+            t, s = l2_normalize(t), l2_normalize(s)
+            parts.append(F.interpolate(-t * s, size=size, mode="bilinear", align_corners=False))
+            dists.append(1 - (t.float() * s.float()).sum(dim=1, keepdim=True))
+        return torch.cat(parts, dim=1), dists
+
+    def segmentation_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """Stage 2 forward: segmentation logits at 1/4 of the input size."""
+        feats, _ = self.segmentation_input(images)
+        return self.segmentation(feats)
+
+    # --- inference ----------------------------------------------------------------
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Anomaly maps at the input size: (segmentation map, DeST map), each (B, 1, H, W).
+
+        The DeST map is the product over levels of 1 - cos(T_l, S_l), the
+        un-learned student-teacher map, useful for diagnosis.
+        """
+        feats, dists = self.segmentation_input(images)
+        seg = torch.sigmoid(self.segmentation(feats).float())
+        size = images.shape[-2:]
+        seg = F.interpolate(seg, size=size, mode="bilinear", align_corners=False)
+        dest = torch.ones_like(seg)
+        for d in dists:
+            dest = dest * F.interpolate(d.float(), size=size, mode="bilinear", align_corners=False)
+        return seg, dest
+
+
+def image_scores(maps: torch.Tensor, k: int = TOP_K) -> torch.Tensor:
+    """Mean of the k highest pixels of each map (B, 1, H, W) -> (B,)."""
+    flat = maps.flatten(1)
+    return flat.topk(min(k, flat.shape[1]), dim=1).values.mean(dim=1)

@@ -1,0 +1,228 @@
+"""Two-stage training (DeSTSeg / PFADSeg) with resumable, atomic state files.
+
+Stage 1 trains the denoising student (cosine loss against the frozen teacher);
+stage 2 freezes it and trains the segmentation net (focal + L1 loss) on the
+synthetic masks. No step does work that no loss uses: stage 1 runs no
+segmentation forward, stage 2 runs teacher and student without autograd.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from . import checkpoint as ckpt
+from .config import TrainConfig
+from .inference import autocast, bf16_supported, infer, to_input
+from .models import AnomalyModel, ModelConfig
+from .synthesis import DefectSynthesizer, rotate_images
+
+log = logging.getLogger(__name__)
+STATE_FORMAT = "pfadseg-train-state"
+CHECKPOINT_NAME = "checkpoint.safetensors"
+STATE_NAME = "train_state.safetensors"
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (non-finite loss, mismatched resume state)."""
+
+
+def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 4.0) -> torch.Tensor:
+    """Mean of BCE * (1 - p_t)^gamma (Lin et al.), computed from logits for stability."""
+    logits = logits.float()
+    p = torch.sigmoid(logits)
+    ce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    p_t = p * target + (1 - p) * (1 - target)
+    return (ce * (1 - p_t).pow(gamma)).mean()
+
+
+def l1_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean |sigmoid(logits) - target|: pushes the map towards sparse, sharp masks."""
+    return (torch.sigmoid(logits.float()) - target).abs().mean()
+
+
+def mask_target(mask: torch.Tensor, size: torch.Size) -> torch.Tensor:
+    """Synthetic mask downsampled bilinearly to the output size and thresholded at 0.5."""
+    small = F.interpolate(mask, size=size, mode="bilinear", align_corners=False)
+    return (small >= 0.5).float()
+
+
+@dataclass
+class TrainData:
+    """What a run trains on: images in memory, the defect synthesiser, the rotation policy."""
+
+    images: torch.Tensor  # uint8 (N, 3, S, S)
+    synthesizer: DefectSynthesizer
+    rotation: str = "none"
+
+
+class Trainer:
+    """Runs the schedule of a TrainConfig, writing state and a loss log to out_dir."""
+
+    def __init__(self, model: AnomalyModel, config: TrainConfig, data: TrainData, out_dir: Path) -> None:
+        self.model, self.config, self.data = model, config, data
+        self.out_dir = Path(out_dir)
+        self.use_bf16 = config.bf16 and bf16_supported()
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.step = 0
+        seg = model.segmentation
+        self.opt_student = torch.optim.SGD(model.student.parameters(), lr=config.lr_student,
+                                           momentum=config.momentum, weight_decay=config.weight_decay)
+        self.opt_seg = torch.optim.SGD(
+            [{"params": seg.res.parameters(), "lr": config.lr_seg_res},
+             {"params": seg.head.parameters(), "lr": config.lr_seg_head}],
+            lr=config.lr_seg_res, momentum=config.momentum, weight_decay=config.weight_decay)
+        if config.channels_last:
+            model.to(memory_format=torch.channels_last)
+
+    # --- one step ----------------------------------------------------------------
+    def _batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        idx = torch.randint(len(self.data.images), (self.config.batch_size,), generator=self.generator)
+        clean = to_input(self.data.images[idx], channels_last=False)
+        clean = rotate_images(clean, self.data.rotation, self.generator, padding="grey")
+        augmented, mask = self.data.synthesizer(clean, self.generator)
+        if self.config.channels_last:
+            clean = clean.contiguous(memory_format=torch.channels_last)
+            augmented = augmented.contiguous(memory_format=torch.channels_last)
+        return clean, augmented, mask
+
+    def train_step(self) -> dict[str, float]:
+        """One optimiser step of the current stage; returns its losses."""
+        stage = 1 if self.step < self.config.stage1_steps else 2
+        clean, augmented, mask = self._batch()
+        if stage == 1:
+            self.model.student.train()
+            with autocast(self.use_bf16):
+                loss = self.model.student_loss(clean, augmented)
+            parts = {"cosine": loss.item()}
+            optimizer = self.opt_student
+        else:
+            self.model.student.eval()
+            self.model.segmentation.train()
+            with autocast(self.use_bf16):
+                logits = self.model.segmentation_logits(augmented)
+            target = mask_target(mask, logits.shape[-2:])
+            focal = focal_loss(logits, target, self.config.focal_gamma)
+            l1 = l1_loss(logits, target)
+            loss = focal + l1
+            parts = {"focal": focal.item(), "l1": l1.item()}
+            optimizer = self.opt_seg
+        if not math.isfinite(loss.item()):
+            raise TrainingError(
+                f"non-finite loss ({loss.item()}) at step {self.step + 1} (stage {stage}). "
+                f"The last good state is {self.out_dir / STATE_NAME}. Fix: lower the learning "
+                "rate (--lr-student / --lr-seg) or check the input images, then --resume.")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        self.step += 1
+        return {"stage": stage, "loss": loss.item(), **parts}
+
+    # --- state -------------------------------------------------------------------
+    def _optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"student": self.opt_student, "seg": self.opt_seg}
+
+    def save_state(self) -> None:
+        """Everything needed to continue bit-exactly, written atomically."""
+        tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
+        for name, opt in self._optimizers().items():
+            for idx, st in opt.state_dict()["state"].items():
+                for key, value in st.items():
+                    if torch.is_tensor(value):
+                        tensors[f"opt.{name}.{idx}.{key}"] = value
+        tensors["rng"] = self.generator.get_state()
+        meta = {"format": STATE_FORMAT, "format_version": ckpt.FORMAT_VERSION, "step": self.step,
+                "model": self.model.config.to_dict(), "train": self.config.to_dict()}
+        ckpt.atomic_save(tensors, meta, self.out_dir / STATE_NAME)
+
+    def load_state(self, path: Path) -> None:
+        """Continue from a state file written by `save_state` for the same run."""
+        tensors, meta = ckpt.read(path, kind=STATE_FORMAT)
+        mine = json.loads(json.dumps(self.model.config.to_dict()))
+        if meta["model"] != mine:
+            raise TrainingError(f"{path}: state of another model ({meta['model']}), not {mine}")
+        self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        for name, opt in self._optimizers().items():
+            sd = opt.state_dict()
+            state: dict[int, dict[str, torch.Tensor]] = {}
+            for key, value in tensors.items():
+                if key.startswith(f"opt.{name}."):
+                    idx, field = key[len(name) + 5:].split(".", 1)
+                    state.setdefault(int(idx), {})[field] = value
+            opt.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
+        self.generator.set_state(tensors["rng"])
+        self.step = int(meta["step"])
+
+    # --- the whole run -----------------------------------------------------------
+    def run(self, progress: bool = True) -> None:
+        """Train until the schedule ends, saving state every `save_every` steps."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        log_path = self.out_dir / "losses.csv"
+        new_log = not log_path.exists() or self.step == 0
+        cfg = self.config
+        with open(log_path, "w" if new_log else "a", newline="") as fh:
+            writer = csv.writer(fh)
+            if new_log:
+                writer.writerow(["step", "stage", "loss", "cosine", "focal", "l1", "seconds"])
+            bar = tqdm(total=cfg.total_steps, initial=self.step, desc="training", unit="step",
+                       disable=not progress, dynamic_ncols=True)
+            start = time.perf_counter()
+            while self.step < cfg.total_steps:
+                out = self.train_step()
+                bar.update(1)
+                bar.set_postfix(stage=out["stage"], loss=f"{out['loss']:.4f}")
+                if self.step % cfg.log_every == 0 or self.step == cfg.total_steps:
+                    writer.writerow([self.step, out["stage"], f"{out['loss']:.6f}",
+                                     out.get("cosine", ""), out.get("focal", ""), out.get("l1", ""),
+                                     f"{time.perf_counter() - start:.1f}"])
+                    fh.flush()
+                if self.step % cfg.save_every == 0 or self.step == cfg.stage1_steps:
+                    self.save_state()
+            bar.close()
+        self.save_state()
+
+    def calibrate_threshold(self, batch_size: int = 16) -> float:
+        """Image-score threshold: the highest score of any training image, so that
+        no defect-free training image would be flagged."""
+        _, _, scores = infer(self.model, self.data.images, batch_size, bf16=self.use_bf16,
+                             channels_last=self.config.channels_last)
+        return float(scores.max())
+
+
+def train(model_config: ModelConfig, train_config: TrainConfig, data: TrainData, out_dir: Path,
+          teacher_weights: str | None = None, resume: bool = False, progress: bool = True,
+          extra_meta: dict | None = None) -> Path:
+    """Train a model and write out_dir/checkpoint.safetensors; returns its path."""
+    out_dir = Path(out_dir)
+    state_path = out_dir / STATE_NAME
+    if resume and state_path.is_file():
+        _, meta = ckpt.read(state_path, kind=STATE_FORMAT)
+        train_config = TrainConfig.from_dict(meta["train"])
+    torch.manual_seed(train_config.seed)
+    model = AnomalyModel.build(model_config, teacher_weights)
+    trainer = Trainer(model, train_config, data, out_dir)
+    if resume:
+        if not state_path.is_file():
+            raise TrainingError(f"--resume: no state file {state_path} to resume from")
+        trainer.load_state(state_path)
+        log.info("resumed at step %d of %d", trainer.step, train_config.total_steps)
+    elif state_path.is_file() and not (out_dir / CHECKPOINT_NAME).is_file():
+        raise TrainingError(f"{out_dir} holds an unfinished run ({state_path}). Fix: add "
+                            "--resume to continue it, or choose another --out.")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.json").write_text(json.dumps(
+        {"model": model.config.to_dict(), "train": train_config.to_dict(), **(extra_meta or {})},
+        indent=2))
+    trainer.run(progress)
+    threshold = trainer.calibrate_threshold()
+    path = out_dir / CHECKPOINT_NAME
+    ckpt.save_checkpoint(model, path, train_config.to_dict(), threshold, extra_meta)
+    return path

@@ -1,0 +1,35 @@
+"""Heatmap overlays and mask images for people to look at."""
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+# anchors of a perceptually ordered blue -> cyan -> yellow -> red colour map
+_ANCHORS = np.array([[0.0, 0.0, 0.5], [0.0, 0.4, 1.0], [0.0, 0.9, 0.9],
+                     [1.0, 0.9, 0.0], [1.0, 0.3, 0.0], [0.6, 0.0, 0.0]])
+
+
+def colorize(values: np.ndarray) -> np.ndarray:
+    """Values in [0, 1] (H, W) -> uint8 RGB (H, W, 3)."""
+    v = np.clip(values, 0.0, 1.0) * (len(_ANCHORS) - 1)
+    lo = np.floor(v).astype(int).clip(0, len(_ANCHORS) - 2)
+    frac = (v - lo)[..., None]
+    rgb = _ANCHORS[lo] * (1 - frac) + _ANCHORS[lo + 1] * frac
+    return (rgb * 255 + 0.5).astype(np.uint8)
+
+
+def overlay(image: np.ndarray, amap: np.ndarray, mask: np.ndarray | None = None,
+            alpha: float = 0.5) -> Image.Image:
+    """The anomaly map (in [0, 1], image size) blended over the RGB image, with
+    the outline of the binary mask drawn in white when given."""
+    heat = colorize(amap).astype(np.float32)
+    out = image.astype(np.float32) * (1 - alpha) + heat * alpha
+    if mask is not None and mask.any():
+        edge = mask & ~(np.roll(mask, 1, 0) & np.roll(mask, -1, 0) & np.roll(mask, 1, 1) & np.roll(mask, -1, 1))
+        out[edge] = 255.0
+    return Image.fromarray(out.clip(0, 255).astype(np.uint8))
+
+
+def mask_image(mask: np.ndarray) -> Image.Image:
+    """Binary mask as a black/white PNG-ready image."""
+    return Image.fromarray((mask.astype(np.uint8) * 255), mode="L")
