@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from . import __version__
@@ -37,6 +37,60 @@ def atomic_save(tensors: dict[str, torch.Tensor], meta: dict, path: Path) -> Non
     with open(tmp, "rb") as fh:
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename durable (POSIX); a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _check_meta(path: Path, raw: str | None, kind: str) -> dict:
+    """Parse and check our JSON metadata, refusing anything else with a reason."""
+    if raw is None:
+        raise CheckpointError(f"{path}: a safetensors file but not a pfadseg checkpoint "
+                              "(no pfadseg metadata)")
+    try:
+        meta = json.loads(raw)
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: damaged pfadseg metadata (not JSON: {exc})") from exc
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: damaged pfadseg metadata (not a JSON object)")
+    if meta.get("format") != kind:
+        raise CheckpointError(f"{path}: holds {meta.get('format')!r}, expected {kind!r}")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: checkpoint format {meta.get('format_version')} written by pfadseg "
+            f"{meta.get('pfadseg_version')}; this pfadseg {__version__} reads format "
+            f"{FORMAT_VERSION}. Fix: retrain, or use the pfadseg version that wrote it.")
+    return meta
+
+
+def _unreadable(path: Path, exc: Exception) -> CheckpointError:
+    return CheckpointError(f"{path}: not a readable checkpoint (truncated or not "
+                           f"safetensors): {exc}")
+
+
+def read_meta(path: Path, kind: str = FORMAT) -> dict:
+    """Only the checked metadata of a file we wrote (no tensors are loaded)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            raw = (fh.metadata() or {}).get("pfadseg")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise _unreadable(path, exc) from exc
+    return _check_meta(path, raw, kind)
 
 
 def read(path: Path, kind: str = FORMAT) -> tuple[dict[str, torch.Tensor], dict]:
@@ -46,23 +100,11 @@ def read(path: Path, kind: str = FORMAT) -> tuple[dict[str, torch.Tensor], dict]
         raise CheckpointError(f"{path}: checkpoint not found")
     try:
         tensors = load_file(str(path))
-        from safetensors import safe_open
         with safe_open(str(path), framework="pt") as fh:
             raw = (fh.metadata() or {}).get("pfadseg")
     except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or not "
-                              f"safetensors): {exc}") from exc
-    if raw is None:
-        raise CheckpointError(f"{path}: a safetensors file but not a pfadseg checkpoint")
-    meta = json.loads(raw)
-    if meta.get("format") != kind:
-        raise CheckpointError(f"{path}: holds {meta.get('format')!r}, expected {kind!r}")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(
-            f"{path}: checkpoint format {meta.get('format_version')} written by pfadseg "
-            f"{meta.get('pfadseg_version')}; this pfadseg {__version__} reads format "
-            f"{FORMAT_VERSION}. Fix: retrain, or use the pfadseg version that wrote it.")
-    return tensors, meta
+        raise _unreadable(path, exc) from exc
+    return tensors, _check_meta(path, raw, kind)
 
 
 def save_checkpoint(model: AnomalyModel, path: Path, train_config: dict,
@@ -86,13 +128,21 @@ def load_checkpoint(path: Path, expect_variant: str | None = None) -> tuple[Anom
     """Rebuild the model from a checkpoint alone (no download: the teacher's
     weights are in the file) and return it in eval mode with its metadata."""
     tensors, meta = read(path)
-    cfg_dict = dict(meta["model"])
-    cfg_dict["pcar_dilations"] = tuple(cfg_dict.get("pcar_dilations", (1, 2, 3)))
-    cfg_dict["mean"], cfg_dict["std"] = tuple(cfg_dict["mean"]), tuple(cfg_dict["std"])
-    config = ModelConfig(**cfg_dict)
+    try:
+        cfg_dict = dict(meta["model"])
+        cfg_dict["pcar_dilations"] = tuple(cfg_dict.get("pcar_dilations", (1, 2, 3)))
+        cfg_dict["mean"], cfg_dict["std"] = tuple(cfg_dict["mean"]), tuple(cfg_dict["std"])
+        config = ModelConfig(**cfg_dict)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: its metadata does not describe a model "
+                              f"({type(exc).__name__}: {exc})") from exc
     if expect_variant is not None and config.variant != expect_variant:
         raise CheckpointError(f"{path}: holds variant {config.variant}, expected {expect_variant}")
-    model = AnomalyModel.build(config, teacher_weights=RANDOM)  # filled from the file below
+    try:
+        model = AnomalyModel.build(config, teacher_weights=RANDOM)  # filled from the file below
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: its metadata does not describe a model "
+                              f"({type(exc).__name__}: {exc})") from exc
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as exc:

@@ -88,14 +88,21 @@ def load_mask(path: Path, size: int | None, expected: tuple[int, int] | None = N
 
 
 def list_images(folder: Path, recursive: bool = False) -> list[Path]:
-    """Image files in a folder, sorted; other files (notes, thumbnails) are skipped with a log line."""
+    """Image files in a folder, sorted; other files (notes, thumbnails) are skipped with a log line.
+
+    Hidden files are never images, even with an image suffix: macOS writes
+    "._name.png" resource forks and ".DS_Store" files next to copied images.
+    """
     folder = Path(folder)
     if not folder.is_dir():
-        raise DataError(f"{folder}: not a folder")
+        raise DataError(f"{folder}: not a folder. Fix: check the path (it must be a folder "
+                        "of images).")
     files = sorted(p for p in (folder.rglob("*") if recursive else folder.iterdir()) if p.is_file())
-    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")]
     for p in files:
-        if p.suffix.lower() not in IMAGE_SUFFIXES and not p.name.startswith("."):
+        if p.name.startswith("."):
+            log.debug("skipping hidden file %s", p)
+        elif p.suffix.lower() not in IMAGE_SUFFIXES:
             log.info("skipping non-image file %s", p)
     return images
 

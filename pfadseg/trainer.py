@@ -73,6 +73,7 @@ class Trainer:
         self.use_bf16 = config.bf16 and bf16_supported()
         self.generator = torch.Generator().manual_seed(config.seed)
         self.step = 0
+        self.saved_step: int | None = None  # step of the state file this run last wrote
         seg = model.segmentation
         self.opt_student = torch.optim.SGD(model.student.parameters(), lr=config.lr_student,
                                            momentum=config.momentum, weight_decay=config.weight_decay)
@@ -117,11 +118,15 @@ class Trainer:
             optimizer = self.opt_seg
         if not math.isfinite(loss.item()):
             raise TrainingError(
-                f"non-finite loss ({loss.item()}) at step {self.step + 1} (stage {stage}). "
-                f"The last good state is {self.out_dir / STATE_NAME}. Fix: lower the learning "
-                "rate (--lr-student / --lr-seg) or check the input images, then --resume.")
+                f"non-finite loss ({loss.item()}) at step {self.step + 1} (stage {stage}); "
+                f"stopped. {self._last_good()} Fix: check the input images, or lower the "
+                "learning rate (--lr-student) and start again with another --out "
+                "(--resume keeps the saved settings).")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if self.config.grad_clip is not None:
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
         optimizer.step()
         self.step += 1
         return {"stage": stage, "loss": loss.item(), **parts}
@@ -130,8 +135,23 @@ class Trainer:
     def _optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {"student": self.opt_student, "seg": self.opt_seg}
 
+    def _last_good(self) -> str:
+        """Where the last good state is, for error messages."""
+        if self.saved_step is None:
+            return "No state file was written."
+        return f"The last good state (step {self.saved_step}) is kept in {self.out_dir / STATE_NAME}."
+
     def save_state(self) -> None:
-        """Everything needed to continue bit-exactly, written atomically."""
+        """Everything needed to continue bit-exactly, written atomically.
+
+        Weights that are no longer finite are never saved: the run stops and the
+        previous state file stays as it was.
+        """
+        bad = [n for n, p in self.model.named_parameters() if not torch.isfinite(p).all()]
+        if bad:
+            raise TrainingError(f"non-finite weights after step {self.step} ({bad[0]}); not "
+                                f"saved. {self._last_good()} Fix: lower the learning rate "
+                                "(--lr-student) and start again with another --out.")
         tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
         for name, opt in self._optimizers().items():
             for idx, st in opt.state_dict()["state"].items():
@@ -142,6 +162,7 @@ class Trainer:
         meta = {"format": STATE_FORMAT, "format_version": ckpt.FORMAT_VERSION, "step": self.step,
                 "model": self.model.config.to_dict(), "train": self.config.to_dict()}
         ckpt.atomic_save(tensors, meta, self.out_dir / STATE_NAME)
+        self.saved_step = self.step
 
     def load_state(self, path: Path) -> None:
         """Continue from a state file written by `save_state` for the same run."""
@@ -159,7 +180,7 @@ class Trainer:
                     state.setdefault(int(idx), {})[field] = value
             opt.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
         self.generator.set_state(tensors["rng"])
-        self.step = int(meta["step"])
+        self.step = self.saved_step = int(meta["step"])
 
     # --- the whole run -----------------------------------------------------------
     def run(self, progress: bool = True) -> None:
@@ -167,6 +188,8 @@ class Trainer:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.out_dir / "losses.csv"
         new_log = not log_path.exists() or self.step == 0
+        if not new_log:
+            _trim_log(log_path, self.step)
         cfg = self.config
         with open(log_path, "w" if new_log else "a", newline="") as fh:
             writer = csv.writer(fh)
@@ -187,7 +210,8 @@ class Trainer:
                 if self.step % cfg.save_every == 0 or self.step == cfg.stage1_steps:
                     self.save_state()
             bar.close()
-        self.save_state()
+        if self.saved_step != self.step:
+            self.save_state()
 
     def calibrate_threshold(self, batch_size: int = 16) -> float:
         """Image-score threshold: the highest score of any training image, so that
@@ -197,26 +221,46 @@ class Trainer:
         return float(scores.max())
 
 
+def _trim_log(log_path: Path, step: int) -> None:
+    """Drop loss rows after `step`: a killed run may have logged steps it never saved."""
+    with open(log_path, newline="") as fh:
+        rows = list(csv.reader(fh))
+    keep = rows[:1] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= step]
+    if len(keep) != len(rows):
+        with open(log_path, "w", newline="") as fh:
+            csv.writer(fh).writerows(keep)
+
+
+def _unfinished(state_path: Path) -> bool:
+    """True when a state file stops before the end of its own schedule (or is unreadable)."""
+    try:
+        meta = ckpt.read_meta(state_path, kind=STATE_FORMAT)
+        return int(meta["step"]) < TrainConfig.from_dict(meta["train"]).total_steps
+    except (ckpt.CheckpointError, KeyError, TypeError, ValueError):
+        return True
+
+
 def train(model_config: ModelConfig, train_config: TrainConfig, data: TrainData, out_dir: Path,
           teacher_weights: str | None = None, resume: bool = False, progress: bool = True,
           extra_meta: dict | None = None) -> Path:
     """Train a model and write out_dir/checkpoint.safetensors; returns its path."""
     out_dir = Path(out_dir)
     state_path = out_dir / STATE_NAME
-    if resume and state_path.is_file():
-        _, meta = ckpt.read(state_path, kind=STATE_FORMAT)
+    if resume:
+        if not state_path.is_file():
+            raise TrainingError(f"--resume: no state file {state_path} to resume from. Fix: "
+                                "drop --resume to start a new run.")
+        meta = ckpt.read_meta(state_path, kind=STATE_FORMAT)
         train_config = TrainConfig.from_dict(meta["train"])
+    elif state_path.is_file() and _unfinished(state_path):
+        raise TrainingError(f"{out_dir} holds an unfinished run ({state_path}). Fix: add "
+                            "--resume to continue it, or choose another --out.")
     torch.manual_seed(train_config.seed)
     model = AnomalyModel.build(model_config, teacher_weights)
     trainer = Trainer(model, train_config, data, out_dir)
     if resume:
-        if not state_path.is_file():
-            raise TrainingError(f"--resume: no state file {state_path} to resume from")
         trainer.load_state(state_path)
         log.info("resumed at step %d of %d", trainer.step, train_config.total_steps)
-    elif state_path.is_file() and not (out_dir / CHECKPOINT_NAME).is_file():
-        raise TrainingError(f"{out_dir} holds an unfinished run ({state_path}). Fix: add "
-                            "--resume to continue it, or choose another --out.")
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").write_text(json.dumps(
         {"model": model.config.to_dict(), "train": train_config.to_dict(), **(extra_meta or {})},

@@ -55,8 +55,13 @@ class ModelConfig:
 
 
 def l2_normalize(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
-    """Unit length over the channel axis (as the official code: x / (|x| + eps))."""
-    return x / (x.float().pow(2).sum(dim=1, keepdim=True).sqrt().to(x.dtype) + eps)
+    """Unit length over the channel axis: x / max(|x|, eps).
+
+    The official x / (sqrt(sum x^2) + eps) has a NaN gradient at an all-zero
+    feature vector (which a ReLU output can be); this form's is finite there.
+    """
+    norm = torch.linalg.vector_norm(x.float(), dim=1, keepdim=True).clamp_min(eps)
+    return x / norm.to(x.dtype)
 
 
 def cosine_distance(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,341 @@
+"""Training and inference speed of DeSTSeg / PFADSeg on the CPU, plain fp32 vs optimised.
+
+For each model (256x256 input, EfficientNet-Lite0 teacher by default) it measures,
+side by side in one run:
+
+* training images/s of stage 1 and stage 2 at batch 16 (`Trainer.train_step` on
+  in-memory images with the defect synthesiser, so data preparation is included),
+  plain fp32 (bf16=False, channels_last=False) vs optimised (bf16=True,
+  channels_last=True); each (model, path) runs in its own subprocess, whose
+  ru_maxrss is the peak resident memory of training alone;
+* inference ms/image at batch 1 and images/s at batch 16 (`pfadseg.inference.infer`);
+* GFLOPs per image (FlopCounterMode: inference forward; stage-1/2 forward+backward)
+  and the GFLOP/s reached, next to the GFLOP/s of a bf16 3x3 convolution
+  (256 channels, 64x64, batch 16, channels_last, autocast): the practical peak.
+
+    python benchmarks/speed.py                      # table
+    python benchmarks/speed.py --json > benchmarks/results/speed.json
+    python benchmarks/speed.py --quick              # smoke check: tiny sizes, 1 iteration
+    python benchmarks/speed.py --profile            # + torch.profiler top ops, pfadseg stage 2
+
+Random teacher weights (`--teacher resnet18`) are fine: speed does not depend on weights.
+The full run takes about half an hour per model on 2 cores (stage-2 training of
+PFADSeg at 256x256 needs ~170 GFLOP per image); `--quick` runs at 64x64 and
+says nothing about 256x256 speed, only that the script works. Run it on an
+otherwise idle machine: the JSON records the load average and any `pfadseg
+train` processes seen at the start.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from pfadseg.config import TrainConfig
+from pfadseg.inference import bf16_supported, infer
+from pfadseg.models import AnomalyModel, ModelConfig
+from pfadseg.models.teacher import RANDOM, TeacherWeightsError
+from pfadseg.synthesis import DefectSynthesizer, procedural_textures
+from pfadseg.trainer import TrainData, Trainer, focal_loss, l1_loss, mask_target
+
+MODES = {"fp32": dict(bf16=False, channels_last=False), "opt": dict(bf16=True, channels_last=True)}
+GIB = 2**30
+
+
+def rss_gib() -> float:
+    """Peak resident memory of this process (ru_maxrss is KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
+
+
+def build_model(name: str, teacher: str, size: int) -> AnomalyModel:
+    """Model with the teacher's real weights where available offline, else random."""
+    torch.manual_seed(0)
+    cfg = ModelConfig.named(name, teacher=teacher, image_size=size)
+    if teacher == "resnet18":
+        return AnomalyModel.build(cfg, RANDOM)
+    try:
+        return AnomalyModel.build(cfg)
+    except TeacherWeightsError:
+        return AnomalyModel.build(cfg, RANDOM)
+
+
+def train_data(size: int, count: int = 32) -> TrainData:
+    """Image-like uint8 images and a procedural texture bank, all in memory."""
+    images = (procedural_textures(count, size, seed=1) * 255).round().to(torch.uint8)
+    return TrainData(images, DefectSynthesizer(procedural_textures(8, size, seed=2)))
+
+
+# --- training (runs in a child process) -------------------------------------------
+def train_child(args: argparse.Namespace) -> dict:
+    """Images/s of both stages for one (model, mode); ru_maxrss of this process."""
+    mode = args.train_child
+    model = build_model(args.models[0], args.teacher, args.size)
+    config = TrainConfig(batch_size=args.batch, stage1_steps=10**9, stage2_steps=1,
+                         seed=0, **MODES[mode])
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = Trainer(model, config, train_data(args.size), Path(tmp))
+        out: dict = {"bf16_active": trainer.use_bf16}
+        for stage in (1, 2):
+            trainer.step = 0 if stage == 1 else config.stage1_steps
+            assert trainer.train_step()["stage"] == stage  # warm-up
+            start = time.perf_counter()
+            for _ in range(args.iters):
+                trainer.train_step()
+            seconds = time.perf_counter() - start
+            out[f"stage{stage}_img_s"] = args.iters * args.batch / seconds
+            out[f"stage{stage}_step_s"] = seconds / args.iters
+        start = time.perf_counter()
+        for _ in range(max(args.iters, 2)):
+            trainer._batch()
+        out["batch_prep_s"] = (time.perf_counter() - start) / max(args.iters, 2)
+        if args.profile and mode == "opt":
+            out["profile_stage2"] = profile_stage2(trainer, config)
+    out["peak_rss_gib"] = rss_gib()
+    return out
+
+
+def profile_stage2(trainer: Trainer, config: TrainConfig, steps: int = 2) -> list[dict]:
+    """Top operators (self CPU time) of a few stage-2 training steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    trainer.step = config.stage1_steps
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            trainer.train_step()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events) or 1
+    return [{"op": e.key, "self_ms_per_step": e.self_cpu_time_total / 1000 / steps,
+             "share": e.self_cpu_time_total / total, "calls_per_step": e.count / steps}
+            for e in events[:15]]
+
+
+def run_train_child(args: argparse.Namespace, model: str, mode: str) -> dict:
+    """Run `train_child` in a fresh interpreter so its peak RSS is training's alone."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--_train-rss-child", mode,
+           "--models", model, "--teacher", args.teacher, "--size", str(args.size),
+           "--batch", str(args.batch), "--iters", str(args.iters)]
+    if args.profile:
+        cmd.append("--profile")
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode:
+        raise RuntimeError(f"training child {model}/{mode} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# --- FLOPs -------------------------------------------------------------------------
+def count_flops(fn) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def model_flops(model: AnomalyModel, size: int, batch: int = 2) -> dict[str, float]:
+    """GFLOPs per image: inference (batch-1 forward) and each training stage
+    (forward + backward, fp32; the optimiser's element-wise work is not counted)."""
+    model.to(memory_format=torch.contiguous_format).eval()
+    gen = torch.Generator().manual_seed(0)
+    x1 = torch.rand(1, 3, size, size, generator=gen)
+    clean = torch.rand(batch, 3, size, size, generator=gen)
+    aug = torch.rand(batch, 3, size, size, generator=gen)
+    mask = (torch.rand(batch, 1, size, size, generator=gen) > 0.9).float()
+
+    def stage1() -> None:
+        model.student.train()
+        model.student_loss(clean, aug).backward()
+
+    def stage2() -> None:
+        model.student.eval()
+        model.segmentation.train()
+        logits = model.segmentation_logits(aug)
+        target = mask_target(mask, logits.shape[-2:])
+        (focal_loss(logits, target) + l1_loss(logits, target)).backward()
+
+    with torch.no_grad():
+        infer_flops = count_flops(lambda: model(x1))
+    out = {"infer_gflop_per_img": infer_flops / 1e9,
+           "train_stage1_gflop_per_img": count_flops(stage1) / batch / 1e9,
+           "train_stage2_gflop_per_img": count_flops(stage2) / batch / 1e9}
+    model.zero_grad(set_to_none=True)
+    model.eval()
+    return out
+
+
+def conv_peak(iters: int, bf16: bool = True, batch: int = 16) -> float:
+    """GFLOP/s of a 3x3 conv, 256->256 channels, 64x64, channels_last (bf16 autocast)."""
+    conv = torch.nn.Conv2d(256, 256, 3, padding=1, bias=False).to(memory_format=torch.channels_last)
+    x = torch.rand(batch, 256, 64, 64).contiguous(memory_format=torch.channels_last)
+    flops = 2 * batch * 256 * 64 * 64 * 256 * 9
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        for _ in range(2):
+            conv(x)
+        start = time.perf_counter()
+        for _ in range(iters):
+            conv(x)
+        seconds = time.perf_counter() - start
+    return flops * iters / seconds / 1e9
+
+
+# --- inference ---------------------------------------------------------------------
+def inference_speed(model: AnomalyModel, size: int, batch: int, iters: int) -> dict[str, float]:
+    """ms/image at batch 1 and images/s at batch `batch`, plain fp32 and optimised."""
+    gen = torch.Generator().manual_seed(3)
+    images = torch.randint(0, 256, (batch * iters, 3, size, size), dtype=torch.uint8, generator=gen)
+    n1 = max(iters, 2)
+    out: dict[str, float] = {}
+    for mode, opts in MODES.items():
+        if not opts["channels_last"]:
+            model.to(memory_format=torch.contiguous_format)
+        infer(model, images[:batch], batch, **opts)  # warm-up (and layout conversion)
+        start = time.perf_counter()
+        infer(model, images[:n1], 1, **opts)
+        out[f"infer_bs1_ms_{mode}"] = (time.perf_counter() - start) / n1 * 1000
+        start = time.perf_counter()
+        infer(model, images, batch, **opts)
+        out[f"infer_bs{batch}_img_s_{mode}"] = len(images) / (time.perf_counter() - start)
+    return out
+
+
+# --- the whole run -----------------------------------------------------------------
+def bench_model(args: argparse.Namespace, name: str, peak: float) -> dict:
+    b = args.batch
+    res: dict = {"model": name, "teacher": args.teacher, "size": args.size, "batch": b}
+    for mode in MODES:
+        child = run_train_child(args, name, mode)
+        for key, value in child.items():
+            res[f"train_{key}_{mode}" if key != "profile_stage2" else key] = value
+    model = build_model(name, args.teacher, args.size)
+    res["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
+    res.update(model_flops(model, args.size))
+    res.update(inference_speed(model, args.size, b, args.iters))
+    for stage in (1, 2):
+        res[f"train_speedup_stage{stage}"] = (res[f"train_stage{stage}_img_s_opt"]
+                                              / res[f"train_stage{stage}_img_s_fp32"])
+        for mode in MODES:
+            gflops = res[f"train_stage{stage}_gflop_per_img"] * res[f"train_stage{stage}_img_s_{mode}"]
+            res[f"train_stage{stage}_gflop_s_{mode}"] = gflops
+        res[f"train_stage{stage}_fraction_of_peak"] = res[f"train_stage{stage}_gflop_s_opt"] / peak
+    res["infer_speedup_bs1"] = res["infer_bs1_ms_fp32"] / res["infer_bs1_ms_opt"]
+    res[f"infer_speedup_bs{b}"] = res[f"infer_bs{b}_img_s_opt"] / res[f"infer_bs{b}_img_s_fp32"]
+    for mode in MODES:
+        res[f"infer_bs{b}_gflop_s_{mode}"] = res["infer_gflop_per_img"] * res[f"infer_bs{b}_img_s_{mode}"]
+    res["infer_fraction_of_peak"] = res[f"infer_bs{b}_gflop_s_opt"] / peak
+    res["peak_rss_train_gib"] = res["train_peak_rss_gib_opt"]
+    res["peak_rss_train_fp32_gib"] = res["train_peak_rss_gib_fp32"]
+    return res
+
+
+def other_trainings() -> list[str]:
+    """Command lines of `pfadseg train` processes running beside the benchmark."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit() and int(pid) != os.getpid():
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if "pfadseg train" in cmd:
+                found.append(f"{pid}: {cmd.strip()[:120]}")
+    return found
+
+
+def print_table(result: dict) -> None:
+    b = result["batch"]
+    env = result["env"]
+    print(f"CPU threads {env['threads']}, bf16 kernels {env['bf16_supported']}, "
+          f"size {result['size']}, batch {b}, iters {result['iters']}, teacher {result['teacher']}")
+    print(f"practical peak: bf16 3x3 conv {result['peak_conv_bf16_gflop_s']:.0f} GFLOP/s "
+          f"(fp32 {result['peak_conv_fp32_gflop_s']:.0f})")
+    if env["other_trainings"]:
+        print("NOTE: other training processes were running:", *env["other_trainings"], sep="\n  ")
+    rows = [
+        ("train stage 1 img/s", "train_stage1_img_s_fp32", "train_stage1_img_s_opt", "train_speedup_stage1"),
+        ("train stage 2 img/s", "train_stage2_img_s_fp32", "train_stage2_img_s_opt", "train_speedup_stage2"),
+        ("infer bs1 ms/img", "infer_bs1_ms_fp32", "infer_bs1_ms_opt", "infer_speedup_bs1"),
+        (f"infer bs{b} img/s", f"infer_bs{b}_img_s_fp32", f"infer_bs{b}_img_s_opt", f"infer_speedup_bs{b}"),
+        ("train stage 1 GFLOP/s", "train_stage1_gflop_s_fp32", "train_stage1_gflop_s_opt", None),
+        ("train stage 2 GFLOP/s", "train_stage2_gflop_s_fp32", "train_stage2_gflop_s_opt", None),
+        (f"infer bs{b} GFLOP/s", f"infer_bs{b}_gflop_s_fp32", f"infer_bs{b}_gflop_s_opt", None),
+        ("train peak RSS GiB", "train_peak_rss_gib_fp32", "train_peak_rss_gib_opt", None),
+    ]
+    for name, res in result["models"].items():
+        print(f"\n{name}: {res['params_m']:.1f} M params; GFLOP/img: infer {res['infer_gflop_per_img']:.2f}, "
+              f"train stage 1 {res['train_stage1_gflop_per_img']:.2f}, "
+              f"stage 2 {res['train_stage2_gflop_per_img']:.2f}; "
+              f"batch prep {res['train_batch_prep_s_opt'] * 1000:.0f} ms")
+        print(f"  {'':24s}{'fp32':>10s}{'optimised':>11s}{'ratio':>8s}")
+        for label, k32, kopt, kratio in rows:
+            ratio = f"{res[kratio]:7.2f}x" if kratio else ""
+            print(f"  {label:24s}{res[k32]:10.2f}{res[kopt]:11.2f}{ratio:>8s}")
+        print(f"  fraction of bf16 conv peak: infer bs{b} {res['infer_fraction_of_peak']:.1%}, "
+              f"train stage 1 {res['train_stage1_fraction_of_peak']:.1%}, "
+              f"stage 2 {res['train_stage2_fraction_of_peak']:.1%}")
+        for op in res.get("profile_stage2", []):
+            print(f"    {op['op'][:40]:40s} {op['self_ms_per_step']:9.1f} ms/step {op['share']:6.1%}")
+    print(f"\npeak RSS of this process (inference, FLOP counting): {result['peak_rss_process_gib']:.2f} GiB")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    parser.add_argument("--models", nargs="+", default=["destseg", "pfadseg"],
+                        choices=["destseg", "pfadseg"])
+    parser.add_argument("--teacher", default="efficientnet_lite0",
+                        choices=["efficientnet_lite0", "resnet18"])
+    parser.add_argument("--iters", type=int, help="timed steps/batches (default 3; --quick 1)")
+    parser.add_argument("--size", type=int, help="input size (default 256; --quick 64)")
+    parser.add_argument("--batch", type=int, default=16, help="batch size (default 16)")
+    parser.add_argument("--quick", action="store_true", help="smoke check: tiny sizes, 1 iteration")
+    parser.add_argument("--profile", action="store_true",
+                        help="torch.profiler top ops of optimised stage-2 training steps")
+    parser.add_argument("--_train-rss-child", dest="train_child", choices=list(MODES),
+                        help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.iters = args.iters or (1 if args.quick else 3)
+    args.size = args.size or (64 if args.quick else 256)
+
+    if args.train_child:
+        print(json.dumps(train_child(args)))
+        return 0
+
+    start = time.perf_counter()
+    conv_batch = 2 if args.quick else 16
+    peak = conv_peak(max(args.iters, 3), batch=conv_batch)
+    result: dict = {
+        "size": args.size, "batch": args.batch, "iters": args.iters, "teacher": args.teacher,
+        "quick": args.quick, "peak_conv_bf16_gflop_s": peak,
+        "peak_conv_fp32_gflop_s": conv_peak(max(args.iters, 2), bf16=False, batch=conv_batch),
+        "env": {"threads": torch.get_num_threads(), "bf16_supported": bf16_supported(),
+                "torch": torch.__version__, "python": platform.python_version(),
+                "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                "loadavg_start": os.getloadavg(), "other_trainings": other_trainings()},
+        "models": {},
+    }
+    for name in args.models:
+        result["models"][name] = bench_model(args, name, peak)
+    main_model = result["models"].get("pfadseg") or result["models"][args.models[-1]]
+    b = args.batch
+    for key in ("train_speedup_stage1", "train_speedup_stage2", f"infer_speedup_bs{b}",
+                "infer_fraction_of_peak", "train_stage2_fraction_of_peak", "peak_rss_train_gib"):
+        result[key] = main_model[key]
+    result["peak_rss_process_gib"] = rss_gib()
+    result["env"]["loadavg_end"] = os.getloadavg()
+    result["seconds"] = time.perf_counter() - start
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        print_table(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

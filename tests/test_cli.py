@@ -1,0 +1,74 @@
+"""End to end through the command line on the bundled sample: train, test, predict, report."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from pfadseg.cli import main
+from pfadseg.demo import demo_root
+
+METRICS = ("image_auroc", "pixel_auroc", "pixel_ap", "iap", "iap90", "aupro")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("run")
+    code = main(["--threads", "2", "train", "--data", str(demo_root()), "--category", "bottle",
+                 "--model", "pfadseg", "--teacher", "efficientnet_lite0", "--preset", "tiny",
+                 "--image-size", "64", "--out", str(out)])
+    assert code == 0
+    return out
+
+
+def test_train_writes_checkpoint_log_and_config(trained: Path) -> None:
+    assert (trained / "checkpoint.safetensors").is_file()
+    rows = list(csv.DictReader(open(trained / "losses.csv")))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
+    assert [r["stage"] for r in rows] == ["1", "1", "2", "2"]
+    config = json.loads((trained / "config.json").read_text())
+    assert config["model"]["teacher"] == "efficientnet_lite0"
+    assert config["model"]["mean"] == [0.5, 0.5, 0.5]
+
+
+def test_test_writes_all_metrics_as_fractions(trained: Path, tmp_path: Path) -> None:
+    code = main(["test", "--checkpoint", str(trained / "checkpoint.safetensors"),
+                 "--data", str(demo_root()), "--category", "bottle", "--out", str(tmp_path)])
+    assert code == 0
+    result = json.loads((tmp_path / "metrics.json").read_text())
+    for key in METRICS:
+        assert 0.0 <= result[key] <= 1.0
+        assert 0.0 <= result["dest"][key] <= 1.0
+    assert set(result["per_defect"]) == {"broken_large", "broken_small", "contamination"}
+    assert result["n_images"] == 16 and result["n_anomalous"] == 12
+    assert "pixel_ap" in (tmp_path / "metrics.md").read_text()
+    code = main(["report", str(tmp_path / "metrics.json"), "--out", str(tmp_path / "tables")])
+    assert code == 0
+    assert "bottle" in (tmp_path / "tables" / "results.md").read_text()
+
+
+def test_predict_writes_maps_overlays_masks_and_summary(trained: Path, tmp_path: Path) -> None:
+    folder = demo_root() / "bottle" / "test" / "broken_large"
+    code = main(["predict", "--checkpoint", str(trained / "checkpoint.safetensors"),
+                 "--out", str(tmp_path), "--threshold", "0.5", str(folder)])
+    assert code == 0
+    rows = json.loads((tmp_path / "summary.json").read_text())
+    assert len(rows) == 4
+    for row in rows:
+        assert 0.0 <= row["score"] <= 1.0
+        assert row["anomalous"] == (row["score"] >= 0.5)
+        overlay = Image.open(tmp_path / f"{row['name']}_overlay.png")
+        mask = Image.open(tmp_path / f"{row['name']}_mask.png")
+        assert overlay.size == mask.size == (256, 256)  # the original image's size
+        assert (tmp_path / f"{row['name']}_map.npy").is_file()
+    assert len(list(csv.DictReader(open(tmp_path / "summary.csv")))) == 4
+
+
+def test_predict_refuses_missing_input(trained: Path, tmp_path: Path, capsys) -> None:
+    code = main(["predict", "--checkpoint", str(trained / "checkpoint.safetensors"),
+                 "--out", str(tmp_path), str(tmp_path / "nope.png")])
+    assert code == 2
+    assert "nope.png" in capsys.readouterr().err

@@ -1,0 +1,140 @@
+"""Issue 5: an interrupted run continues with --resume and ends bit-identical to an
+uninterrupted one (same seed, fp32). Small on purpose: 64x64, tiny preset, 2 + 2 steps."""
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import CATEGORY, write_dataset
+from pfadseg import checkpoint as ckpt
+from pfadseg import cli
+from pfadseg.trainer import CHECKPOINT_NAME, STATE_FORMAT, STATE_NAME, Trainer
+
+STAGE1, STAGE2 = 2, 2
+TOTAL = STAGE1 + STAGE2
+
+
+def train_argv(root: Path, textures: Path, out: Path, *extra: str) -> list[str]:
+    return ["train", "--data", str(root), "--category", CATEGORY, "--model", "destseg",
+            "--teacher", "efficientnet_lite0", "--preset", "tiny", "--image-size", "64",
+            "--stage1-steps", str(STAGE1), "--stage2-steps", str(STAGE2), "--save-every", "1",
+            "--no-bf16", "--textures", str(textures), "--out", str(out), *extra]
+
+
+def loss_rows(out: Path) -> list[list[str]]:
+    """losses.csv without its wall-clock column."""
+    with open(out / "losses.csv", newline="") as fh:
+        return [row[:-1] for row in csv.reader(fh)]
+
+
+def state_step(out: Path) -> int:
+    _, meta = ckpt.read(out / STATE_NAME, kind=STATE_FORMAT)
+    return int(meta["step"])
+
+
+def assert_same_weights(out: Path, ref: Path) -> None:
+    """Every tensor of the final checkpoints is bit-identical, and so is the threshold."""
+    got, want = load_file(str(out / CHECKPOINT_NAME)), load_file(str(ref / CHECKPOINT_NAME))
+    assert got.keys() == want.keys()
+    differ = [k for k in want if not torch.equal(got[k], want[k])]
+    assert not differ, f"{len(differ)} tensors differ, e.g. {differ[:3]}"
+    meta_got = ckpt.read_meta(out / CHECKPOINT_NAME)
+    assert meta_got["threshold"] == ckpt.read_meta(ref / CHECKPOINT_NAME)["threshold"]
+    assert loss_rows(out) == loss_rows(ref)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> tuple[Path, Path]:
+    """(dataset root, texture folder) shared by the tests of this module."""
+    base = tmp_path_factory.mktemp("resume_data")
+    root = write_dataset(base / "mvtec", n_train=3)
+    textures = base / "textures"
+    textures.mkdir()
+    for p in sorted((root / CATEGORY / "test" / "good").iterdir()):
+        (textures / p.name).write_bytes(p.read_bytes())
+    return root, textures
+
+
+@pytest.fixture(scope="module")
+def reference(data, tmp_path_factory) -> Path:
+    """An uninterrupted run (in-process, same command as the interrupted ones)."""
+    out = tmp_path_factory.mktemp("resume_ref") / "run"
+    assert cli.main(train_argv(*data, out)) == 0
+    assert state_step(out) == TOTAL
+    return out
+
+
+def test_interrupted_run_resumes_bit_exactly(data, reference: Path, tmp_path: Path,
+                                              monkeypatch, capsys) -> None:
+    """Ctrl-C after step 1 (stage 1) and again after step 3 (stage 2), then finish."""
+    out = tmp_path / "run"
+    assert cli.main(train_argv(*data, out, "--resume")) == 2
+    assert "no state file" in capsys.readouterr().err
+
+    real_step = Trainer.train_step
+    stop = {"at": 1}
+
+    def interrupted_step(self: Trainer) -> dict:
+        if self.step == stop["at"]:
+            raise KeyboardInterrupt
+        return real_step(self)
+
+    monkeypatch.setattr(Trainer, "train_step", interrupted_step)
+    assert cli.main(train_argv(*data, out)) == 130
+    assert "continues with --resume" in capsys.readouterr().err
+    assert state_step(out) == 1 and not (out / CHECKPOINT_NAME).exists()
+
+    # a fresh run must not overwrite the unfinished one
+    assert cli.main(train_argv(*data, out)) == 2
+    err = capsys.readouterr().err
+    assert "unfinished run" in err and "--resume" in err and str(out) in err
+    assert state_step(out) == 1
+
+    stop["at"] = 3
+    assert cli.main(train_argv(*data, out, "--resume")) == 130
+    assert state_step(out) == 3
+    monkeypatch.setattr(Trainer, "train_step", real_step)
+    assert cli.main(train_argv(*data, out, "--resume")) == 0
+    assert state_step(out) == TOTAL
+    assert_same_weights(out, reference)
+
+
+def test_killed_process_resumes_bit_exactly(data, reference: Path, tmp_path: Path) -> None:
+    """SIGKILL a `pfadseg train` process mid-run, then rerun the command with --resume."""
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "pfadseg.cli", *train_argv(*data, out)]
+    log = tmp_path / "killed.log"
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / STATE_NAME).exists():
+            assert proc.poll() is None, f"run ended before any state: {log.read_text()[-2000:]}"
+            assert time.monotonic() < deadline, "no state file within 300 s"
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGSTOP)  # freeze it, look, then kill: no race with the end
+        killed_at = state_step(out)
+        assert 1 <= killed_at < TOTAL, f"state at step {killed_at}, not mid-run"
+        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert not (out / CHECKPOINT_NAME).exists()
+    assert state_step(out) >= killed_at  # the file on disk is whole (atomic writes)
+
+    resumed = subprocess.run([*argv, "--resume"], capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "checkpoint:" in resumed.stdout
+    assert not (out / (STATE_NAME + ".tmp")).exists()
+    assert_same_weights(out, reference)

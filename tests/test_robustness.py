@@ -1,0 +1,398 @@
+"""Issue 5, "nothing lost, nothing trusted blindly": bad images, bad checkpoints,
+training health and the CLI's errors. Every test is small (64x64, tiny preset)."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from conftest import CATEGORY, write_dataset
+from pfadseg import checkpoint as ckpt
+from pfadseg import cli, data
+from pfadseg.checkpoint import CheckpointError, load_checkpoint
+from pfadseg.config import preset
+from pfadseg.data import DataError, list_images, load_rgb, load_test_set, load_train_images
+from pfadseg.models import AnomalyModel, ModelConfig
+from pfadseg.models.teacher import RANDOM
+from pfadseg.synthesis import DefectSynthesizer, load_textures, procedural_textures
+from pfadseg.trainer import STATE_FORMAT, STATE_NAME, TrainData, Trainer, TrainingError
+
+SIZE = 64
+
+
+def truncate(path: Path, keep: float = 0.5) -> None:
+    """Cut a file to a fraction of its bytes (a half-copied download)."""
+    raw = path.read_bytes()
+    path.write_bytes(raw[: int(len(raw) * keep)])
+
+
+# --- images: unreadable, foreign, missing, odd sizes ------------------------------------
+def test_truncated_training_image_is_named_or_skipped(dataset: Path, caplog) -> None:
+    good = dataset / CATEGORY / "train" / "good"
+    bad = good / "001.png"
+    truncate(bad)
+    with pytest.raises(DataError) as err:
+        load_train_images(good, SIZE)
+    msg = str(err.value)
+    assert str(bad) in msg and "cannot read image" in msg and "Fix:" in msg
+    with caplog.at_level(logging.WARNING, logger="pfadseg.data"):
+        images = load_train_images(good, SIZE, skip_bad=True)
+    assert images.shape == (3, 3, SIZE, SIZE) and images.dtype == torch.uint8
+    assert any("skipped" in r.message and str(bad) in r.message for r in caplog.records)
+
+
+def test_all_training_images_bad_with_skip(dataset: Path) -> None:
+    good = dataset / CATEGORY / "train" / "good"
+    for p in good.iterdir():
+        p.write_bytes(b"")  # zero-byte files
+    with pytest.raises(DataError, match="none of the 4 images could be read"):
+        load_train_images(good, SIZE, skip_bad=True)
+
+
+def test_non_image_and_hidden_files_are_skipped(dataset: Path) -> None:
+    good = dataset / CATEGORY / "train" / "good"
+    (good / "notes.txt").write_text("shot on Tuesday")
+    (good / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1" + bytes(100))
+    (good / "._000.png").write_bytes(b"\x00\x05\x16\x07" + bytes(60))  # macOS resource fork
+    (good / "Thumbs.db").write_bytes(bytes(50))
+    (good / "sub.png").mkdir()  # a folder with an image suffix
+    assert [p.name for p in list_images(good)] == ["000.png", "001.png", "002.png", "003.png"]
+    assert load_train_images(good, SIZE).shape == (4, 3, SIZE, SIZE)
+
+
+def test_text_file_with_image_suffix_is_refused(dataset: Path) -> None:
+    fake = dataset / CATEGORY / "train" / "good" / "fake.png"
+    fake.write_text("not a picture")
+    with pytest.raises(DataError, match="fake.png: cannot read image"):
+        load_train_images(fake.parent, SIZE)
+
+
+def test_empty_and_missing_training_folders(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no images here")
+    with pytest.raises(DataError) as err:
+        load_train_images(empty, SIZE)
+    assert str(empty) in str(err.value) and "no training images" in str(err.value)
+    assert "Fix:" in str(err.value)
+    with pytest.raises(DataError, match="not a folder"):
+        load_train_images(tmp_path / "missing", SIZE)
+
+
+def test_missing_mask_is_named(dataset: Path) -> None:
+    mask = dataset / CATEGORY / "ground_truth" / "crack" / "001_mask.png"
+    mask.unlink()
+    with pytest.raises(DataError) as err:
+        load_test_set(dataset, CATEGORY, SIZE)
+    msg = str(err.value)
+    assert str(mask) in msg and "missing" in msg and "Fix:" in msg
+
+
+def test_mask_of_another_size_is_refused(dataset: Path) -> None:
+    mask = dataset / CATEGORY / "ground_truth" / "crack" / "000_mask.png"
+    Image.new("L", (40, 40), 255).save(mask)
+    with pytest.raises(DataError) as err:
+        load_test_set(dataset, CATEGORY, SIZE)
+    msg = str(err.value)
+    assert str(mask) in msg and "40x40" in msg and "80x80" in msg and "Fix:" in msg
+
+
+def test_test_set_loads_and_skips_bad_images(dataset: Path, caplog) -> None:
+    ts = load_test_set(dataset, CATEGORY, SIZE)
+    assert ts.images.shape == (4, 3, SIZE, SIZE) and ts.masks.shape == (4, SIZE, SIZE)
+    assert list(ts.labels) == [1, 1, 0, 0] and ts.masks[:2].any() and not ts.masks[2:].any()
+    bad = dataset / CATEGORY / "test" / "good" / "000.png"
+    truncate(bad)
+    with pytest.raises(DataError, match="000.png: cannot read image"):
+        load_test_set(dataset, CATEGORY, SIZE)
+    with caplog.at_level(logging.WARNING, logger="pfadseg.data"):
+        ts = load_test_set(dataset, CATEGORY, SIZE, skip_bad=True)
+    assert len(ts.paths) == 3 and bad not in ts.paths
+    assert any(str(bad) in r.message for r in caplog.records)
+
+
+def test_small_images_are_upscaled(tmp_path: Path) -> None:
+    folder = tmp_path / "small"
+    folder.mkdir()
+    Image.new("RGB", (16, 12), (10, 200, 30)).save(folder / "a.png")
+    Image.new("RGB", (1, 1), (10, 200, 30)).save(folder / "b.png")
+    images = load_train_images(folder, SIZE)
+    assert images.shape == (2, 3, SIZE, SIZE)
+    assert (images[:, :, SIZE // 2, SIZE // 2] == torch.tensor([10, 200, 30], dtype=torch.uint8)).all()
+
+
+def test_decompression_bomb_guard(tmp_path: Path, monkeypatch) -> None:
+    path = tmp_path / "big.png"
+    Image.new("RGB", (80, 80)).save(path)
+    monkeypatch.setattr(data, "MAX_PIXELS", 1000)
+    with pytest.raises(DataError) as err:
+        load_rgb(path, SIZE)
+    msg = str(err.value)
+    assert str(path) in msg and "80x80" in msg and "decompression-bomb" in msg and "Fix:" in msg
+
+
+def test_texture_folder_without_images(tmp_path: Path, textures: Path) -> None:
+    empty = tmp_path / "no_textures"
+    empty.mkdir()
+    (empty / "README.txt").write_text("textures go here")
+    with pytest.raises(ValueError, match=f"texture folder {empty} holds no images"):
+        load_textures(empty, SIZE)
+    with pytest.raises(ValueError, match="does not exist"):
+        load_textures(tmp_path / "nowhere", SIZE)
+    assert load_textures(textures, SIZE).shape == (2, 3, SIZE, SIZE)
+    truncate(textures / "noise.png")
+    with pytest.raises(ValueError, match="cannot read texture image .*noise.png"):
+        load_textures(textures, SIZE)
+
+
+# --- image modes become correct RGB uint8 -------------------------------------------------
+def _load(tmp_path: Path, img: Image.Image, name: str = "x.png") -> np.ndarray:
+    path = tmp_path / name
+    img.save(path)
+    out = load_rgb(path, None)
+    assert out.dtype == np.uint8 and out.shape == (img.height, img.width, 3)
+    return out
+
+
+def test_grayscale_and_16bit(tmp_path: Path) -> None:
+    gray = _load(tmp_path, Image.fromarray(np.array([[0, 200]], dtype=np.uint8), "L"))
+    assert gray.tolist() == [[[0, 0, 0], [200, 200, 200]]]
+    arr16 = np.array([[65535, 32768, 0, 257]], dtype=np.uint16)
+    img16 = Image.fromarray(arr16)
+    assert img16.mode == "I;16"
+    out = _load(tmp_path, img16, "x16.png")
+    assert Image.open(tmp_path / "x16.png").mode.startswith("I")
+    assert out[0, :, 0].tolist() == [255, 128, 0, 1]
+    assert (out == out[..., :1]).all()  # grey stays grey
+
+
+def test_palette_and_alpha(tmp_path: Path) -> None:
+    pal = Image.new("P", (3, 1))
+    pal.putpalette([255, 0, 0, 0, 128, 255, 12, 34, 56] + [0] * (256 * 3 - 9))
+    pal.putdata([0, 1, 2])
+    assert _load(tmp_path, pal, "p.png").tolist() == [[[255, 0, 0], [0, 128, 255], [12, 34, 56]]]
+    pal.info["transparency"] = 2  # index 2 transparent -> black
+    assert _load(tmp_path, pal, "pt.png")[0, 2].tolist() == [0, 0, 0]
+    rgba = Image.fromarray(np.array([[[255, 255, 255, 0], [10, 20, 30, 255],
+                                      [200, 100, 50, 128]]], dtype=np.uint8), "RGBA")
+    out = _load(tmp_path, rgba, "a.png")
+    assert out[0, 0].tolist() == [0, 0, 0] and out[0, 1].tolist() == [10, 20, 30]
+    assert np.abs(out[0, 2].astype(int) - [100, 50, 25]).max() <= 1
+    la = Image.fromarray(np.array([[[90, 0], [90, 255]]], dtype=np.uint8), "LA")
+    assert _load(tmp_path, la, "la.png").tolist() == [[[0, 0, 0], [90, 90, 90]]]
+
+
+# --- checkpoints: safetensors only, refused with a reason --------------------------------
+@pytest.fixture(scope="module")
+def destseg_ckpt(tmp_path_factory) -> Path:
+    """An untrained destseg checkpoint (efficientnet_lite0 teacher, 64x64)."""
+    torch.manual_seed(0)
+    model = AnomalyModel.build(ModelConfig.named("destseg", teacher="efficientnet_lite0",
+                                                 image_size=SIZE), RANDOM)
+    path = tmp_path_factory.mktemp("ckpt") / "checkpoint.safetensors"
+    ckpt.save_checkpoint(model, path, preset("tiny").to_dict(), threshold=0.5)
+    return path
+
+
+def rewrite_meta(src: Path, dst: Path, edit) -> None:
+    """Copy a checkpoint with its pfadseg metadata passed through edit(meta) -> meta."""
+    with safe_open(str(src), framework="pt") as fh:
+        meta = json.loads(fh.metadata()["pfadseg"])
+    raw = edit(meta)
+    save_file(load_file(str(src)), str(dst),
+              metadata={"pfadseg": raw if isinstance(raw, str) else json.dumps(raw)})
+
+
+def test_good_checkpoint_loads(destseg_ckpt: Path) -> None:
+    model, meta = load_checkpoint(destseg_ckpt)
+    assert meta["variant"] == "destseg" and meta["threshold"] == 0.5 and not model.training
+    with pytest.raises(CheckpointError, match="holds variant destseg, expected pfadseg"):
+        load_checkpoint(destseg_ckpt, expect_variant="pfadseg")
+
+
+def test_truncated_and_random_files(destseg_ckpt: Path, tmp_path: Path) -> None:
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(destseg_ckpt.read_bytes()[: destseg_ckpt.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="cut.safetensors: not a readable checkpoint"):
+        load_checkpoint(cut)
+    head = tmp_path / "head.safetensors"  # cut inside the JSON header
+    head.write_bytes(destseg_ckpt.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        load_checkpoint(head)
+    noise = tmp_path / "noise.safetensors"
+    noise.write_bytes(np.random.default_rng(0).bytes(4096))
+    with pytest.raises(CheckpointError, match="noise.safetensors: not a readable checkpoint"):
+        load_checkpoint(noise)
+    empty = tmp_path / "empty.safetensors"
+    empty.write_bytes(b"")
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        load_checkpoint(empty)
+    with pytest.raises(CheckpointError, match="checkpoint not found"):
+        load_checkpoint(tmp_path / "nowhere.safetensors")
+
+
+def test_foreign_safetensors(tmp_path: Path) -> None:
+    plain = tmp_path / "plain.safetensors"
+    save_file({"w": torch.zeros(3)}, str(plain))
+    with pytest.raises(CheckpointError, match="not a pfadseg checkpoint"):
+        load_checkpoint(plain)
+    other = tmp_path / "other.safetensors"
+    save_file({"w": torch.zeros(3)}, str(other), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="not a pfadseg checkpoint"):
+        load_checkpoint(other)
+
+
+def test_damaged_or_foreign_metadata(destseg_ckpt: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.safetensors"
+    rewrite_meta(destseg_ckpt, bad, lambda m: "{not json")
+    with pytest.raises(CheckpointError, match="damaged pfadseg metadata"):
+        load_checkpoint(bad)
+    rewrite_meta(destseg_ckpt, bad, lambda m: "[1, 2]")
+    with pytest.raises(CheckpointError, match="not a JSON object"):
+        load_checkpoint(bad)
+    rewrite_meta(destseg_ckpt, bad, lambda m: {**m, "format_version": 99, "pfadseg_version": "9.0"})
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(bad)
+    assert "format 99" in str(err.value) and "reads format 1" in str(err.value)
+    rewrite_meta(destseg_ckpt, bad, lambda m: {**m, "format": STATE_FORMAT})
+    with pytest.raises(CheckpointError, match="holds 'pfadseg-train-state', expected"):
+        load_checkpoint(bad)
+    rewrite_meta(destseg_ckpt, bad, lambda m: {k: v for k, v in m.items() if k != "model"})
+    with pytest.raises(CheckpointError, match="metadata does not describe a model"):
+        load_checkpoint(bad)
+    rewrite_meta(destseg_ckpt, bad, lambda m: {**m, "model": {**m["model"], "teacher": "vgg"}})
+    with pytest.raises(CheckpointError, match="metadata does not describe a model"):
+        load_checkpoint(bad)
+
+
+def test_weights_that_do_not_fit(destseg_ckpt: Path, tmp_path: Path) -> None:
+    liar = tmp_path / "liar.safetensors"
+    rewrite_meta(destseg_ckpt, liar, lambda m: {
+        **m, "variant": "pfadseg", "model": {**m["model"], "aff": True, "pcar": True, "rcm": True}})
+    with pytest.raises(CheckpointError, match="weights do not fit variant pfadseg"):
+        load_checkpoint(liar)
+
+
+class _Bait:
+    """Unpickling this creates a file: proof that a loader ran pickle code."""
+
+    def __init__(self, target: Path) -> None:
+        self.target = target
+
+    def __reduce__(self):
+        return (Path.touch, (self.target,))
+
+
+def test_pickle_checkpoint_is_refused_unopened(tmp_path: Path) -> None:
+    sentinel = tmp_path / "pwned"
+    evil = tmp_path / "checkpoint.pt"
+    torch.save({"w": torch.zeros(2), "x": _Bait(sentinel)}, evil)
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        load_checkpoint(evil)
+    renamed = tmp_path / "checkpoint.safetensors"
+    renamed.write_bytes(evil.read_bytes())
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        load_checkpoint(renamed)
+    assert not sentinel.exists()
+    pickle.loads(pickle.dumps(_Bait(sentinel)))  # the bait is live: unpickling does run it
+    assert sentinel.exists()
+
+
+# --- training health -------------------------------------------------------------------
+def test_non_finite_loss_stops_and_keeps_last_good_state(tmp_path: Path, monkeypatch) -> None:
+    torch.manual_seed(0)
+    model = AnomalyModel.build(ModelConfig.named("destseg", teacher="efficientnet_lite0",
+                                                 image_size=SIZE), RANDOM)
+    cfg = preset("tiny", stage1_steps=3, stage2_steps=1, bf16=False, save_every=1)
+    images = torch.randint(0, 256, (2, 3, SIZE, SIZE), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
+    train_data = TrainData(images, DefectSynthesizer(procedural_textures(2, SIZE)))
+    out = tmp_path / "run"
+    calls = {"n": 0}
+    real_loss = AnomalyModel.student_loss
+
+    def loss_nan_at_step_2(self, clean, augmented):
+        calls["n"] += 1
+        loss = real_loss(self, clean, augmented)
+        return loss * math.nan if calls["n"] == 2 else loss
+
+    monkeypatch.setattr(AnomalyModel, "student_loss", loss_nan_at_step_2)
+    trainer = Trainer(model, cfg, train_data, out)
+    with pytest.raises(TrainingError) as err:
+        trainer.run(progress=False)
+    msg = str(err.value)
+    assert "non-finite loss (nan) at step 2" in msg and "step 1" in msg and str(out / STATE_NAME) in msg
+    tensors, meta = ckpt.read(out / STATE_NAME, kind=STATE_FORMAT)
+    assert meta["step"] == 1 and all(torch.isfinite(t).all() for t in tensors.values()
+                                     if t.is_floating_point())
+    # weights gone non-finite are never written over the last good state
+    with torch.no_grad():
+        next(model.student.parameters()).fill_(math.inf)
+    with pytest.raises(TrainingError, match="non-finite weights after step 1"):
+        trainer.save_state()
+    assert ckpt.read_meta(out / STATE_NAME, kind=STATE_FORMAT)["step"] == 1
+    assert not (out / (STATE_NAME + ".tmp")).exists()
+    # and the kept state still resumes
+    fresh = Trainer(AnomalyModel.build(model.config, RANDOM), cfg, train_data, out)
+    fresh.load_state(out / STATE_NAME)
+    assert fresh.step == 1
+    assert all(torch.isfinite(p).all() for p in fresh.model.parameters())
+
+
+# --- the CLI: exit code 2 and a message that names the folder ---------------------------
+def _train_argv(tmp_path: Path, *args: str) -> list[str]:
+    return ["train", *args, "--out", str(tmp_path / "run"), "--preset", "tiny",
+            "--image-size", str(SIZE), "--teacher", "efficientnet_lite0", "--no-bf16"]
+
+
+def test_cli_train_on_empty_or_missing_folder(tmp_path: Path, capsys) -> None:
+    root = tmp_path / "mvtec"
+    (root / "empty_cat" / "train" / "good").mkdir(parents=True)
+    (root / "empty_cat" / "train" / "good" / ".DS_Store").write_bytes(bytes(10))
+    cases = [
+        (["--data", str(root), "--category", "empty_cat"],
+         str(root / "empty_cat" / "train" / "good"), "no training images"),
+        (["--data", str(root), "--category", "nope"], str(root / "nope"), "category folder not found"),
+        (["--train-dir", str(tmp_path / "nowhere")], str(tmp_path / "nowhere"), "not a folder"),
+        ([], "", "give --data ROOT --category NAME"),
+    ]
+    for args, folder, words in cases:
+        assert cli.main(_train_argv(tmp_path, *args)) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("pfadseg train: error: ") and folder in err and words in err
+    assert not (tmp_path / "run" / STATE_NAME).exists()
+
+
+def test_cli_bad_images_and_textures(tmp_path: Path, capsys) -> None:
+    root = write_dataset(tmp_path / "mvtec", n_train=2)
+    bad = root / CATEGORY / "train" / "good" / "000.png"
+    truncate(bad)
+    assert cli.main(_train_argv(tmp_path, "--data", str(root), "--category", CATEGORY)) == 2
+    err = capsys.readouterr().err
+    assert f"pfadseg train: error: {bad}: cannot read image" in err and "Fix:" in err
+    empty = tmp_path / "textures"
+    empty.mkdir()
+    argv = _train_argv(tmp_path, "--data", str(root), "--category", CATEGORY,
+                       "--skip-bad-images", "--textures", str(empty))
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"texture folder {empty} holds no images" in err
+
+
+def test_cli_refuses_bad_checkpoint(tmp_path: Path, capsys) -> None:
+    noise = tmp_path / "model.safetensors"
+    noise.write_bytes(np.random.default_rng(1).bytes(1000))
+    root = write_dataset(tmp_path / "mvtec", n_train=1)
+    code = cli.main(["test", "--checkpoint", str(noise), "--data", str(root),
+                     "--category", CATEGORY, "--out", str(tmp_path / "eval")])
+    assert code == 2
+    assert f"pfadseg test: error: {noise}: not a readable checkpoint" in capsys.readouterr().err
