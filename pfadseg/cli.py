@@ -87,12 +87,23 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_size(text: str) -> int | None | str:
+    """--eval-size: "input", "original" (None) or a number of pixels."""
+    if text in ("input", "original"):
+        return None if text == "original" else text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("use input, original or a number") from None
+
+
 def cmd_test(args: argparse.Namespace) -> int:
     from .evaluation import format_table, run_test
 
     model, meta = load_checkpoint(args.checkpoint)
     result = run_test(model, args.data, args.category, args.out, meta, args.batch_size,
-                      bf16=not args.no_bf16, skip_bad=args.skip_bad_images)
+                      bf16=not args.no_bf16, skip_bad=args.skip_bad_images,
+                      eval_size=args.eval_size)
     print(format_table(result))
     print(f"metrics: {args.out / 'metrics.json'}")
     return 0
@@ -170,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--category", required=True)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--eval-size", default="input", type=_eval_size,
+                   help="pixel metrics at the model's input size (default, the official 256x256 "
+                        "protocol), at N x N, or 'original' (each image's own resolution)")
     p.add_argument("--no-bf16", action="store_true")
     p.add_argument("--skip-bad-images", action="store_true")
     p.set_defaults(func=cmd_test)

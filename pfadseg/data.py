@@ -136,7 +136,8 @@ def load_train_images(folder: Path, size: int, skip_bad: bool = False) -> torch.
                         "--data/--category (or --train-dir) at a folder of defect-free images.")
     images, kept = load_images(paths, size, skip_bad, desc="loading training images")
     if not kept:
-        raise DataError(f"{folder}: none of the {len(paths)} images could be read")
+        raise DataError(f"{folder}: none of the {len(paths)} images could be read. Fix: see "
+                        "the 'skipped' warnings above for each file's problem.")
     return images
 
 
@@ -160,8 +161,14 @@ def mvtec_category(root: Path, category: str) -> Path:
     return path
 
 
-def load_test_set(root: Path, category: str, size: int, skip_bad: bool = False) -> TestSet:
-    """test/<defect>/*.png with masks ground_truth/<defect>/<stem>_mask.png."""
+def load_test_set(root: Path, category: str, size: int, skip_bad: bool = False,
+                  mask_size: int | None | str = "input") -> TestSet:
+    """test/<defect>/*.png with masks ground_truth/<defect>/<stem>_mask.png.
+
+    Images are resized to `size`; masks to `mask_size` ("input": the same size,
+    the official protocol; None: each image's original resolution, which must
+    then be the same for all images).
+    """
     base = mvtec_category(root, category)
     test_dir = base / "test"
     if not test_dir.is_dir():
@@ -176,14 +183,16 @@ def load_test_set(root: Path, category: str, size: int, skip_bad: bool = False) 
                     log.warning("skipped: %s", exc)
                     continue
                 raise
+            msize = size if mask_size == "input" else mask_size
             if defect_dir.name == "good":
-                mask = np.zeros((size, size), dtype=bool)
+                shape = (img.height, img.width) if msize is None else (msize, msize)
+                mask = np.zeros(shape, dtype=bool)
             else:
                 mask_path = base / "ground_truth" / defect_dir.name / f"{path.stem}_mask.png"
                 if not mask_path.is_file():
                     raise DataError(f"{path}: its mask {mask_path} is missing. Fix: add the "
                                     "mask, or move the image out of the test folder.")
-                mask = load_mask(mask_path, size, expected=img.size)
+                mask = load_mask(mask_path, msize, expected=img.size)
             rgb = _to_rgb(img).resize((size, size), Image.BILINEAR)
             images.append(np.asarray(rgb, dtype=np.uint8))
             masks.append(mask)
@@ -192,5 +201,8 @@ def load_test_set(root: Path, category: str, size: int, skip_bad: bool = False) 
             paths.append(path)
     if not images:
         raise DataError(f"{test_dir}: no test images found")
+    if len({m.shape for m in masks}) > 1:
+        raise DataError(f"{test_dir}: test images differ in size; evaluate at a fixed size "
+                        "(--eval-size 256) instead of the original resolution")
     tensor = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
     return TestSet(tensor, np.stack(masks), np.asarray(labels), defects, paths)

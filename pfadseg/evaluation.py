@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from . import metrics
 from .data import TestSet, load_test_set
@@ -25,11 +26,25 @@ def _per_defect(maps: np.ndarray, scores: np.ndarray, test: TestSet) -> dict[str
     return out
 
 
+def _to_mask_size(maps: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Maps upsampled bilinearly to the masks' size (no-op when equal)."""
+    if maps.shape[1:] == shape:
+        return maps
+    return np.concatenate([
+        F.interpolate(torch.from_numpy(maps[i:i + 8])[:, None], size=shape, mode="bilinear",
+                      align_corners=False)[:, 0].numpy() for i in range(0, len(maps), 8)])
+
+
 def evaluate_model(model: AnomalyModel, test: TestSet, batch_size: int = 16, bf16: bool = True,
                    progress: bool = True) -> dict:
-    """Metrics of the segmentation map (top level) and of the DeST map ("dest")."""
+    """Metrics of the segmentation map (top level) and of the DeST map ("dest").
+
+    Image scores always come from the map at the model's input size (top-100
+    mean, as in the official code); pixel metrics use the masks' size.
+    """
     seg, dest, scores = infer(model, test.images, batch_size, bf16=bf16, progress=progress)
     dest_scores = torch.from_numpy(dest).flatten(1).topk(100, dim=1).values.mean(1).numpy()
+    seg, dest = _to_mask_size(seg, test.masks.shape[1:]), _to_mask_size(dest, test.masks.shape[1:])
     result: dict = metrics.evaluate(seg, test.masks, scores, test.labels)
     result["per_defect"] = _per_defect(seg, scores, test)
     result["dest"] = metrics.evaluate(dest, test.masks, dest_scores, test.labels)
@@ -47,12 +62,18 @@ def format_table(result: dict) -> str:
 
 
 def run_test(model: AnomalyModel, root: Path, category: str, out_dir: Path, meta: dict,
-             batch_size: int = 16, bf16: bool = True, skip_bad: bool = False) -> dict:
-    """Load the test set, evaluate, write metrics.json and metrics.md; return the result."""
-    test = load_test_set(root, category, model.config.image_size, skip_bad=skip_bad)
+             batch_size: int = 16, bf16: bool = True, skip_bad: bool = False,
+             eval_size: int | None | str = "input") -> dict:
+    """Load the test set, evaluate, write metrics.json and metrics.md; return the result.
+
+    `eval_size`: "input" (the model's input size: 256, the official protocol),
+    a number, or None for each image's original resolution.
+    """
+    test = load_test_set(root, category, model.config.image_size, skip_bad=skip_bad,
+                         mask_size=eval_size)
     result = evaluate_model(model, test, batch_size, bf16)
     result = {"category": category, "variant": meta.get("variant"), "teacher": model.config.teacher,
-              "eval_size": model.config.image_size, **result}
+              "eval_size": list(test.masks.shape[1:]), **result}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics.json").write_text(json.dumps(result, indent=2))

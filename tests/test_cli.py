@@ -72,3 +72,20 @@ def test_predict_refuses_missing_input(trained: Path, tmp_path: Path, capsys) ->
                  "--out", str(tmp_path), str(tmp_path / "nope.png")])
     assert code == 2
     assert "nope.png" in capsys.readouterr().err
+
+
+def test_test_at_original_resolution(trained: Path, tmp_path: Path) -> None:
+    code = main(["test", "--checkpoint", str(trained / "checkpoint.safetensors"), "--data",
+                 str(demo_root()), "--category", "bottle", "--out", str(tmp_path),
+                 "--eval-size", "original"])
+    assert code == 0
+    result = json.loads((tmp_path / "metrics.json").read_text())
+    assert result["eval_size"] == [256, 256]  # the bundled images' own size, not the 64 input
+    assert all(0.0 <= result[k] <= 1.0 for k in METRICS)
+
+
+def test_demo_quick_writes_metrics_and_overlays(tmp_path: Path, capsys) -> None:
+    assert main(["demo", "--quick", "--out", str(tmp_path)]) == 0
+    assert json.loads((tmp_path / "test" / "metrics.json").read_text())["n_images"] == 16
+    assert len(list((tmp_path / "predictions").glob("*_overlay.png"))) == 16
+    assert str(tmp_path.resolve()) in capsys.readouterr().out

@@ -23,8 +23,8 @@ STAGE1, STAGE2 = 2, 2
 TOTAL = STAGE1 + STAGE2
 
 
-def train_argv(root: Path, textures: Path, out: Path, *extra: str) -> list[str]:
-    return ["train", "--data", str(root), "--category", CATEGORY, "--model", "destseg",
+def train_argv(model: str, root: Path, textures: Path, out: Path, *extra: str) -> list[str]:
+    return ["train", "--data", str(root), "--category", CATEGORY, "--model", model,
             "--teacher", "efficientnet_lite0", "--preset", "tiny", "--image-size", "64",
             "--stage1-steps", str(STAGE1), "--stage2-steps", str(STAGE2), "--save-every", "1",
             "--no-bf16", "--textures", str(textures), "--out", str(out), *extra]
@@ -64,20 +64,23 @@ def data(tmp_path_factory) -> tuple[Path, Path]:
     return root, textures
 
 
-@pytest.fixture(scope="module")
-def reference(data, tmp_path_factory) -> Path:
-    """An uninterrupted run (in-process, same command as the interrupted ones)."""
-    out = tmp_path_factory.mktemp("resume_ref") / "run"
-    assert cli.main(train_argv(*data, out)) == 0
+@pytest.fixture(scope="module",
+                params=["destseg", pytest.param("pfadseg", marks=pytest.mark.slow)])
+def reference(request, data, tmp_path_factory) -> tuple[str, Path]:
+    """(model, out dir) of an uninterrupted run (in-process, same command as the
+    interrupted ones). pfadseg's student is twice destseg's, so it runs with -m slow."""
+    out = tmp_path_factory.mktemp(f"resume_ref_{request.param}") / "run"
+    assert cli.main(train_argv(request.param, *data, out)) == 0
     assert state_step(out) == TOTAL
-    return out
+    return request.param, out
 
 
-def test_interrupted_run_resumes_bit_exactly(data, reference: Path, tmp_path: Path,
+def test_interrupted_run_resumes_bit_exactly(data, reference: tuple[str, Path], tmp_path: Path,
                                               monkeypatch, capsys) -> None:
     """Ctrl-C after step 1 (stage 1) and again after step 3 (stage 2), then finish."""
+    model, ref = reference
     out = tmp_path / "run"
-    assert cli.main(train_argv(*data, out, "--resume")) == 2
+    assert cli.main(train_argv(model, *data, out, "--resume")) == 2
     assert "no state file" in capsys.readouterr().err
 
     real_step = Trainer.train_step
@@ -89,29 +92,31 @@ def test_interrupted_run_resumes_bit_exactly(data, reference: Path, tmp_path: Pa
         return real_step(self)
 
     monkeypatch.setattr(Trainer, "train_step", interrupted_step)
-    assert cli.main(train_argv(*data, out)) == 130
+    assert cli.main(train_argv(model, *data, out)) == 130
     assert "continues with --resume" in capsys.readouterr().err
     assert state_step(out) == 1 and not (out / CHECKPOINT_NAME).exists()
 
     # a fresh run must not overwrite the unfinished one
-    assert cli.main(train_argv(*data, out)) == 2
+    assert cli.main(train_argv(model, *data, out)) == 2
     err = capsys.readouterr().err
     assert "unfinished run" in err and "--resume" in err and str(out) in err
     assert state_step(out) == 1
 
     stop["at"] = 3
-    assert cli.main(train_argv(*data, out, "--resume")) == 130
+    assert cli.main(train_argv(model, *data, out, "--resume")) == 130
     assert state_step(out) == 3
     monkeypatch.setattr(Trainer, "train_step", real_step)
-    assert cli.main(train_argv(*data, out, "--resume")) == 0
+    assert cli.main(train_argv(model, *data, out, "--resume")) == 0
     assert state_step(out) == TOTAL
-    assert_same_weights(out, reference)
+    assert_same_weights(out, ref)
 
 
-def test_killed_process_resumes_bit_exactly(data, reference: Path, tmp_path: Path) -> None:
+def test_killed_process_resumes_bit_exactly(data, reference: tuple[str, Path],
+                                            tmp_path: Path) -> None:
     """SIGKILL a `pfadseg train` process mid-run, then rerun the command with --resume."""
+    model, ref = reference
     out = tmp_path / "run"
-    argv = [sys.executable, "-m", "pfadseg.cli", *train_argv(*data, out)]
+    argv = [sys.executable, "-m", "pfadseg.cli", *train_argv(model, *data, out)]
     log = tmp_path / "killed.log"
     with open(log, "wb") as fh:
         proc = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT)
@@ -137,4 +142,26 @@ def test_killed_process_resumes_bit_exactly(data, reference: Path, tmp_path: Pat
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "checkpoint:" in resumed.stdout
     assert not (out / (STATE_NAME + ".tmp")).exists()
-    assert_same_weights(out, reference)
+    assert_same_weights(out, ref)
+
+
+def test_unfinished_run_detection_and_log_trim(tmp_path: Path) -> None:
+    """A state short of its schedule is unfinished; a finished one is not; the loss log
+    of a resumed run drops the rows a killed run wrote after its last saved state."""
+    from pfadseg.config import preset
+    from pfadseg.trainer import _trim_log, _unfinished
+
+    train = preset("tiny", stage1_steps=2, stage2_steps=2).to_dict()
+    state = tmp_path / STATE_NAME
+    for step, unfinished in ((2, True), (4, False)):
+        ckpt.atomic_save({"rng": torch.zeros(4, dtype=torch.uint8)},
+                         {"format": STATE_FORMAT, "format_version": ckpt.FORMAT_VERSION,
+                          "step": step, "train": train}, state)
+        assert _unfinished(state) is unfinished
+    state.write_bytes(b"junk")
+    assert _unfinished(state)  # unreadable: refuse to overwrite it blindly
+
+    log = tmp_path / "losses.csv"
+    log.write_text("step,stage,loss\n1,1,0.5\n2,1,0.4\n3,2,0.3\n")
+    _trim_log(log, 2)
+    assert log.read_text().splitlines() == ["step,stage,loss", "1,1,0.5", "2,1,0.4"]
