@@ -19,7 +19,7 @@ side by side in one run:
     python benchmarks/speed.py --profile            # + torch.profiler top ops, pfadseg stage 2
 
 Random teacher weights (`--teacher resnet18`) are fine: speed does not depend on weights.
-The full run takes about half an hour per model on 2 cores (stage-2 training of
+The full run takes roughly 15 minutes per model on 2 idle cores (stage-2 training of
 PFADSeg at 256x256 needs ~170 GFLOP per image); `--quick` runs at 64x64 and
 says nothing about 256x256 speed, only that the script works. Run it on an
 otherwise idle machine: the JSON records the load average and any `pfadseg
@@ -141,7 +141,9 @@ def count_flops(fn) -> int:
 
 def model_flops(model: AnomalyModel, size: int, batch: int = 2) -> dict[str, float]:
     """GFLOPs per image: inference (batch-1 forward) and each training stage
-    (forward + backward, fp32; the optimiser's element-wise work is not counted)."""
+    (forward + backward at `batch` >= 2, which BatchNorm on pooled maps needs;
+    fp32; the optimiser's element-wise work is not counted)."""
+    batch = max(batch, 2)
     model.to(memory_format=torch.contiguous_format).eval()
     gen = torch.Generator().manual_seed(0)
     x1 = torch.rand(1, 3, size, size, generator=gen)

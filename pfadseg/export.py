@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .models import AnomalyModel, image_scores
@@ -27,8 +26,8 @@ MapFn = Callable[[torch.Tensor], tuple[np.ndarray, np.ndarray]]
 
 
 class _BlockMean(nn.Module):
-    """`AdaptiveAvgPool2d(k)` as a block mean (same numbers where k divides the
-    size), which the TorchScript exporter translates without static shapes."""
+    """`AdaptiveAvgPool2d(k)` as slices and means over the same bins (identical
+    numbers), which the TorchScript exporter translates with a dynamic batch axis."""
 
     def __init__(self, size: int) -> None:
         super().__init__()
@@ -36,12 +35,11 @@ class _BlockMean(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k = self.size
-        if k == 1:
-            return x.mean(dim=(2, 3), keepdim=True)
-        b, c, h, w = x.shape
-        if h % k or w % k:
-            return F.adaptive_avg_pool2d(x, k)
-        return x.reshape(b, c, k, h // k, k, w // k).mean(dim=(3, 5))
+        for dim in (2, 3):  # bin i spans [floor(i*n/k), ceil((i+1)*n/k)), as in PyTorch
+            n = x.shape[dim]
+            x = torch.cat([x.narrow(dim, i * n // k, -(-(i + 1) * n // k) - i * n // k)
+                           .mean(dim=dim, keepdim=True) for i in range(k)], dim=dim)
+        return x
 
 
 def _exportable(model: AnomalyModel) -> nn.Module:

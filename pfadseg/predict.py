@@ -36,11 +36,14 @@ def collect_inputs(inputs: list[Path]) -> list[Path]:
 
 
 def _output_name(path: Path, used: set[str]) -> str:
-    """A unique output stem per input, even for equal names in different folders."""
-    stem = path.stem
-    name, i = stem, 1
+    """A unique output stem per input: the file's stem, prefixed by its folder's
+    name when another input already took it (e.g. good/000, crack/000)."""
+    name = path.stem
+    if name in used:
+        name = f"{path.parent.name}_{path.stem}"
+    base, i = name, 1
     while name in used:
-        name, i = f"{stem}_{i}", i + 1
+        name, i = f"{base}_{i}", i + 1
     used.add(name)
     return name
 

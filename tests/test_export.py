@@ -1,6 +1,7 @@
 """ONNX export: the onnxruntime maps match the PyTorch fp32 model's, any batch size."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -50,3 +51,11 @@ def test_missing_onnx_file_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="pfadseg export") as info:
         onnx_map_fn(missing)
     assert "nope.onnx" in str(info.value)
+
+
+def test_missing_onnxruntime_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "m.onnx"
+    path.write_bytes(b"")
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails
+    with pytest.raises(ImportError, match=r"pip install pfadseg\[onnx\]"):
+        onnx_map_fn(path)
