@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -13,9 +12,9 @@ import torch
 from . import __version__
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import PRESETS, preset
-from .data import DataError, load_train_images, mvtec_category
+from .data import DataError, load_textures, load_train_images, mvtec_category
 from .models import TEACHERS, ModelConfig, TeacherWeightsError
-from .synthesis import DefectSynthesizer, load_textures, procedural_textures, rotation_policy_for
+from .synthesis import DefectSynthesizer, procedural_textures, rotation_policy_for
 from .trainer import TrainData, TrainingError, train
 
 log = logging.getLogger("pfadseg")

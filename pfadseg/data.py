@@ -15,10 +15,10 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from .synthesis import IMAGE_SUFFIXES
 
 log = logging.getLogger(__name__)
 MAX_PIXELS = 20_000 * 20_000  # decompression-bomb guard: 400 megapixels
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 
 
 class DataError(ValueError):
@@ -139,6 +139,34 @@ def load_train_images(folder: Path, size: int, skip_bad: bool = False) -> torch.
         raise DataError(f"{folder}: none of the {len(paths)} images could be read. Fix: see "
                         "the 'skipped' warnings above for each file's problem.")
     return images
+
+
+def load_textures(folder: Path, size: int, limit: int | None = None) -> torch.Tensor:
+    """Texture images for synthetic defects (the DTD `images/` folder or any folder,
+    searched recursively) as float (K, 3, size, size) in [0, 1].
+
+    With `limit`, an evenly spaced subset of the sorted files is kept, so every
+    DTD class stays represented.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"texture folder {folder} does not exist or is not a folder. Fix: "
+                        "--textures is a folder of images, e.g. DTD's images/")
+    paths = list_images(folder, recursive=True)
+    if not paths:
+        raise DataError(f"texture folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)}). "
+                        "Fix: point --textures at a folder of texture images, or leave it out "
+                        "to use the built-in procedural textures.")
+    if limit is not None and limit < len(paths):
+        if limit < 1:
+            raise ValueError(f"texture limit must be >= 1, got {limit}")
+        picks = np.linspace(0, len(paths) - 1, limit).round().astype(int)
+        paths = [paths[i] for i in picks]
+    try:
+        images, _ = load_images(paths, size, desc="loading textures")
+    except DataError as exc:
+        raise DataError(f"cannot read texture image {exc}") from exc
+    return images.float().div_(255.0)
 
 
 @dataclass

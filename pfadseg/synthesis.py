@@ -17,26 +17,19 @@ Choices worth knowing:
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
 
 __all__ = [
-    "IMAGE_SUFFIXES",
     "ROTATION_POLICY",
     "DefectSynthesizer",
-    "load_textures",
     "perlin_mask",
     "perlin_noise",
     "procedural_textures",
     "rotate_images",
     "rotation_policy_for",
 ]
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 
 # Rotation augmentation of the clean image in the official DeSTSeg code.
 ROTATION_POLICY: dict[str, str] = {
@@ -167,13 +160,6 @@ class DefectSynthesizer:
         self.textures = textures
         self.p_anomaly = p_anomaly
 
-    @classmethod
-    def from_folder(
-        cls, folder: Path, size: int, limit: int | None = None, p_anomaly: float = 1.0
-    ) -> DefectSynthesizer:
-        """Build a synthesizer from an image folder (see :func:`load_textures`)."""
-        return cls(load_textures(folder, size, limit), p_anomaly)
-
     def __call__(
         self, images: torch.Tensor, generator: torch.Generator
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -199,38 +185,6 @@ class DefectSynthesizer:
         # exactly I wherever M = 0.
         augmented = torch.lerp(images, texture, (1.0 - beta) * mask)
         return augmented, mask
-
-
-def load_textures(folder: Path, size: int, limit: int | None = None) -> torch.Tensor:
-    """Load every image under ``folder`` (recursively) as (K, 3, size, size) in [0, 1].
-
-    Works for the DTD layout ``images/<class>/*.jpg`` or any folder. With ``limit``,
-    an evenly spaced subset of the sorted file list is kept, so all classes stay
-    represented. Raises ValueError naming the folder when it holds no images, and
-    naming the file when one cannot be read.
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ValueError(f"texture folder {folder} does not exist or is not a directory")
-    files = sorted(
-        p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-    )
-    if not files:
-        raise ValueError(f"texture folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-    if limit is not None and limit < len(files):
-        if limit < 1:
-            raise ValueError(f"limit must be >= 1, got {limit}")
-        picks = np.linspace(0, len(files) - 1, limit).round().astype(int)
-        files = [files[i] for i in picks]
-    out = torch.empty(len(files), 3, size, size)
-    for i, path in enumerate(files):
-        try:
-            with Image.open(path) as img:
-                rgb = img.convert("RGB").resize((size, size), Image.BILINEAR)
-        except (OSError, UnidentifiedImageError, ValueError) as exc:
-            raise ValueError(f"cannot read texture image {path}: {exc}") from exc
-        out[i] = torch.from_numpy(np.asarray(rgb, dtype=np.float32)).permute(2, 0, 1) / 255.0
-    return out
 
 
 def rotation_policy_for(category: str) -> str:

@@ -20,10 +20,11 @@ from pfadseg import checkpoint as ckpt
 from pfadseg import cli, data
 from pfadseg.checkpoint import CheckpointError, load_checkpoint
 from pfadseg.config import preset
-from pfadseg.data import DataError, list_images, load_rgb, load_test_set, load_train_images
+from pfadseg.data import (DataError, list_images, load_rgb, load_test_set, load_textures,
+                          load_train_images)
 from pfadseg.models import AnomalyModel, ModelConfig
 from pfadseg.models.teacher import RANDOM
-from pfadseg.synthesis import DefectSynthesizer, load_textures, procedural_textures
+from pfadseg.synthesis import DefectSynthesizer, procedural_textures
 from pfadseg.trainer import STATE_FORMAT, STATE_NAME, TrainData, Trainer, TrainingError
 
 SIZE = 64
