@@ -74,18 +74,22 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(config.seed)
         self.step = 0
         self.saved_step: int | None = None  # step of the state file this run last wrote
+        self._teacher_cache: list[torch.Tensor] = []  # T1..T3 of every clean image
         seg = model.segmentation
         self.opt_student = torch.optim.SGD(model.student.parameters(), lr=config.lr_student,
-                                           momentum=config.momentum, weight_decay=config.weight_decay)
+                                           momentum=config.momentum, weight_decay=config.weight_decay,
+                                           foreach=True)
         self.opt_seg = torch.optim.SGD(
             [{"params": seg.res.parameters(), "lr": config.lr_seg_res},
              {"params": seg.head.parameters(), "lr": config.lr_seg_head}],
-            lr=config.lr_seg_res, momentum=config.momentum, weight_decay=config.weight_decay)
+            lr=config.lr_seg_res, momentum=config.momentum, weight_decay=config.weight_decay,
+            foreach=True)
         if config.channels_last:
             model.to(memory_format=torch.channels_last)
 
     # --- one step ----------------------------------------------------------------
-    def _batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Indices, clean images, synthetic images and masks of one random batch."""
         idx = torch.randint(len(self.data.images), (self.config.batch_size,), generator=self.generator)
         clean = to_input(self.data.images[idx], channels_last=False)
         clean = rotate_images(clean, self.data.rotation, self.generator, padding="grey")
@@ -93,16 +97,30 @@ class Trainer:
         if self.config.channels_last:
             clean = clean.contiguous(memory_format=torch.channels_last)
             augmented = augmented.contiguous(memory_format=torch.channels_last)
-        return clean, augmented, mask
+        return idx, clean, augmented, mask
+
+    def _clean_targets(self, idx: torch.Tensor) -> list[torch.Tensor] | None:
+        """Teacher features of the clean images when nothing random touches them
+        (no rotation): computed once for all images, in fixed chunks so a resumed
+        run gets the same values, then looked up. None when they must be recomputed."""
+        if self.data.rotation != "none":
+            return None
+        if not self._teacher_cache:
+            chunks = [self.model.teacher_features(to_input(self.data.images[i:i + 16],
+                                                           self.config.channels_last))
+                      for i in range(0, len(self.data.images), 16)]
+            self._teacher_cache = [torch.cat(level) for level in zip(*chunks)]
+        return [level[idx] for level in self._teacher_cache]
 
     def train_step(self) -> dict[str, float]:
         """One optimiser step of the current stage; returns its losses."""
         stage = 1 if self.step < self.config.stage1_steps else 2
-        clean, augmented, mask = self._batch()
+        idx, clean, augmented, mask = self._batch()
         if stage == 1:
             self.model.student.train()
             with autocast(self.use_bf16):
-                loss = self.model.student_loss(clean, augmented)
+                targets = self._clean_targets(idx)
+                loss = self.model.student_loss(clean, augmented, targets=targets)
             parts = {"cosine": loss.item()}
             optimizer = self.opt_student
         else:

@@ -321,9 +321,9 @@ def test_non_finite_loss_stops_and_keeps_last_good_state(tmp_path: Path, monkeyp
     calls = {"n": 0}
     real_loss = AnomalyModel.student_loss
 
-    def loss_nan_at_step_2(self, clean, augmented):
+    def loss_nan_at_step_2(self, clean, augmented, targets=None):
         calls["n"] += 1
-        loss = real_loss(self, clean, augmented)
+        loss = real_loss(self, clean, augmented, targets)
         return loss * math.nan if calls["n"] == 2 else loss
 
     monkeypatch.setattr(AnomalyModel, "student_loss", loss_nan_at_step_2)

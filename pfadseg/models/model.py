@@ -94,14 +94,21 @@ class AnomalyModel(nn.Module):
         return (images - self.mean) / self.std
 
     # --- the two training stages -------------------------------------------------
-    def student_loss(self, clean: torch.Tensor, augmented: torch.Tensor) -> torch.Tensor:
+    @torch.no_grad()
+    def teacher_features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """T1..T3 of images in [0, 1]."""
+        return self.teacher(self.normalize(images))
+
+    def student_loss(self, clean: torch.Tensor, augmented: torch.Tensor,
+                     targets: list[torch.Tensor] | None = None) -> torch.Tensor:
         """Stage 1: teacher on the clean image, student on the synthetic one.
 
         Per level: 1 - cosine similarity, averaged over pixels; summed over the
-        three levels and over the batch (the official reduction).
+        three levels and over the batch (the official reduction). `targets`
+        are the clean images' teacher features when already known.
         """
-        with torch.no_grad():
-            targets = self.teacher(self.normalize(clean))
+        if targets is None:
+            targets = self.teacher_features(clean)
         preds = self.student(self.normalize(augmented))
         return sum(cosine_distance(t, s).mean(dim=(2, 3)).sum() for t, s in zip(targets, preds))
 
