@@ -150,9 +150,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from .report import write_report
 
-    md, csv_path = write_report(args.results, args.out)
-    print(md.read_text() if hasattr(md, "read_text") else md)
-    print(f"tables: {md} {csv_path}")
+    md_path, csv_path = write_report(args.results, args.out)
+    print(md_path.read_text())
+    print(f"tables: {md_path} {csv_path}")
     return 0
 
 

@@ -9,7 +9,6 @@ categories present (the missing ones are listed).
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -205,17 +204,3 @@ def write_report(result_files: list[str | Path], out_dir: str | Path) -> tuple[P
     md_path.write_text(markdown)
     csv_path.write_text(table)
     return md_path, csv_path
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Command line: ``python -m pfadseg.report OUT_DIR RESULT.json ...``."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("out_dir")
-    parser.add_argument("result_files", nargs="+")
-    args = parser.parse_args(argv)
-    for path in write_report(args.result_files, args.out_dir):
-        print(path)
-
-
-if __name__ == "__main__":
-    main()

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 CATEGORY = "widget"
@@ -56,3 +57,12 @@ def textures(tmp_path: Path) -> Path:
     Image.fromarray(_smooth_image(rng, 48)).save(folder / "banded" / "banded_0001.jpg")
     Image.fromarray(_smooth_image(rng, 96)).save(folder / "noise.png")
     return folder
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Small tensors: one thread is faster, above all while other jobs load the CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

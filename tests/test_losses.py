@@ -12,13 +12,7 @@ from pfadseg.models import AnomalyModel, ModelConfig
 from pfadseg.trainer import focal_loss, l1_loss, mask_target
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small tensors: one thread is faster, above all while other jobs load the CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

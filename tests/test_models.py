@@ -39,13 +39,7 @@ PFADSEG_STUDENT = 52_732_944
 PFADSEG_SEGMENTATION = 6_425_697
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small tensors: one thread is faster, above all while other jobs load the CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def nparams(module: nn.Module) -> int:
