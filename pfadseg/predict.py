@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -35,17 +36,19 @@ def collect_inputs(inputs: list[Path]) -> list[Path]:
     return paths
 
 
-def _output_name(path: Path, used: set[str]) -> str:
-    """A unique output stem per input: the file's stem, prefixed by its folder's
-    name when another input already took it (e.g. good/000, crack/000)."""
-    name = path.stem
-    if name in used:
-        name = f"{path.parent.name}_{path.stem}"
-    base, i = name, 1
-    while name in used:
-        name, i = f"{base}_{i}", i + 1
-    used.add(name)
-    return name
+def output_names(paths: list[Path]) -> list[str]:
+    """A unique output stem per input: the file's stem, or <folder>_<stem> for
+    stems that occur more than once (good/000.png, crack/000.png), numbered if needed."""
+    counts = Counter(p.stem for p in paths)
+    names, used = [], set()
+    for p in paths:
+        name = p.stem if counts[p.stem] == 1 else f"{p.parent.name}_{p.stem}"
+        base, i = name, 1
+        while name in used:
+            name, i = f"{base}_{i}", i + 1
+        used.add(name)
+        names.append(name)
+    return names
 
 
 def predict_images(paths: list[Path], map_fn: MapFn, size: int, threshold: float, out_dir: Path,
@@ -55,7 +58,7 @@ def predict_images(paths: list[Path], map_fn: MapFn, size: int, threshold: float
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
-    used: set[str] = set()
+    names = dict(zip(paths, output_names(paths)))
     bar = tqdm(total=len(paths), desc="predict", unit="img", disable=not progress, leave=False)
     for start in range(0, len(paths), batch_size):
         batch_paths, originals = [], []
@@ -73,7 +76,7 @@ def predict_images(paths: list[Path], map_fn: MapFn, size: int, threshold: float
                           for o in originals])
         maps, scores = map_fn(torch.from_numpy(small).permute(0, 3, 1, 2).contiguous())
         for path, original, amap, score in zip(batch_paths, originals, maps, scores):
-            name = _output_name(path, used)
+            name = names[path]
             h, w = original.shape[:2]
             scale = min(1.0, MAX_OUTPUT_SIDE / max(h, w))
             oh, ow = max(1, round(h * scale)), max(1, round(w * scale))

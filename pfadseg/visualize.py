@@ -20,10 +20,12 @@ def colorize(values: np.ndarray) -> np.ndarray:
 
 def overlay(image: np.ndarray, amap: np.ndarray, mask: np.ndarray | None = None,
             alpha: float = 0.5) -> Image.Image:
-    """The anomaly map (in [0, 1], image size) blended over the RGB image, with
-    the outline of the binary mask drawn in white when given."""
+    """The anomaly map (in [0, 1], image size) blended over the RGB image, more
+    opaque where the score is high so normal regions stay visible, with the
+    outline of the binary mask drawn in white when given."""
     heat = colorize(amap).astype(np.float32)
-    out = image.astype(np.float32) * (1 - alpha) + heat * alpha
+    a = alpha * (0.3 + 0.7 * np.clip(amap, 0.0, 1.0))[..., None]
+    out = image.astype(np.float32) * (1 - a) + heat * a
     if mask is not None and mask.any():
         edge = mask & ~(np.roll(mask, 1, 0) & np.roll(mask, -1, 0) & np.roll(mask, 1, 1) & np.roll(mask, -1, 1))
         out[edge] = 255.0
