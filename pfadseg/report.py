@@ -43,10 +43,10 @@ def _variant(result: dict) -> str:
 
 def _metrics_of(result: dict) -> dict[str, float]:
     """The metrics of a result: its "metrics" dict, or its top-level numbers
-    (the layout of `pfadseg test`'s metrics.json)."""
+    (the layout of `pfadseg test`'s metrics.json), leaving out counts."""
     if "metrics" in result:
         return result["metrics"]
-    return {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return {k: v for k, v in result.items() if isinstance(v, float)}  # counts are ints
 
 
 def _is_reported(metric: str) -> bool:

@@ -47,7 +47,9 @@ def test_test_writes_all_metrics_as_fractions(trained: Path, tmp_path: Path) -> 
     assert "pixel_ap" in (tmp_path / "metrics.md").read_text()
     code = main(["report", str(tmp_path / "metrics.json"), "--out", str(tmp_path / "tables")])
     assert code == 0
-    assert "bottle" in (tmp_path / "tables" / "results.md").read_text()
+    table = (tmp_path / "tables" / "results.md").read_text()
+    assert "bottle" in table and "P-AP" in table
+    assert "n_images" not in table  # counts are not metrics
 
 
 def test_predict_writes_maps_overlays_masks_and_summary(trained: Path, tmp_path: Path) -> None:
