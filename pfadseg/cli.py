@@ -108,15 +108,6 @@ def cmd_test(args: argparse.Namespace) -> int:
     return 0
 
 
-def _torch_map_fn(model, bf16: bool):
-    from .inference import infer
-
-    def run(images: torch.Tensor):
-        seg, _, scores = infer(model, images, batch_size=len(images), bf16=bf16)
-        return seg, scores
-    return run
-
-
 def cmd_predict(args: argparse.Namespace) -> int:
     from .predict import collect_inputs, predict_images
 
@@ -128,7 +119,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         from .export import onnx_map_fn
         map_fn = onnx_map_fn(args.onnx or args.checkpoint.with_suffix(".onnx"))
     else:
-        map_fn = _torch_map_fn(model, bf16=not args.no_bf16)
+        from .inference import torch_map_fn
+        map_fn = torch_map_fn(model, bf16=not args.no_bf16)
     rows = predict_images(collect_inputs(args.inputs), map_fn, model.config.image_size, threshold,
                           args.out, args.batch_size, skip_bad=args.skip_bad_images)
     flagged = sum(r.get("anomalous", False) for r in rows)

@@ -14,7 +14,7 @@ from .checkpoint import load_checkpoint
 from .config import preset
 from .data import load_train_images
 from .evaluation import format_table, run_test
-from .inference import infer
+from .inference import torch_map_fn
 from .models import ModelConfig
 from .predict import collect_inputs, predict_images
 from .synthesis import DefectSynthesizer, procedural_textures, rotation_policy_for
@@ -55,13 +55,8 @@ def run_demo(out_dir: Path, quick: bool = False) -> dict:
     result = run_test(model, root, CATEGORY, out_dir / "test", meta)
     print(format_table(result))
     print("[3/3] painting defects")
-
-    def map_fn(batch):
-        seg, _, scores = infer(model, batch, batch_size=len(batch))
-        return seg, scores
-
-    predict_images(collect_inputs([root / CATEGORY / "test"]), map_fn, size, meta["threshold"],
-                   out_dir / "predictions")
+    predict_images(collect_inputs([root / CATEGORY / "test"]), torch_map_fn(model), size,
+                   meta["threshold"], out_dir / "predictions")
     print(f"done in {time.perf_counter() - start:.0f} s. Results in {out_dir.resolve()}:\n"
           f"  metrics     {out_dir / 'test' / 'metrics.md'}\n"
           f"  overlays    {out_dir / 'predictions'} (*_overlay.png, summary.csv)\n"

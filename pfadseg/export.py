@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -17,12 +16,12 @@ import torch
 from torch import nn
 
 from .models import AnomalyModel, image_scores
+from .predict import MapFn
 
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("seg_map", "dest_map", "score")
 ONNX_HINT = "pip install pfadseg[onnx]"
 
-MapFn = Callable[[torch.Tensor], tuple[np.ndarray, np.ndarray]]
 
 
 class _BlockMean(nn.Module):

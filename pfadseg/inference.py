@@ -9,6 +9,7 @@ import torch
 from tqdm import tqdm
 
 from .models import AnomalyModel, image_scores
+from .predict import MapFn
 
 
 def bf16_supported() -> bool:
@@ -59,3 +60,11 @@ def infer(model: AnomalyModel, images: torch.Tensor, batch_size: int = 16,
         dests.append(dest[:, 0].float())
         scores.append(image_scores(seg.float()))
     return (torch.cat(segs).numpy(), torch.cat(dests).numpy(), torch.cat(scores).numpy())
+
+
+def torch_map_fn(model: AnomalyModel, bf16: bool = True) -> MapFn:
+    """A `predict` backend: uint8 batch -> (segmentation maps (B, S, S), image scores (B,))."""
+    def run(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        seg, _, scores = infer(model, images, batch_size=len(images), bf16=bf16)
+        return seg, scores
+    return run
