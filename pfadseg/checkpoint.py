@@ -95,16 +95,12 @@ def read_meta(path: Path, kind: str = FORMAT) -> dict:
 
 def read(path: Path, kind: str = FORMAT) -> tuple[dict[str, torch.Tensor], dict]:
     """Tensors and metadata of a file we wrote, refusing anything else with a reason."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint not found")
+    meta = read_meta(path, kind)
     try:
         tensors = load_file(str(path))
-        with safe_open(str(path), framework="pt") as fh:
-            raw = (fh.metadata() or {}).get("pfadseg")
     except (SafetensorError, OSError, ValueError) as exc:
-        raise _unreadable(path, exc) from exc
-    return tensors, _check_meta(path, raw, kind)
+        raise _unreadable(Path(path), exc) from exc
+    return tensors, meta
 
 
 def save_checkpoint(model: AnomalyModel, path: Path, train_config: dict,
@@ -133,16 +129,12 @@ def load_checkpoint(path: Path, expect_variant: str | None = None) -> tuple[Anom
         cfg_dict["pcar_dilations"] = tuple(cfg_dict.get("pcar_dilations", (1, 2, 3)))
         cfg_dict["mean"], cfg_dict["std"] = tuple(cfg_dict["mean"]), tuple(cfg_dict["std"])
         config = ModelConfig(**cfg_dict)
+        model = AnomalyModel.build(config, teacher_weights=RANDOM)  # filled from the file below
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{path}: its metadata does not describe a model "
                               f"({type(exc).__name__}: {exc})") from exc
     if expect_variant is not None and config.variant != expect_variant:
         raise CheckpointError(f"{path}: holds variant {config.variant}, expected {expect_variant}")
-    try:
-        model = AnomalyModel.build(config, teacher_weights=RANDOM)  # filled from the file below
-    except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"{path}: its metadata does not describe a model "
-                              f"({type(exc).__name__}: {exc})") from exc
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as exc:

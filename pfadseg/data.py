@@ -201,6 +201,7 @@ def load_test_set(root: Path, category: str, size: int, skip_bad: bool = False,
     test_dir = base / "test"
     if not test_dir.is_dir():
         raise DataError(f"{test_dir}: no test folder (MVTec layout test/<defect>/*.png)")
+    msize = size if mask_size == "input" else mask_size
     images, masks, labels, defects, paths = [], [], [], [], []
     for defect_dir in sorted(d for d in test_dir.iterdir() if d.is_dir()):
         for path in list_images(defect_dir):
@@ -211,7 +212,6 @@ def load_test_set(root: Path, category: str, size: int, skip_bad: bool = False,
                     log.warning("skipped: %s", exc)
                     continue
                 raise
-            msize = size if mask_size == "input" else mask_size
             if defect_dir.name == "good":
                 shape = (img.height, img.width) if msize is None else (msize, msize)
                 mask = np.zeros(shape, dtype=bool)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from . import metrics
 from .data import TestSet, load_test_set
 from .inference import infer
-from .models import AnomalyModel
+from .models import AnomalyModel, image_scores
 
 METRIC_KEYS = ("image_auroc", "pixel_auroc", "pixel_ap", "iap", "iap90", "aupro")
 
@@ -43,7 +43,7 @@ def evaluate_model(model: AnomalyModel, test: TestSet, batch_size: int = 16, bf1
     mean, as in the official code); pixel metrics use the masks' size.
     """
     seg, dest, scores = infer(model, test.images, batch_size, bf16=bf16, progress=progress)
-    dest_scores = torch.from_numpy(dest).flatten(1).topk(100, dim=1).values.mean(1).numpy()
+    dest_scores = image_scores(torch.from_numpy(dest)).numpy()
     seg, dest = _to_mask_size(seg, test.masks.shape[1:]), _to_mask_size(dest, test.masks.shape[1:])
     result: dict = metrics.evaluate(seg, test.masks, scores, test.labels)
     result["per_defect"] = _per_defect(seg, scores, test)
