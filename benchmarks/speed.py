@@ -4,11 +4,16 @@ For each model (256x256 input, EfficientNet-Lite0 teacher by default) it measure
 side by side in one run:
 
 * training images/s of stage 1 and stage 2 at batch 16 (`Trainer.train_step` on
-  in-memory images with the defect synthesiser, so data preparation is included),
-  plain fp32 (bf16=False, channels_last=False) vs optimised (bf16=True,
-  channels_last=True); each (model, path) runs in its own subprocess, whose
-  ru_maxrss is the peak resident memory of training alone;
-* inference ms/image at batch 1 and images/s at batch 16 (`pfadseg.inference.infer`);
+  in-memory images with the defect synthesiser, so data preparation is included)
+  for three paths: plain fp32 (no bf16, no channels_last, no compile), the
+  default optimised path "opt" (bf16 autocast, channels_last, stage 2 compiled
+  by Inductor) and "eager" (the same without torch.compile); each (model, path)
+  runs in its own subprocess, whose ru_maxrss is the peak resident memory of
+  training alone; warm-up steps (and compilation) are not timed;
+* inference ms/image at batch 1 and images/s at batch 16 (`pfadseg.inference`):
+  plain fp32, "opt" (what `pfadseg test/predict` run by default: bf16 +
+  channels_last) and "compiled" (`--compile`: Inductor, frozen weights; batch
+  16 only; the compile time is reported apart);
 * GFLOPs per image (FlopCounterMode: inference forward; stage-1/2 forward+backward)
   and the GFLOP/s reached, next to the GFLOP/s of a bf16 3x3 convolution
   (256 channels, 64x64, batch 16, channels_last, autocast): the practical peak.
@@ -19,7 +24,7 @@ side by side in one run:
     python benchmarks/speed.py --profile            # + torch.profiler top ops, pfadseg stage 2
 
 Random teacher weights (`--teacher resnet18`) are fine: speed does not depend on weights.
-The full run takes roughly 15 minutes per model on 2 idle cores (stage-2 training of
+The full run (`--iters 2`) takes roughly 8 minutes per model on 2 idle cores (stage-2 training of
 PFADSeg at 256x256 needs ~170 GFLOP per image); `--quick` runs at 64x64 and
 says nothing about 256x256 speed, only that the script works. Run it on an
 otherwise idle machine: the JSON records the load average and any `pfadseg
@@ -42,13 +47,19 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from pfadseg.config import TrainConfig
-from pfadseg.inference import bf16_supported, infer
+from pfadseg.inference import bf16_supported, forward_fn, infer, run_batches
 from pfadseg.models import AnomalyModel, ModelConfig
 from pfadseg.models.teacher import RANDOM, TeacherWeightsError
 from pfadseg.synthesis import DefectSynthesizer, procedural_textures
 from pfadseg.trainer import TrainData, Trainer, focal_loss, l1_loss, mask_target
 
-MODES = {"fp32": dict(bf16=False, channels_last=False), "opt": dict(bf16=True, channels_last=True)}
+# plain fp32; the default optimised training path (stage 2 compiled); the same without torch.compile
+MODES = {"fp32": dict(bf16=False, channels_last=False, compile=False),
+         "opt": dict(bf16=True, channels_last=True, compile=True),
+         "eager": dict(bf16=True, channels_last=True, compile=False)}
+# inference: `pfadseg test/predict` by default ("opt") and with --compile ("compiled")
+INFER_MODES = {"fp32": dict(bf16=False, channels_last=False), "opt": dict(bf16=True, channels_last=True),
+               "compiled": dict(bf16=True, channels_last=True, compile=True)}
 GIB = 2**30
 
 
@@ -87,7 +98,8 @@ def train_child(args: argparse.Namespace) -> dict:
         out: dict = {"bf16_active": trainer.use_bf16}
         for stage in (1, 2):
             trainer.step = 0 if stage == 1 else config.stage1_steps
-            assert trainer.train_step()["stage"] == stage  # warm-up
+            for _ in range(2):  # warm-up (and compilation)
+                assert trainer.train_step()["stage"] == stage
             start = time.perf_counter()
             for _ in range(args.iters):
                 trainer.train_step()
@@ -194,15 +206,23 @@ def inference_speed(model: AnomalyModel, size: int, batch: int, iters: int) -> d
     images = torch.randint(0, 256, (batch * iters, 3, size, size), dtype=torch.uint8, generator=gen)
     n1 = max(iters, 2)
     out: dict[str, float] = {}
-    for mode, opts in MODES.items():
+    for mode, opts in INFER_MODES.items():
         if not opts["channels_last"]:
             model.to(memory_format=torch.contiguous_format)
-        infer(model, images[:batch], batch, **opts)  # warm-up (and layout conversion)
+        if opts.get("compile"):  # compile once, outside the timing; batch 1 is not compiled
+            forward = forward_fn(model, compile=True)
+            start = time.perf_counter()
+            run_batches(forward, images[:batch], batch, pad=True)
+            out["infer_compile_s"] = time.perf_counter() - start
+            run = lambda imgs: run_batches(forward, imgs, batch, pad=True)  # noqa: E731
+        else:
+            infer(model, images[:batch], batch, **opts)  # warm-up (and layout conversion)
+            start = time.perf_counter()
+            infer(model, images[:n1], 1, **opts)
+            out[f"infer_bs1_ms_{mode}"] = (time.perf_counter() - start) / n1 * 1000
+            run = lambda imgs: infer(model, imgs, batch, **opts)  # noqa: E731
         start = time.perf_counter()
-        infer(model, images[:n1], 1, **opts)
-        out[f"infer_bs1_ms_{mode}"] = (time.perf_counter() - start) / n1 * 1000
-        start = time.perf_counter()
-        infer(model, images, batch, **opts)
+        run(images)
         out[f"infer_bs{batch}_img_s_{mode}"] = len(images) / (time.perf_counter() - start)
     return out
 
@@ -222,15 +242,20 @@ def bench_model(args: argparse.Namespace, name: str, peak: float) -> dict:
     for stage in (1, 2):
         res[f"train_speedup_stage{stage}"] = (res[f"train_stage{stage}_img_s_opt"]
                                               / res[f"train_stage{stage}_img_s_fp32"])
+        res[f"train_speedup_stage{stage}_eager"] = (res[f"train_stage{stage}_img_s_eager"]
+                                                    / res[f"train_stage{stage}_img_s_fp32"])
         for mode in MODES:
             gflops = res[f"train_stage{stage}_gflop_per_img"] * res[f"train_stage{stage}_img_s_{mode}"]
             res[f"train_stage{stage}_gflop_s_{mode}"] = gflops
         res[f"train_stage{stage}_fraction_of_peak"] = res[f"train_stage{stage}_gflop_s_opt"] / peak
     res["infer_speedup_bs1"] = res["infer_bs1_ms_fp32"] / res["infer_bs1_ms_opt"]
     res[f"infer_speedup_bs{b}"] = res[f"infer_bs{b}_img_s_opt"] / res[f"infer_bs{b}_img_s_fp32"]
-    for mode in MODES:
+    res[f"infer_speedup_bs{b}_compiled"] = (res[f"infer_bs{b}_img_s_compiled"]
+                                            / res[f"infer_bs{b}_img_s_fp32"])
+    for mode in INFER_MODES:
         res[f"infer_bs{b}_gflop_s_{mode}"] = res["infer_gflop_per_img"] * res[f"infer_bs{b}_img_s_{mode}"]
-    res["infer_fraction_of_peak"] = res[f"infer_bs{b}_gflop_s_opt"] / peak
+    res["infer_fraction_of_peak"] = res[f"infer_bs{b}_gflop_s_compiled"] / peak
+    res["infer_fraction_of_peak_eager"] = res[f"infer_bs{b}_gflop_s_opt"] / peak
     res["peak_rss_train_gib"] = res["train_peak_rss_gib_opt"]
     res["peak_rss_train_fp32_gib"] = res["train_peak_rss_gib_fp32"]
     return res
@@ -259,26 +284,34 @@ def print_table(result: dict) -> None:
           f"(fp32 {result['peak_conv_fp32_gflop_s']:.0f})")
     if env["other_trainings"]:
         print("NOTE: other training processes were running:", *env["other_trainings"], sep="\n  ")
+    # columns: plain fp32, bf16 + channels_last eager, the same compiled (Inductor);
+    # training's default is compiled ("opt"), inference's is eager ("opt", --compile: "compiled")
     rows = [
-        ("train stage 1 img/s", "train_stage1_img_s_fp32", "train_stage1_img_s_opt", "train_speedup_stage1"),
-        ("train stage 2 img/s", "train_stage2_img_s_fp32", "train_stage2_img_s_opt", "train_speedup_stage2"),
-        ("infer bs1 ms/img", "infer_bs1_ms_fp32", "infer_bs1_ms_opt", "infer_speedup_bs1"),
-        (f"infer bs{b} img/s", f"infer_bs{b}_img_s_fp32", f"infer_bs{b}_img_s_opt", f"infer_speedup_bs{b}"),
-        ("train stage 1 GFLOP/s", "train_stage1_gflop_s_fp32", "train_stage1_gflop_s_opt", None),
-        ("train stage 2 GFLOP/s", "train_stage2_gflop_s_fp32", "train_stage2_gflop_s_opt", None),
-        (f"infer bs{b} GFLOP/s", f"infer_bs{b}_gflop_s_fp32", f"infer_bs{b}_gflop_s_opt", None),
-        ("train peak RSS GiB", "train_peak_rss_gib_fp32", "train_peak_rss_gib_opt", None),
+        ("train stage 1 img/s", "train_stage1_img_s_fp32", "train_stage1_img_s_eager", "train_stage1_img_s_opt"),
+        ("train stage 2 img/s", "train_stage2_img_s_fp32", "train_stage2_img_s_eager", "train_stage2_img_s_opt"),
+        ("infer bs1 ms/img", "infer_bs1_ms_fp32", "infer_bs1_ms_opt", None),
+        (f"infer bs{b} img/s", f"infer_bs{b}_img_s_fp32", f"infer_bs{b}_img_s_opt", f"infer_bs{b}_img_s_compiled"),
+        ("train stage 1 GFLOP/s", "train_stage1_gflop_s_fp32", "train_stage1_gflop_s_eager", "train_stage1_gflop_s_opt"),
+        ("train stage 2 GFLOP/s", "train_stage2_gflop_s_fp32", "train_stage2_gflop_s_eager", "train_stage2_gflop_s_opt"),
+        (f"infer bs{b} GFLOP/s", f"infer_bs{b}_gflop_s_fp32", f"infer_bs{b}_gflop_s_opt", f"infer_bs{b}_gflop_s_compiled"),
+        ("train peak RSS GiB", "train_peak_rss_gib_fp32", "train_peak_rss_gib_eager", "train_peak_rss_gib_opt"),
     ]
     for name, res in result["models"].items():
         print(f"\n{name}: {res['params_m']:.1f} M params; GFLOP/img: infer {res['infer_gflop_per_img']:.2f}, "
               f"train stage 1 {res['train_stage1_gflop_per_img']:.2f}, "
               f"stage 2 {res['train_stage2_gflop_per_img']:.2f}; "
-              f"batch prep {res['train_batch_prep_s_opt'] * 1000:.0f} ms")
-        print(f"  {'':24s}{'fp32':>10s}{'optimised':>11s}{'ratio':>8s}")
-        for label, k32, kopt, kratio in rows:
-            ratio = f"{res[kratio]:7.2f}x" if kratio else ""
-            print(f"  {label:24s}{res[k32]:10.2f}{res[kopt]:11.2f}{ratio:>8s}")
-        print(f"  fraction of bf16 conv peak: infer bs{b} {res['infer_fraction_of_peak']:.1%}, "
+              f"batch prep {res['train_batch_prep_s_opt'] * 1000:.0f} ms; "
+              f"inference compile {res['infer_compile_s']:.0f} s")
+        print(f"  {'':24s}{'fp32':>10s}{'bf16 eager':>12s}{'compiled':>10s}")
+        for label, k32, keager, kcomp in rows:
+            comp = f"{res[kcomp]:10.2f}" if kcomp else f"{'-':>10s}"
+            print(f"  {label:24s}{res[k32]:10.2f}{res[keager]:12.2f}{comp}")
+        print(f"  speed-up over fp32: train stage 1 {res['train_speedup_stage1']:.2f}x, "
+              f"stage 2 {res['train_speedup_stage2']:.2f}x (eager {res['train_speedup_stage2_eager']:.2f}x); "
+              f"infer bs{b} {res[f'infer_speedup_bs{b}']:.2f}x "
+              f"(compiled {res[f'infer_speedup_bs{b}_compiled']:.2f}x)")
+        print(f"  fraction of bf16 conv peak: infer bs{b} compiled {res['infer_fraction_of_peak']:.1%} "
+              f"(eager {res['infer_fraction_of_peak_eager']:.1%}), "
               f"train stage 1 {res['train_stage1_fraction_of_peak']:.1%}, "
               f"stage 2 {res['train_stage2_fraction_of_peak']:.1%}")
         for op in res.get("profile_stage2", []):
@@ -327,7 +360,9 @@ def main(argv: list[str] | None = None) -> int:
     main_model = result["models"].get("pfadseg") or result["models"][args.models[-1]]
     b = args.batch
     for key in ("train_speedup_stage1", "train_speedup_stage2", f"infer_speedup_bs{b}",
-                "infer_fraction_of_peak", "train_stage2_fraction_of_peak", "peak_rss_train_gib"):
+                f"infer_speedup_bs{b}_compiled", "infer_fraction_of_peak",
+                "infer_fraction_of_peak_eager", "train_stage2_fraction_of_peak",
+                "peak_rss_train_gib"):
         result[key] = main_model[key]
     result["peak_rss_process_gib"] = rss_gib()
     result["env"]["loadavg_end"] = os.getloadavg()

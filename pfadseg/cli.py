@@ -19,6 +19,9 @@ from .trainer import TrainData, TrainingError, train
 
 log = logging.getLogger("pfadseg")
 ROTATIONS = ("auto", "none", "small", "right_angle")
+COMPILE_HELP = ("compile the model with torch.compile (Inductor, needs a C++ compiler): "
+                "about 2.5x faster after one to two minutes of compiling; pays off for "
+                "hundreds of images")
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
@@ -51,6 +54,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     t.add_argument("--seed", type=int)
     t.add_argument("--save-every", type=int, help="steps between resumable state files")
     t.add_argument("--no-bf16", action="store_true", help="train in plain fp32")
+    t.add_argument("--no-compile", action="store_true",
+                   help="run stage 2 eagerly instead of compiled by torch.compile (Inductor)")
     p.add_argument("--out", type=Path, required=True, help="run folder (checkpoint, logs)")
     p.add_argument("--resume", action="store_true", help="continue the unfinished run in --out")
 
@@ -66,7 +71,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                                   teacher=args.teacher, image_size=args.image_size)
     train_cfg = preset(args.preset, batch_size=args.batch_size, stage1_steps=args.stage1_steps,
                        stage2_steps=args.stage2_steps, lr_student=args.lr_student, seed=args.seed,
-                       save_every=args.save_every, bf16=False if args.no_bf16 else None)
+                       save_every=args.save_every, bf16=False if args.no_bf16 else None,
+                       compile=False if args.no_compile else None)
     images = load_train_images(train_dir, args.image_size, skip_bad=args.skip_bad_images)
     if args.textures is not None:
         textures = load_textures(args.textures, args.image_size, args.texture_limit)
@@ -102,7 +108,7 @@ def cmd_test(args: argparse.Namespace) -> int:
     model, meta = load_checkpoint(args.checkpoint)
     result = run_test(model, args.data, args.category, args.out, meta, args.batch_size,
                       bf16=not args.no_bf16, skip_bad=args.skip_bad_images,
-                      eval_size=args.eval_size)
+                      eval_size=args.eval_size, compile=args.compile)
     print(format_table(result))
     print(f"metrics: {args.out / 'metrics.json'}")
     return 0
@@ -120,7 +126,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         map_fn = onnx_map_fn(args.onnx or args.checkpoint.with_suffix(".onnx"))
     else:
         from .inference import torch_map_fn
-        map_fn = torch_map_fn(model, bf16=not args.no_bf16)
+        map_fn = torch_map_fn(model, bf16=not args.no_bf16, compile=args.compile,
+                              batch_size=args.batch_size)
     rows = predict_images(collect_inputs(args.inputs), map_fn, model.config.image_size, threshold,
                           args.out, args.batch_size, skip_bad=args.skip_bad_images)
     flagged = sum(r.get("anomalous", False) for r in rows)
@@ -176,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pixel metrics at the model's input size (default, the official 256x256 "
                         "protocol), at N x N, or 'original' (each image's own resolution)")
     p.add_argument("--no-bf16", action="store_true")
+    p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     p.add_argument("--skip-bad-images", action="store_true")
     p.set_defaults(func=cmd_test)
 
@@ -188,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=("torch", "onnx"), default="torch")
     p.add_argument("--onnx", type=Path, help="exported model (default: checkpoint with .onnx)")
     p.add_argument("--no-bf16", action="store_true")
+    p.add_argument("--compile", action="store_true", help=COMPILE_HELP + " (torch backend)")
     p.add_argument("--skip-bad-images", action="store_true")
     p.set_defaults(func=cmd_predict)
 

@@ -21,6 +21,7 @@ class TrainConfig:
     seed: int = 0
     bf16: bool = True  # bf16 autocast where the CPU supports it
     channels_last: bool = True
+    compile: bool = True  # Inductor for stage 2 (segmentation net, frozen teacher+student)
     save_every: int = 100  # steps between resumable state files
     log_every: int = 10
 
@@ -47,11 +48,11 @@ PRESETS: dict[str, TrainConfig] = {
                        save_every=50),
     # `pfadseg demo`: the bundled 128x128 sample in a few minutes
     "demo": TrainConfig(batch_size=8, stage1_steps=400, stage2_steps=300, lr_student=0.25,
-                        save_every=50),
+                        save_every=50, compile=False),
     # seconds; for tests and smoke checks only
     # (AFF's BN on pooled features makes batch-2 gradients explode: clip them)
     "tiny": TrainConfig(batch_size=2, stage1_steps=2, stage2_steps=2, save_every=1, log_every=1,
-                        grad_clip=1.0),
+                        grad_clip=1.0, compile=False),
 }
 
 

@@ -36,13 +36,14 @@ def _to_mask_size(maps: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 
 
 def evaluate_model(model: AnomalyModel, test: TestSet, batch_size: int = 16, bf16: bool = True,
-                   progress: bool = True) -> dict:
+                   progress: bool = True, compile: bool = False) -> dict:
     """Metrics of the segmentation map (top level) and of the DeST map ("dest").
 
     Image scores always come from the map at the model's input size (top-100
     mean, as in the official code); pixel metrics use the masks' size.
     """
-    seg, dest, scores = infer(model, test.images, batch_size, bf16=bf16, progress=progress)
+    seg, dest, scores = infer(model, test.images, batch_size, bf16=bf16, compile=compile,
+                              progress=progress)
     dest_scores = image_scores(torch.from_numpy(dest)).numpy()
     seg, dest = _to_mask_size(seg, test.masks.shape[1:]), _to_mask_size(dest, test.masks.shape[1:])
     result: dict = metrics.evaluate(seg, test.masks, scores, test.labels)
@@ -63,7 +64,7 @@ def format_table(result: dict) -> str:
 
 def run_test(model: AnomalyModel, root: Path, category: str, out_dir: Path, meta: dict,
              batch_size: int = 16, bf16: bool = True, skip_bad: bool = False,
-             eval_size: int | None | str = "input") -> dict:
+             eval_size: int | None | str = "input", compile: bool = False) -> dict:
     """Load the test set, evaluate, write metrics.json and metrics.md; return the result.
 
     `eval_size`: "input" (the model's input size: 256, the official protocol),
@@ -71,7 +72,7 @@ def run_test(model: AnomalyModel, root: Path, category: str, out_dir: Path, meta
     """
     test = load_test_set(root, category, model.config.image_size, skip_bad=skip_bad,
                          mask_size=eval_size)
-    result = evaluate_model(model, test, batch_size, bf16)
+    result = evaluate_model(model, test, batch_size, bf16, compile=compile)
     result = {"category": category, "variant": meta.get("variant"), "teacher": model.config.teacher,
               "eval_size": list(test.masks.shape[1:]), **result}
     out_dir = Path(out_dir)

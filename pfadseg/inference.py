@@ -1,15 +1,25 @@
-"""Batched inference on CPU: bf16 autocast + channels_last where they help."""
+"""Batched inference on CPU: bf16 autocast, channels_last and (optionally) Inductor."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import logging
+import os
+import shutil
+import sys
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from .models import AnomalyModel, image_scores
 from .predict import MapFn
+
+log = logging.getLogger(__name__)
+Forward = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # input -> (seg, dest)
+Fn = TypeVar("Fn", bound=Callable)
 
 
 def bf16_supported() -> bool:
@@ -18,6 +28,29 @@ def bf16_supported() -> bool:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
+
+
+def compiler_available() -> bool:
+    """Inductor (torch.compile's CPU backend) builds C++ kernels: is a compiler found?"""
+    default = "cl" if sys.platform == "win32" else "clang++" if sys.platform == "darwin" else "g++"
+    return shutil.which(os.environ.get("CXX", default)) is not None
+
+
+def compiled(fn: Fn, frozen: bool = False) -> Fn:
+    """`fn` compiled by Inductor for fixed input shapes.
+
+    `frozen` treats the weights as constants: BatchNorm is folded into the
+    convolutions and the oneDNN weights are pre-packed once. Use it only for
+    weights that no longer change (inference, or the frozen networks of stage 2).
+    Without a C++ compiler `fn` is returned as it is, with a warning; a failed
+    compilation falls back to eager PyTorch, also with a warning.
+    """
+    if not compiler_available():
+        log.warning("no C++ compiler found (set CXX): running without torch.compile")
+        return fn
+    torch._dynamo.config.suppress_errors = True
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime" noise
+    return torch.compile(fn, dynamic=False, options={"freezing": frozen})  # type: ignore[return-value]
 
 
 @contextlib.contextmanager
@@ -41,30 +74,62 @@ def prepare(model: AnomalyModel, channels_last: bool = True) -> AnomalyModel:
     return model
 
 
+def forward_fn(model: AnomalyModel, bf16: bool = True, channels_last: bool = True,
+               compile: bool = False) -> Forward:
+    """The model's inference forward, set up once: eval mode, memory layout, bf16
+    autocast, and with `compile` Inductor with frozen weights (the first batch
+    then takes a minute or two to compile; later batches run about 2.5x faster)."""
+    prepare(model, channels_last)
+    fn = compiled(model, frozen=True) if compile else model
+
+    @torch.no_grad()
+    def run(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with autocast(bf16):
+            return fn(x)
+    return run
+
+
 @torch.no_grad()
+def run_batches(forward: Forward, images: torch.Tensor, batch_size: int, channels_last: bool = True,
+                pad: bool = False, progress: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Segmentation maps, DeST maps (both float32 (N, H, W)) and image scores (N,)
+    of uint8 images, `batch_size` at a time. `pad` fills a short last batch up to
+    `batch_size` (with zeros, dropped again) so a compiled forward sees one shape."""
+    segs, dests, scores = [], [], []
+    batches = range(0, len(images), batch_size)
+    for start in tqdm(batches, desc="inference", unit="batch", disable=not progress, leave=False):
+        chunk = images[start:start + batch_size]
+        n = len(chunk)
+        if pad and n < batch_size:
+            chunk = F.pad(chunk, (0, 0, 0, 0, 0, 0, 0, batch_size - n))
+        seg, dest = forward(to_input(chunk, channels_last))
+        seg, dest = seg[:n].float(), dest[:n].float()
+        segs.append(seg[:, 0])
+        dests.append(dest[:, 0])
+        scores.append(image_scores(seg))
+    return (torch.cat(segs).numpy(), torch.cat(dests).numpy(), torch.cat(scores).numpy())
+
+
 def infer(model: AnomalyModel, images: torch.Tensor, batch_size: int = 16,
-          bf16: bool = True, channels_last: bool = True,
+          bf16: bool = True, channels_last: bool = True, compile: bool = False,
           progress: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Segmentation maps, DeST maps (both float32 (N, H, W)) and image scores (N,).
 
     Each image goes through the teacher and the student once.
     """
-    prepare(model, channels_last)
-    segs, dests, scores = [], [], []
-    batches = range(0, len(images), batch_size)
-    for start in tqdm(batches, desc="inference", unit="batch", disable=not progress, leave=False):
-        x = to_input(images[start:start + batch_size], channels_last)
-        with autocast(bf16):
-            seg, dest = model(x)
-        segs.append(seg[:, 0].float())
-        dests.append(dest[:, 0].float())
-        scores.append(image_scores(seg.float()))
-    return (torch.cat(segs).numpy(), torch.cat(dests).numpy(), torch.cat(scores).numpy())
+    forward = forward_fn(model, bf16, channels_last, compile)
+    return run_batches(forward, images, batch_size, channels_last, pad=compile, progress=progress)
 
 
-def torch_map_fn(model: AnomalyModel, bf16: bool = True) -> MapFn:
-    """A `predict` backend: uint8 batch -> (segmentation maps (B, S, S), image scores (B,))."""
+def torch_map_fn(model: AnomalyModel, bf16: bool = True, compile: bool = False,
+                 batch_size: int = 8) -> MapFn:
+    """A `predict` backend: uint8 batch -> (segmentation maps (B, S, S), image scores (B,)).
+
+    The forward is set up (and compiled) once, for batches of `batch_size`.
+    """
+    forward = forward_fn(model, bf16, compile=compile)
+
     def run(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        seg, _, scores = infer(model, images, batch_size=len(images), bf16=bf16)
+        seg, _, scores = run_batches(forward, images, batch_size, pad=compile)
         return seg, scores
     return run

