@@ -23,7 +23,6 @@ OUTPUT_NAMES = ("seg_map", "dest_map", "score")
 ONNX_HINT = "pip install pfadseg[onnx]"
 
 
-
 class _BlockMean(nn.Module):
     """`AdaptiveAvgPool2d(k)` as slices and means over the same bins (identical
     numbers), which the TorchScript exporter translates with a dynamic batch axis."""
