@@ -80,12 +80,12 @@ class Trainer:
         seg = model.segmentation
         self.opt_student = torch.optim.SGD(model.student.parameters(), lr=config.lr_student,
                                            momentum=config.momentum, weight_decay=config.weight_decay,
-                                           foreach=True)
+                                           fused=True)
         self.opt_seg = torch.optim.SGD(
             [{"params": seg.res.parameters(), "lr": config.lr_seg_res},
              {"params": seg.head.parameters(), "lr": config.lr_seg_head}],
             lr=config.lr_seg_res, momentum=config.momentum, weight_decay=config.weight_decay,
-            foreach=True)
+            fused=True)
         if config.channels_last:
             model.to(memory_format=torch.channels_last)
 
@@ -206,10 +206,14 @@ class Trainer:
         self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
         for name, opt in self._optimizers().items():
             sd = opt.state_dict()
+            params = [p for group in opt.param_groups for p in group["params"]]
             state: dict[int, dict[str, torch.Tensor]] = {}
             for key, value in tensors.items():
                 if key.startswith(f"opt.{name}."):
                     idx, field = key[len(name) + 5:].split(".", 1)
+                    param = params[int(idx)]
+                    if value.shape == param.shape:  # the fused SGD needs the param's layout
+                        value = torch.empty_like(param).copy_(value)
                     state.setdefault(int(idx), {})[field] = value
             opt.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
         self.generator.set_state(tensors["rng"])

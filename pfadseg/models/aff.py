@@ -7,10 +7,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .pooling import GlobalAvgPool
+
 
 def _context(channels: int, inner: int, pooled: bool) -> nn.Sequential:
     """1x1 conv C->C/r, BN, ReLU, 1x1 conv C/r->C, BN; on the pooled input if `pooled`."""
-    layers: list[nn.Module] = [nn.AdaptiveAvgPool2d(1)] if pooled else []
+    layers: list[nn.Module] = [GlobalAvgPool()] if pooled else []
     layers += [
         nn.Conv2d(channels, inner, 1),
         nn.BatchNorm2d(inner),
