@@ -93,12 +93,9 @@ class Trainer:
     def _batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Indices, clean images, synthetic images and masks of one random batch."""
         idx = torch.randint(len(self.data.images), (self.config.batch_size,), generator=self.generator)
-        clean = to_input(self.data.images[idx], channels_last=False)
+        clean = to_input(self.data.images[idx])
         clean = rotate_images(clean, self.data.rotation, self.generator, padding="grey")
         augmented, mask = self.data.synthesizer(clean, self.generator)
-        if self.config.channels_last:
-            clean = clean.contiguous(memory_format=torch.channels_last)
-            augmented = augmented.contiguous(memory_format=torch.channels_last)
         return idx, clean, augmented, mask
 
     def _clean_targets(self, idx: torch.Tensor) -> list[torch.Tensor] | None:
@@ -108,8 +105,7 @@ class Trainer:
         if self.data.rotation != "none":
             return None
         if not self._teacher_cache:
-            chunks = [self.model.teacher_features(to_input(self.data.images[i:i + 16],
-                                                           self.config.channels_last))
+            chunks = [self.model.teacher_features(to_input(self.data.images[i:i + 16]))
                       for i in range(0, len(self.data.images), 16)]
             self._teacher_cache = [torch.cat(level) for level in zip(*chunks)]
         return [level[idx] for level in self._teacher_cache]

@@ -16,9 +16,10 @@ from pfadseg.models.aff import AFF
 from pfadseg.models.aspp import ASPP
 from pfadseg.models.pcar import PCAR
 from pfadseg.models.rcm import RCM
+from pfadseg.models.pooling import GlobalAvgPool
 from pfadseg.models.residual import BlockOptions, ResidualBlock
 from pfadseg.models.segmentation import SegmentationNet
-from pfadseg.models.spr import SPR
+from pfadseg.models.spr import SPR, pyramid_means
 from pfadseg.models.student import Student
 from pfadseg.synthesis import DefectSynthesizer
 from pfadseg.trainer import Trainer, TrainData
@@ -108,6 +109,24 @@ def test_spr_shape_and_range() -> None:
     with torch.no_grad():
         pyramid = torch.cat([x.mean(dim=(2, 3)), F.adaptive_avg_pool2d(x, 2).flatten(1)], dim=1)
         assert torch.allclose(w, m.fc(pyramid.view(2, -1, 1, 1)), atol=1e-6)
+
+
+@pytest.mark.parametrize("size", [(8, 8), (6, 4), (9, 7), (1, 1), (1, 2)])
+def test_pyramid_means_equal_adaptive_pooling(size: tuple[int, int]) -> None:
+    """Even sides take the 1x1 mean from the 2x2 cells; other sizes pool twice."""
+    x = torch.randn(2, 5, *size, dtype=torch.float64)
+    whole, cells = pyramid_means(x)
+    assert torch.allclose(whole, F.adaptive_avg_pool2d(x, 1), atol=1e-12)
+    assert torch.allclose(cells, F.adaptive_avg_pool2d(x, 2), atol=1e-12)
+
+
+def test_global_pooling_keeps_channels_last_gradients() -> None:
+    """AFF's and SPR's pooling must not hand NCHW gradients to a channels-last net."""
+    x = torch.randn(2, 8, 6, 6).contiguous(memory_format=torch.channels_last).requires_grad_()
+    for pool in (GlobalAvgPool(), lambda t: pyramid_means(t)[0], lambda t: pyramid_means(t)[1]):
+        grad, = torch.autograd.grad(pool(x).sum(), x)
+        assert grad.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(GlobalAvgPool()(x), x.mean(dim=(2, 3), keepdim=True), atol=1e-6)
 
 
 def test_pcar_shape_and_defaults() -> None:
