@@ -13,6 +13,7 @@ from . import __version__
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import PRESETS, preset
 from .data import DataError, load_textures, load_train_images, mvtec_category
+from .inference import keep_large_tensors_in_heap
 from .models import TEACHERS, ModelConfig, TeacherWeightsError
 from .synthesis import DefectSynthesizer, procedural_textures, rotation_policy_for
 from .trainer import TrainData, TrainingError, train
@@ -105,6 +106,7 @@ def _eval_size(text: str) -> int | None | str:
 def cmd_test(args: argparse.Namespace) -> int:
     from .evaluation import format_table, run_test
 
+    keep_large_tensors_in_heap()
     model, meta = load_checkpoint(args.checkpoint)
     result = run_test(model, args.data, args.category, args.out, meta, args.batch_size,
                       bf16=not args.no_bf16, skip_bad=args.skip_bad_images,
@@ -117,6 +119,7 @@ def cmd_test(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from .predict import collect_inputs, predict_images
 
+    keep_large_tensors_in_heap()
     model, meta = load_checkpoint(args.checkpoint)
     threshold = args.threshold if args.threshold is not None else meta.get("threshold")
     if threshold is None:
