@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .pooling import GlobalAvgPool
+from .pooling import global_avg_pool
 
 
 def pyramid_means(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -20,7 +20,7 @@ def pyramid_means(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if h % 2 == 0 and w % 2 == 0:
         cells = F.avg_pool2d(x, kernel_size=(h // 2, w // 2))  # layout-preserving backward
         return cells.mean(dim=(2, 3), keepdim=True), cells
-    return GlobalAvgPool()(x), F.adaptive_avg_pool2d(x, 2)
+    return global_avg_pool(x), F.adaptive_avg_pool2d(x, 2)
 
 
 class SPR(nn.Module):
