@@ -17,11 +17,12 @@ side by side in one run:
 * GFLOPs per image (FlopCounterMode: inference forward; stage-1/2 forward+backward)
   and the GFLOP/s reached, next to the GFLOP/s of a bf16 3x3 convolution
   (256 channels, 64x64, batch 16, channels_last, autocast; the median of 20
-  calls): the practical peak. It is measured in the main process, which keeps
-  large tensors in glibc's heap as `pfadseg test/predict` do (the fractions
+  calls): the practical peak. It is measured in the main process (the fractions
   use the figure from the start of the run; the one from its end shows the
-  drift), and again in the optimised training child, under glibc's default
-  allocator as `pfadseg train` runs (page faults slow that conv by about a third).
+  drift), and again in the optimised training child. Every process keeps large
+  tensors in glibc's heap, as `pfadseg train/test/predict` do
+  (`pfadseg.memory.keep_large_tensors_in_heap`; page faults slow that conv by
+  about a third without it); `--default-allocator` measures without it.
 
     python benchmarks/speed.py                      # table
     python benchmarks/speed.py --json > benchmarks/results/speed.json
@@ -53,7 +54,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from pfadseg.config import TrainConfig
-from pfadseg.inference import bf16_supported, forward_fn, infer, keep_large_tensors_in_heap, run_batches
+from pfadseg.inference import bf16_supported, forward_fn, infer, run_batches
+from pfadseg.memory import keep_large_tensors_in_heap
 from pfadseg.models import AnomalyModel, ModelConfig
 from pfadseg.models.teacher import RANDOM, TeacherWeightsError
 from pfadseg.synthesis import DefectSynthesizer, procedural_textures
@@ -96,7 +98,7 @@ def train_data(size: int, count: int = 32) -> TrainData:
 def train_child(args: argparse.Namespace) -> dict:
     """Images/s of both stages for one (model, mode); ru_maxrss of this process."""
     mode = args.train_child
-    # the same conv peak under training's allocator (glibc defaults, as `pfadseg train`)
+    # the same conv peak in the training process
     peak = conv_peak(20, batch=2 if args.quick else 16) if mode == "opt" else None
     model = build_model(args.models[0], args.teacher, args.size)
     config = TrainConfig(batch_size=args.batch, stage1_steps=10**9, stage2_steps=1,
@@ -146,6 +148,8 @@ def run_train_child(args: argparse.Namespace, model: str, mode: str) -> dict:
            "--batch", str(args.batch), "--iters", str(args.iters)]
     if args.profile:
         cmd.append("--profile")
+    if args.default_allocator:
+        cmd.append("--default-allocator")
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode:
         raise RuntimeError(f"training child {model}/{mode} failed:\n{proc.stderr[-3000:]}")
@@ -347,17 +351,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smoke check: tiny sizes, 1 iteration")
     parser.add_argument("--profile", action="store_true",
                         help="torch.profiler top ops of optimised stage-2 training steps")
+    parser.add_argument("--default-allocator", action="store_true",
+                        help="leave glibc's allocator as it is (the CLI keeps large tensors in its heap)")
     parser.add_argument("--_train-rss-child", dest="train_child", choices=list(MODES),
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.iters = args.iters or (1 if args.quick else 3)
     args.size = args.size or (64 if args.quick else 256)
 
+    heap = not args.default_allocator and keep_large_tensors_in_heap()  # as the CLI does
     if args.train_child:
         print(json.dumps(train_child(args)))
         return 0
-    # as `pfadseg test/predict` do (`train` does not): the peak and inference figures
-    heap = keep_large_tensors_in_heap()
 
     start = time.perf_counter()
     conv_batch = 2 if args.quick else 16

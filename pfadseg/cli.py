@@ -13,7 +13,7 @@ from . import __version__
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import PRESETS, preset
 from .data import DataError, load_textures, load_train_images, mvtec_category
-from .inference import keep_large_tensors_in_heap
+from .memory import keep_large_tensors_in_heap
 from .models import TEACHERS, ModelConfig, TeacherWeightsError
 from .synthesis import DefectSynthesizer, procedural_textures, rotation_policy_for
 from .trainer import TrainData, TrainingError, train
@@ -62,6 +62,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    keep_large_tensors_in_heap()
     if args.train_dir is not None:
         train_dir, category = args.train_dir, args.category or args.train_dir.name
     elif args.data is not None and args.category:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import functools
 import logging
 import os
@@ -22,7 +21,6 @@ from .predict import MapFn
 log = logging.getLogger(__name__)
 Forward = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # input -> (seg, dest)
 Fn = TypeVar("Fn", bound=Callable)
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (malloc.h)
 
 
 def bf16_supported() -> bool:
@@ -30,30 +28,6 @@ def bf16_supported() -> bool:
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
-        return False
-
-
-def keep_large_tensors_in_heap() -> bool:
-    """Serve tensors up to 1 GiB from glibc's heap instead of fresh mmaps.
-
-    glibc maps every block of 32 MiB or more (a bf16 batch of 16 at 256
-    channels and 64x64 is exactly that) straight from the kernel and unmaps it
-    on free, so each such tensor page-faults its memory in again. Measured
-    here: a bf16 3x3 convolution of that size ran at about 2600 instead of
-    1700 GFLOP/s, PFADSeg's bf16 inference at batch 16 1.8x faster eager and
-    1.2x compiled. The cost is memory the heap keeps (with the mmap threshold
-    alone, training's peak RSS at batch 16 grew from 3.6 to 4.8 GiB for an 11%
-    faster stage 2), so `pfadseg test` and `predict` call it and `train` does
-    not. Process-wide: the library itself never calls it. Returns whether the
-    setting took (False off glibc).
-    """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        # and keep up to 1 GiB of freed memory rather than trimming the heap's top
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30) and libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
-    except (OSError, AttributeError):  # musl or another libc
         return False
 
 

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from .inference import autocast, bf16_supported, compiled, infer, to_input
+from .memory import release_free_memory
 from .models import AnomalyModel, ModelConfig
 from .synthesis import DefectSynthesizer, rotate_images
 
@@ -116,6 +117,12 @@ class Trainer:
         starts (the frozen half with its weights as constants): about 1.8x faster
         steps for pfadseg at 256x256, after about a minute of compiling."""
         if self._stage2 is None:
+            # stage 1's gradients, momentum, clean-image targets and freed memory
+            # are of no more use (stage 2's state files then hold no student momentum)
+            self.opt_student.zero_grad(set_to_none=True)
+            self.opt_student.state.clear()
+            self._teacher_cache = []
+            release_free_memory()
             features, segment = self.model.segmentation_input, self.model.segmentation
             if self.config.compile:
                 features, segment = compiled(features, frozen=True), compiled(segment)

@@ -15,7 +15,7 @@ from pfadseg.models import AnomalyModel, ModelConfig, TeacherWeightsError, build
 from pfadseg.models.aff import AFF
 from pfadseg.models.aspp import ASPP
 from pfadseg.models.pcar import PCAR
-from pfadseg.models.rcm import RCM
+from pfadseg.models.rcm import RCM, band_conv_of_profiles
 from pfadseg.models.pooling import GlobalAvgPool
 from pfadseg.models.residual import BlockOptions, ResidualBlock
 from pfadseg.models.segmentation import SegmentationNet
@@ -171,6 +171,21 @@ def test_rcm_shape_and_layer_scale() -> None:
         assert torch.allclose(m.gamma, torch.full((32,), 1e-6))
         m.gamma.zero_()
         assert torch.equal(m(x), x)  # gamma = 0: identity
+
+
+def test_band_conv_of_profiles_equals_the_conv_of_the_broadcast_sum() -> None:
+    seeded(10)
+    conv = nn.Conv2d(8, 8, (1, 11), padding=(0, 5), groups=8)
+    rows = torch.randn(2, 8, 9, 1, requires_grad=True)
+    cols = torch.randn(2, 8, 1, 7, requires_grad=True)  # narrower than the kernel
+    ours = band_conv_of_profiles(conv, rows, cols)
+    g_ours = torch.autograd.grad(ours.square().sum(), [rows, cols, conv.weight, conv.bias])
+    ref = conv(rows + cols)
+    g_ref = torch.autograd.grad(ref.square().sum(), [rows, cols, conv.weight, conv.bias])
+    assert ours.shape == ref.shape == (2, 8, 9, 7)
+    assert torch.allclose(ours, ref, atol=1e-5)
+    for a, b in zip(g_ours, g_ref):
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
 
 
 def test_aspp_shape() -> None:
@@ -428,6 +443,37 @@ def test_teacher_frozen_and_stages_update_the_right_parts(tmp_path) -> None:
     assert _same(s1, s2)  # weights and BN running statistics (student in eval mode)
     assert _changed(g1, g2, seg_params)
     assert not model.teacher.training and not model.student.training
+    # stage 2 keeps none of stage 1's gradients, momentum or clean-image targets
+    assert all(p.grad is None for p in model.student.parameters())
+    assert not trainer.opt_student.state and not trainer._teacher_cache
+
+
+# --- memory layout ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["destseg", "pfadseg"])
+def test_channels_last_model_feeds_every_conv_channels_last(name: str) -> None:
+    """A conv fed NCHW in a channels-last net runs several times slower (layout.like)."""
+    seeded(17)
+    model = AnomalyModel.build(ModelConfig.named(name, image_size=64), "random")
+    model.to(memory_format=torch.channels_last)
+    fed_nchw: set[str] = set()
+
+    def check(conv_name: str, x: torch.Tensor) -> None:
+        if x.shape[-1] > 1 and x.shape[-2] > 1 and not x.is_contiguous(memory_format=torch.channels_last):
+            fed_nchw.add(conv_name)
+
+    for conv_name, conv in model.named_modules():
+        if isinstance(conv, nn.Conv2d) and conv.in_channels > 3:
+            conv.register_forward_pre_hook(lambda _, args, n=conv_name: check(n, args[0]))
+    images = torch.rand(2, 3, 64, 64)
+    model.train()
+    model.student_loss(images, images).backward()
+    model.student.eval()
+    model.segmentation_logits(images).sum().backward()
+    model.eval()
+    model(images)
+    assert not fed_nchw
 
 
 # --- inference outputs ----------------------------------------------------------------------

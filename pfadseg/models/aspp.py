@@ -4,8 +4,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from .layout import like
+from .pooling import GlobalAvgPool
 
 
 def conv_bn_relu(cin: int, cout: int, kernel: int, dilation: int = 1) -> nn.Sequential:
@@ -24,10 +26,11 @@ class ASPP(nn.Module):
 
     def __init__(self, cin: int, cout: int, rates: Sequence[int] = (6, 12, 18)) -> None:
         super().__init__()
-        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), conv_bn_relu(cin, cout, 1))
+        self.pool = nn.Sequential(GlobalAvgPool(), conv_bn_relu(cin, cout, 1))
         self.branches = nn.ModuleList(conv_bn_relu(cin, cout, 3, r) for r in rates)
         self.fuse = conv_bn_relu((1 + len(rates)) * cout, cout, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pooled = F.interpolate(self.pool(x), size=x.shape[-2:], mode="bilinear", align_corners=False)
-        return self.fuse(torch.cat([pooled] + [b(x) for b in self.branches], dim=1))
+        # the official code upsamples the 1x1 pooled branch bilinearly: a constant map
+        pooled = self.pool(x).expand(-1, -1, *x.shape[-2:])
+        return self.fuse(like(torch.cat([pooled] + [b(x) for b in self.branches], dim=1), x))
