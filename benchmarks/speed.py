@@ -13,8 +13,9 @@ side by side in one run:
 * inference ms/image at batch 1 and images/s at batch 16 (`pfadseg.inference`):
   plain fp32, "opt" (what `pfadseg test/predict` run by default: bf16 +
   channels_last) and "compiled" (`--compile`: Inductor, frozen weights; batch
-  16 only; the compile time is reported apart);
-* GFLOPs per image (FlopCounterMode: inference forward; stage-1/2 forward+backward)
+  16 only; the compile time is reported apart), each model in its own subprocess;
+* GFLOPs per image (FlopCounterMode: inference forward; stage-1/2 forward+backward;
+  its formula for grouped conv backwards corrected, see `conv_backward_flops`)
   and the GFLOP/s reached, next to the GFLOP/s of a bf16 3x3 convolution
   (256 channels, 64x64, batch 16, channels_last, autocast; the median of 20
   calls): the practical peak. It is measured in the main process (the fractions
@@ -31,7 +32,7 @@ side by side in one run:
 
 Random teacher weights (`--teacher resnet18`) are fine: speed does not depend on weights.
 The full run (`--iters 5`) takes about 6 minutes per model on 2 idle cores (stage-2 training of
-PFADSeg at 256x256 needs ~163 GFLOP per image); `--quick` runs at 64x64 and
+PFADSeg at 256x256 needs ~146 GFLOP per image); `--quick` runs at 64x64 and
 says nothing about 256x256 speed, only that the script works. Run it on an
 otherwise idle machine: the JSON records the load average and any `pfadseg
 train` processes seen at the start.
@@ -51,7 +52,7 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
 from pfadseg.config import TrainConfig
 from pfadseg.inference import bf16_supported, forward_fn, infer, run_batches
@@ -97,7 +98,7 @@ def train_data(size: int, count: int = 32) -> TrainData:
 # --- training (runs in a child process) -------------------------------------------
 def train_child(args: argparse.Namespace) -> dict:
     """Images/s of both stages for one (model, mode); ru_maxrss of this process."""
-    mode = args.train_child
+    mode = args.child
     # the same conv peak in the training process
     peak = conv_peak(20, batch=2 if args.quick else 16) if mode == "opt" else None
     model = build_model(args.models[0], args.teacher, args.size)
@@ -141,9 +142,22 @@ def profile_stage2(trainer: Trainer, config: TrainConfig, steps: int = 2) -> lis
             for e in events[:15]]
 
 
-def run_train_child(args: argparse.Namespace, model: str, mode: str) -> dict:
-    """Run `train_child` in a fresh interpreter so its peak RSS is training's alone."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--_train-rss-child", mode,
+def infer_child(args: argparse.Namespace) -> dict:
+    """Parameters, GFLOPs per image and inference speed of one model, in a process of
+    its own as `pfadseg test` runs. (When both models shared the main process,
+    PFADSeg's compiled inference after DeSTSeg's ran at 20.3 images/s, against
+    26.4 in a process of its own in a run minutes apart.)"""
+    model = build_model(args.models[0], args.teacher, args.size)
+    out = {"params_m": sum(p.numel() for p in model.parameters()) / 1e6}
+    out.update(model_flops(model, args.size))
+    out.update(inference_speed(model, args.size, args.batch, args.iters))
+    return out
+
+
+def run_child(args: argparse.Namespace, model: str, mode: str) -> dict:
+    """Run `train_child` (or `infer_child` for mode "infer") in a fresh interpreter,
+    so that its peak RSS is that work's alone and no other model shares its heap."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--_child", mode,
            "--models", model, "--teacher", args.teacher, "--size", str(args.size),
            "--batch", str(args.batch), "--iters", str(args.iters)]
     if args.profile:
@@ -152,13 +166,27 @@ def run_train_child(args: argparse.Namespace, model: str, mode: str) -> dict:
         cmd.append("--default-allocator")
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode:
-        raise RuntimeError(f"training child {model}/{mode} failed:\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f"child {model}/{mode} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 # --- FLOPs -------------------------------------------------------------------------
+def conv_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation,
+                        transposed, _output_padding, _groups, output_mask, out_shape=None, **_) -> int:
+    """FLOPs of a conv's backward: each of the two gradients costs the forward's multiply-adds.
+
+    torch's own formula counts the weight gradient of a grouped conv as if it
+    were dense, `groups` times too many: 256x for RCM's depthwise convs, which
+    added about 11 phantom GFLOP per image to PFADSeg's stage-2 count.
+    """
+    forward = conv_flop_count(list(x_shape), list(w_shape), list(grad_out_shape), transposed)
+    return forward * (int(output_mask[0]) + int(output_mask[1]))
+
+
 def count_flops(fn) -> int:
-    with FlopCounterMode(display=False) as counter:
+    """Multiply-add FLOPs of `fn` (torch's counter, with grouped conv backwards fixed)."""
+    mapping = {torch.ops.aten.convolution_backward: conv_backward_flops}
+    with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
         fn()
     return counter.get_total_flops()
 
@@ -246,13 +274,10 @@ def bench_model(args: argparse.Namespace, name: str, peak: float) -> dict:
     b = args.batch
     res: dict = {"model": name, "teacher": args.teacher, "size": args.size, "batch": b}
     for mode in MODES:
-        child = run_train_child(args, name, mode)
+        child = run_child(args, name, mode)
         for key, value in child.items():
             res[f"train_{key}_{mode}" if key != "profile_stage2" else key] = value
-    model = build_model(name, args.teacher, args.size)
-    res["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
-    res.update(model_flops(model, args.size))
-    res.update(inference_speed(model, args.size, b, args.iters))
+    res.update(run_child(args, name, "infer"))
     for stage in (1, 2):
         res[f"train_speedup_stage{stage}"] = (res[f"train_stage{stage}_img_s_opt"]
                                               / res[f"train_stage{stage}_img_s_fp32"])
@@ -353,15 +378,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="torch.profiler top ops of optimised stage-2 training steps")
     parser.add_argument("--default-allocator", action="store_true",
                         help="leave glibc's allocator as it is (the CLI keeps large tensors in its heap)")
-    parser.add_argument("--_train-rss-child", dest="train_child", choices=list(MODES),
+    parser.add_argument("--_child", dest="child", choices=[*MODES, "infer"],
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.iters = args.iters or (1 if args.quick else 3)
     args.size = args.size or (64 if args.quick else 256)
 
     heap = not args.default_allocator and keep_large_tensors_in_heap()  # as the CLI does
-    if args.train_child:
-        print(json.dumps(train_child(args)))
+    if args.child:
+        print(json.dumps(infer_child(args) if args.child == "infer" else train_child(args)))
         return 0
 
     start = time.perf_counter()
