@@ -30,7 +30,7 @@ def keep_large_tensors_in_heap() -> bool:
     bf16 3x3 convolution of that size ran at about 2500 instead of 1550
     GFLOP/s, and a PFADSeg stage-2 step at batch 16 took 2.2 instead of 3.0 s.
     One arena (the default gives each thread its own) keeps the heap compact:
-    the same run's peak RSS was 3.9 GiB, against 4.5 with per-thread arenas.
+    the same run's peak RSS was 3.9 GiB, against 4.1 with per-thread arenas.
     Process-wide, so the library itself never calls it: the CLI does. Returns
     whether the setting took (False off glibc).
     """
