@@ -111,18 +111,23 @@ class Trainer:
             self._teacher_cache = [torch.cat(level) for level in zip(*chunks)]
         return [level[idx] for level in self._teacher_cache]
 
+    def _drop_stage1_state(self) -> None:
+        """Free what only stage 1 uses: the student's gradients and momentum, the
+        clean-image teacher features, and the heap memory stage 1 freed (stage 2's
+        state files then hold no student momentum; nothing steps the student again)."""
+        self.opt_student.zero_grad(set_to_none=True)
+        self.opt_student.state.clear()
+        self._teacher_cache = []
+        release_free_memory()
+
     def _stage2_forward(self) -> tuple[Callable, Callable]:
         """Stage 2's two halves: the frozen teacher+student features, and the
         segmentation net. With `compile`, both go through Inductor once stage 2
         starts (the frozen half with its weights as constants): about 1.8x faster
-        steps for pfadseg at 256x256, after about a minute of compiling."""
+        steps for pfadseg at 256x256, after about a minute of compiling. Set up
+        once, when stage 2 starts, after dropping stage 1's state."""
         if self._stage2 is None:
-            # stage 1's gradients, momentum, clean-image targets and freed memory
-            # are of no more use (stage 2's state files then hold no student momentum)
-            self.opt_student.zero_grad(set_to_none=True)
-            self.opt_student.state.clear()
-            self._teacher_cache = []
-            release_free_memory()
+            self._drop_stage1_state()
             features, segment = self.model.segmentation_input, self.model.segmentation
             if self.config.compile:
                 features, segment = compiled(features, frozen=True), compiled(segment)
