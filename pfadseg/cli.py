@@ -56,7 +56,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     t.add_argument("--save-every", type=int, help="steps between resumable state files")
     t.add_argument("--no-bf16", action="store_true", help="train in plain fp32")
     t.add_argument("--no-compile", action="store_true",
-                   help="run stage 2 eagerly instead of compiled by torch.compile (Inductor)")
+                   help="run eagerly instead of compiled by torch.compile (Inductor): stage 2, "
+                        "and stage 1 where the preset compiles it (paper, official)")
     p.add_argument("--out", type=Path, required=True, help="run folder (checkpoint, logs)")
     p.add_argument("--resume", action="store_true", help="continue the unfinished run in --out")
 
@@ -74,7 +75,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     train_cfg = preset(args.preset, batch_size=args.batch_size, stage1_steps=args.stage1_steps,
                        stage2_steps=args.stage2_steps, lr_student=args.lr_student, seed=args.seed,
                        save_every=args.save_every, bf16=False if args.no_bf16 else None,
-                       compile=False if args.no_compile else None)
+                       compile=False if args.no_compile else None,
+                       compile_stage1=False if args.no_compile else None)
     images = load_train_images(train_dir, args.image_size, skip_bad=args.skip_bad_images)
     if args.textures is not None:
         textures = load_textures(args.textures, args.image_size, args.texture_limit)

@@ -77,6 +77,7 @@ class Trainer:
         self.step = 0
         self.saved_step: int | None = None  # step of the state file this run last wrote
         self._teacher_cache: list[torch.Tensor] = []  # T1..T3 of every clean image
+        self._stage1: Callable | None = None
         self._stage2: tuple[Callable, Callable] | None = None
         seg = model.segmentation
         self.opt_student = torch.optim.SGD(model.student.parameters(), lr=config.lr_student,
@@ -111,6 +112,15 @@ class Trainer:
             self._teacher_cache = [torch.cat(level) for level in zip(*chunks)]
         return [level[idx] for level in self._teacher_cache]
 
+    def _stage1_loss(self) -> Callable:
+        """Stage 1's student loss; with `compile_stage1` compiled by Inductor (the
+        student's forward and backward: about 1.2x faster steps for pfadseg at
+        batch 16 and 256x256, after about 2.5 minutes of compiling)."""
+        if self._stage1 is None:
+            loss = self.model.student_loss
+            self._stage1 = compiled(loss) if self.config.compile_stage1 else loss
+        return self._stage1
+
     def _drop_stage1_state(self) -> None:
         """Free what only stage 1 uses: the student's gradients and momentum, the
         clean-image teacher features, and the heap memory stage 1 freed (stage 2's
@@ -118,6 +128,7 @@ class Trainer:
         self.opt_student.zero_grad(set_to_none=True)
         self.opt_student.state.clear()
         self._teacher_cache = []
+        self._stage1 = None
         release_free_memory()
 
     def _stage2_forward(self) -> tuple[Callable, Callable]:
@@ -142,7 +153,7 @@ class Trainer:
             self.model.student.train()
             with autocast(self.use_bf16):
                 targets = self._clean_targets(idx)
-                loss = self.model.student_loss(clean, augmented, targets=targets)
+                loss = self._stage1_loss()(clean, augmented, targets=targets)
             parts = {"cosine": loss.item()}
             optimizer = self.opt_student
         else:
