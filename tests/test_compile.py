@@ -60,24 +60,34 @@ def test_compiled_inference_matches_eager(one_thread: None) -> None:
     np.testing.assert_allclose(scores_c, scores, atol=1e-4)
 
 
-@needs_compiler
-def test_compiled_stage2_matches_eager(one_thread: None, tmp_path: Path) -> None:
-    gen = torch.Generator().manual_seed(2)
+def _eager_and_compiled(model: AnomalyModel, tmp_path: Path, seed: int, stage1_steps: int,
+                        stage2_steps: int, flag: str) -> dict[bool, tuple[list[float], AnomalyModel]]:
+    """Losses and trained copies of `model` after the tiny preset's first steps (fp32),
+    eager and with the compile setting `flag` on; only the compiled run compiles."""
+    gen = torch.Generator().manual_seed(seed)
     images = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8, generator=gen)
     data = TrainData(images, DefectSynthesizer(torch.rand(2, 3, 64, 64, generator=gen)), "none")
-    model = _model()
     runs = {}
     for compile in (False, True):
         m = copy.deepcopy(model)
-        cfg = preset("tiny", stage1_steps=0, stage2_steps=2, bf16=False, compile=compile)
+        cfg = preset("tiny", stage1_steps=stage1_steps, stage2_steps=stage2_steps, bf16=False,
+                     **{flag: compile})
         trainer = Trainer(m, cfg, data, tmp_path / str(compile))
         before = _compilations()
-        losses = [trainer.train_step()["loss"] for _ in range(2)]
+        losses = [trainer.train_step()["loss"] for _ in range(cfg.total_steps)]
         assert _compilations() > before if compile else _compilations() == before
-        runs[compile] = (losses, m.segmentation.state_dict())
-    (eager_losses, eager_state), (comp_losses, comp_state) = runs[False], runs[True]
+        runs[compile] = (losses, m)
+    return runs
+
+
+@needs_compiler
+def test_compiled_stage2_matches_eager(one_thread: None, tmp_path: Path) -> None:
+    model = _model()
+    runs = _eager_and_compiled(model, tmp_path, 2, 0, 2, "compile")
+    (eager_losses, eager_model), (comp_losses, m) = runs[False], runs[True]
     np.testing.assert_allclose(comp_losses, eager_losses, rtol=1e-4)
-    for key, value in eager_state.items():
+    comp_state = m.segmentation.state_dict()
+    for key, value in eager_model.segmentation.state_dict().items():
         torch.testing.assert_close(comp_state[key], value, atol=1e-4, rtol=1e-4, msg=key)
     # the frozen half is the teacher and student: compiling them never changes them
     assert all(torch.equal(a, b) for a, b in zip(model.student.state_dict().values(),
@@ -93,22 +103,15 @@ def test_compiled_stage1_matches_eager(one_thread: None, tmp_path: Path) -> None
     3% (whole-gradient norm), so the step is compared at that scale, not elementwise.
     """
     assert preset("paper").compile_stage1 and not preset("cpu").compile_stage1
-    gen = torch.Generator().manual_seed(3)
-    images = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8, generator=gen)
-    data = TrainData(images, DefectSynthesizer(torch.rand(2, 3, 64, 64, generator=gen)), "none")
     model = _model()
-    start = torch.cat([p.detach().flatten() for p in model.student.parameters()])
-    runs = {}
-    for compile in (False, True):
-        m = copy.deepcopy(model)
-        cfg = preset("tiny", stage1_steps=1, stage2_steps=0, bf16=False, compile_stage1=compile)
-        trainer = Trainer(m, cfg, data, tmp_path / str(compile))
-        before = _compilations()
-        loss = trainer.train_step()["loss"]
-        assert _compilations() > before if compile else _compilations() == before
-        step = torch.cat([p.detach().flatten() for p in m.student.parameters()]) - start
-        runs[compile] = (loss, step)
-    (eager_loss, eager_step), (comp_loss, comp_step) = runs[False], runs[True]
-    assert comp_loss == pytest.approx(eager_loss, rel=1e-5)
+    runs = _eager_and_compiled(model, tmp_path, 3, 1, 0, "compile_stage1")
+
+    def update(m: AnomalyModel) -> torch.Tensor:
+        return torch.cat([(p - p0).detach().flatten()
+                          for p, p0 in zip(m.student.parameters(), model.student.parameters())])
+
+    (eager_losses, eager_model), (comp_losses, comp_model) = runs[False], runs[True]
+    assert comp_losses == pytest.approx(eager_losses, rel=1e-5)
+    eager_step, comp_step = update(eager_model), update(comp_model)
     assert eager_step.norm() > 0
     assert (comp_step - eager_step).norm() < 0.05 * eager_step.norm()
