@@ -123,8 +123,9 @@ class Trainer:
 
     def _drop_stage1_state(self) -> None:
         """Free what only stage 1 uses: the student's gradients and momentum, the
-        clean-image teacher features, and the heap memory stage 1 freed (stage 2's
-        state files then hold no student momentum; nothing steps the student again)."""
+        clean-image teacher features, its loss function (compiled or not), and the
+        heap memory stage 1 freed (stage 2's state files then hold no student
+        momentum; nothing steps the student again)."""
         self.opt_student.zero_grad(set_to_none=True)
         self.opt_student.state.clear()
         self._teacher_cache = []
