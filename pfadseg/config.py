@@ -22,7 +22,7 @@ class TrainConfig:
     bf16: bool = True  # bf16 autocast where the CPU supports it
     channels_last: bool = True
     compile: bool = True  # Inductor for stage 2 (segmentation net, frozen teacher+student)
-    # Inductor for stage 1 too (the student's forward and backward): its ~2.5 min of
+    # Inductor for stage 1 too (the student's forward and backward): its 3 minutes or so of
     # compiling pays back only over long stage-1 schedules, so only those presets set it
     compile_stage1: bool = False
     save_every: int = 100  # steps between resumable state files

@@ -115,7 +115,7 @@ class Trainer:
     def _stage1_loss(self) -> Callable:
         """Stage 1's student loss; with `compile_stage1` compiled by Inductor (the
         student's forward and backward: about 1.2x faster steps for pfadseg at
-        batch 16 and 256x256, after about 2.5 minutes of compiling)."""
+        batch 16 and 256x256, after about 3 minutes of compiling)."""
         if self._stage1 is None:
             loss = self.model.student_loss
             self._stage1 = compiled(loss) if self.config.compile_stage1 else loss
