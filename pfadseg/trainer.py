@@ -162,7 +162,9 @@ class Trainer:
             self.model.segmentation.train()
             features, segment = self._stage2_forward()
             with autocast(self.use_bf16):
-                logits = segment(features(augmented)[0])
+                with torch.no_grad():  # Inductor freezes weights only in no-grad graphs
+                    feats = features(augmented)[0]
+                logits = segment(feats)
             target = mask_target(mask, logits.shape[-2:])
             focal = focal_loss(logits, target, self.config.focal_gamma)
             l1 = l1_loss(logits, target)
