@@ -150,6 +150,7 @@ class Trainer:
         """One optimiser step of the current stage; returns its losses."""
         stage = 1 if self.step < self.config.stage1_steps else 2
         idx, clean, augmented, mask = self._batch()
+        first_of_stage2 = stage == 2 and self._stage2 is None  # compiles stage 2
         if stage == 1:
             self.model.student.train()
             with autocast(self.use_bf16):
@@ -183,6 +184,8 @@ class Trainer:
             params = [p for group in optimizer.param_groups for p in group["params"]]
             torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
         optimizer.step()
+        if first_of_stage2:
+            release_free_memory()
         self.step += 1
         return {"stage": stage, "loss": loss.item(), **parts}
 
