@@ -410,8 +410,10 @@ def _changed(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], names: list
     return any(not torch.equal(a[k], b[k]) for k in names)
 
 
-def test_teacher_frozen_and_stages_update_the_right_parts(tmp_path) -> None:
+def test_teacher_frozen_and_stages_update_the_right_parts(tmp_path, monkeypatch) -> None:
     seeded(15)
+    trims: list[int] = []  # the heap is trimmed at the stage switch and after stage 2's first step
+    monkeypatch.setattr("pfadseg.trainer.release_free_memory", lambda: trims.append(1))
     model = AnomalyModel.build(ModelConfig.named("destseg", image_size=64), "random")
     assert not any(p.requires_grad for p in model.teacher.parameters())
     model.train()
@@ -446,6 +448,9 @@ def test_teacher_frozen_and_stages_update_the_right_parts(tmp_path) -> None:
     # stage 2 keeps none of stage 1's gradients, momentum or clean-image targets
     assert all(p.grad is None for p in model.student.parameters())
     assert not trainer.opt_student.state and not trainer._teacher_cache
+    assert len(trims) == 2
+    trainer.train_step()
+    assert len(trims) == 2
 
 
 # --- memory layout ------------------------------------------------------------------------
