@@ -14,6 +14,7 @@ from pfadseg.config import preset
 from pfadseg.models import AnomalyModel, ModelConfig, TeacherWeightsError, build_teacher, image_scores
 from pfadseg.models.aff import AFF
 from pfadseg.models.aspp import ASPP
+from pfadseg.models.depthwise import DepthwiseConv2d
 from pfadseg.models.pcar import PCAR
 from pfadseg.models.rcm import RCM, band_conv_of_profiles
 from pfadseg.models.pooling import GlobalAvgPool
@@ -186,6 +187,34 @@ def test_band_conv_of_profiles_equals_the_conv_of_the_broadcast_sum() -> None:
     assert torch.allclose(ours, ref, atol=1e-5)
     for a, b in zip(g_ours, g_ref):
         assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kernel, padding", [(3, 1), ((11, 1), (5, 0))])
+@pytest.mark.parametrize("bf16", [False, True])
+def test_depthwise_conv_trains_like_nn_conv2d(kernel, padding, bf16: bool) -> None:
+    """Same output and gradients as the plain depthwise nn.Conv2d, in any input
+    layout and under bf16 autocast; eval mode is nn.Conv2d's own forward."""
+    seeded(11)
+    ours = DepthwiseConv2d(8, kernel, padding=padding)
+    ref = nn.Conv2d(8, 8, kernel, padding=padding, groups=8)
+    ref.load_state_dict(ours.state_dict())
+    for layout in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(2, 8, 12, 10).contiguous(memory_format=layout).requires_grad_()
+        outs, grads = [], []
+        for m in (ours, ref):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                y = m(x)
+            outs.append(y)
+            grads.append(torch.autograd.grad(y.float().square().sum(), [x, m.weight, m.bias]))
+        tol = dict(atol=2e-2, rtol=2e-2) if bf16 else dict(atol=1e-5, rtol=1e-5)
+        assert outs[0].dtype == outs[1].dtype
+        assert outs[0].is_contiguous(memory_format=torch.channels_last)
+        assert torch.allclose(outs[0].float(), outs[1].float(), **tol)
+        for a, b in zip(*grads):
+            assert a.dtype == b.dtype and torch.allclose(a, b, **tol)
+    ours.eval()
+    x = torch.randn(1, 8, 6, 6)
+    assert torch.equal(ours(x), ref(x))
 
 
 def test_aspp_shape() -> None:

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .depthwise import DepthwiseConv2d
 from .layout import like
 
 
@@ -28,12 +29,12 @@ class RectangularAttention(nn.Module):
 
     def __init__(self, channels: int, band: int = 11) -> None:
         super().__init__()
-        self.local = nn.Conv2d(channels, channels, 3, padding=1, groups=channels)
+        self.local = DepthwiseConv2d(channels, 3, padding=1)
         self.excite = nn.Sequential(
             nn.Conv2d(channels, channels, (1, band), padding=(0, band // 2), groups=channels),
             nn.BatchNorm2d(channels),
             nn.ReLU(inplace=True),
-            nn.Conv2d(channels, channels, (band, 1), padding=(band // 2, 0), groups=channels),
+            DepthwiseConv2d(channels, (band, 1), padding=(band // 2, 0)),
             nn.Sigmoid(),
         )
 
