@@ -21,12 +21,11 @@ side by side in one run:
   (256 channels, 64x64, batch 16, channels_last, autocast): the practical peak.
   The fractions of it divide by the peak timed beside the work: two conv calls
   after every timed training step or inference batch of the bf16 paths, in the
-  same process (`beside_peak`; the median call sets the figure), because this
+  same process (`timed`; the median call sets the figure), because this
   machine's conv speed drifts by a third and more within minutes. The peak is
   also measured at the start of the run in the main process (the median of 20
-  calls; `*_fraction_of_start_peak` divide by it), at its end, and in the
-  optimised training child. Every process keeps large
-  tensors in glibc's heap, as `pfadseg train/test/predict` do
+  calls; `*_fraction_of_start_peak` divide by it) and at its end. Every process
+  keeps large tensors in glibc's heap, as `pfadseg train/test/predict` do
   (`pfadseg.memory.keep_large_tensors_in_heap`; page faults slow that conv by
   about a third without it); `--default-allocator` measures without it.
 
@@ -105,30 +104,22 @@ def train_data(size: int, count: int = 32) -> TrainData:
 # --- training (runs in a child process) -------------------------------------------
 def train_child(args: argparse.Namespace) -> dict:
     """Images/s of both stages for one (model, mode); ru_maxrss of this process. The
-    bf16 modes time the conv peak beside their steps (`beside_peak`)."""
+    bf16 modes time the conv peak beside their steps (`timed`)."""
     mode = args.child
-    conv_batch = 2 if args.quick else 16
-    # the same conv peak in the training process, and one to alternate with the steps
-    peak = conv_peak(20, batch=conv_batch) if mode == "opt" else None
-    beside = PeakConv(batch=conv_batch) if MODES[mode]["bf16"] else None
+    beside = PeakConv(batch=args.conv_batch) if MODES[mode]["bf16"] else None
     model = build_model(args.models[0], args.teacher, args.size)
     config = TrainConfig(batch_size=args.batch, stage1_steps=10**9, stage2_steps=1,
                          seed=0, **MODES[mode])
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(model, config, train_data(args.size), Path(tmp))
-        out: dict = {"bf16_active": trainer.use_bf16, "peak_conv_bf16_gflop_s": peak}
+        out: dict = {"bf16_active": trainer.use_bf16}
         for stage in (1, 2):
             trainer.step = 0 if stage == 1 else config.stage1_steps
             for _ in range(2):  # warm-up (and compilation)
                 assert trainer.train_step()["stage"] == stage
-            if beside is None:
-                start = time.perf_counter()
-                for _ in range(args.iters):
-                    trainer.train_step()
-                seconds = time.perf_counter() - start
-            else:
-                seconds, out[f"stage{stage}_peak_beside_gflop_s"] = beside_peak(
-                    trainer.train_step, args.iters, beside)
+            seconds, peak = timed(trainer.train_step, args.iters, beside)
+            if peak is not None:
+                out[f"stage{stage}_peak_beside_gflop_s"] = peak
             out[f"stage{stage}_img_s"] = args.iters * args.batch / seconds
             out[f"stage{stage}_step_s"] = seconds / args.iters
         start = time.perf_counter()
@@ -164,7 +155,7 @@ def infer_child(args: argparse.Namespace) -> dict:
     model = build_model(args.models[0], args.teacher, args.size)
     out = {"params_m": sum(p.numel() for p in model.parameters()) / 1e6}
     out.update(model_flops(model, args.size))
-    out.update(inference_speed(model, args.size, args.batch, args.iters, 2 if args.quick else 16))
+    out.update(inference_speed(model, args.size, args.batch, args.iters, args.conv_batch))
     return out
 
 
@@ -270,26 +261,28 @@ def conv_peak(calls: int, bf16: bool = True, batch: int = 16) -> float:
     return peak.gflop_s([peak.seconds() for _ in range(calls)])
 
 
-def beside_peak(step: Callable[[], object], iters: int, peak: PeakConv) -> tuple[float, float]:
-    """Seconds of `iters` calls of `step` in all, and the peak's GFLOP/s from two conv
-    calls after each (after one untimed warm-up call, as `conv_peak` warms up): the
-    two figures of a fraction, measured over the same minutes of a noisy machine
-    (the conv peak moved between about 1500 and 2900 GFLOP/s here within an hour)."""
+def timed(step: Callable[[], object], iters: int, peak: PeakConv | None) -> tuple[float, float | None]:
+    """Seconds of `iters` calls of `step` in all and, given a `peak`, its GFLOP/s
+    timed beside them: two conv calls after each step (after one untimed warm-up
+    call, as `conv_peak` warms up), so that the two figures of a fraction are
+    measured over the same minutes of a noisy machine (the conv peak moved between
+    about 1500 and 2900 GFLOP/s here within an hour)."""
     total, conv = 0.0, []
     for _ in range(iters):
         start = time.perf_counter()
         step()
         total += time.perf_counter() - start
-        peak.seconds()
-        conv += [peak.seconds(), peak.seconds()]
-    return total, peak.gflop_s(conv)
+        if peak is not None:
+            peak.seconds()
+            conv += [peak.seconds(), peak.seconds()]
+    return total, peak.gflop_s(conv) if peak is not None else None
 
 
 # --- inference ---------------------------------------------------------------------
 def inference_speed(model: AnomalyModel, size: int, batch: int, iters: int,
                     conv_batch: int = 16) -> dict[str, float]:
     """ms/image at batch 1 and images/s at batch `batch`, plain fp32 and optimised;
-    the bf16 paths' batches alternate with calls of the conv peak (`beside_peak`)."""
+    the bf16 paths' batches alternate with calls of the conv peak (`timed`)."""
     gen = torch.Generator().manual_seed(3)
     images = torch.randint(0, 256, (batch * iters, 3, size, size), dtype=torch.uint8, generator=gen)
     chunks = images.split(batch)
@@ -311,14 +304,10 @@ def inference_speed(model: AnomalyModel, size: int, batch: int, iters: int,
             infer(model, images[:n1], 1, **opts)
             out[f"infer_bs1_ms_{mode}"] = (time.perf_counter() - start) / n1 * 1000
             run = lambda imgs: infer(model, imgs, batch, **opts)  # noqa: E731
-        if opts["bf16"]:
-            batches = iter(chunks)
-            seconds, out[f"infer_peak_beside_gflop_s_{mode}"] = beside_peak(
-                lambda: run(next(batches)), len(chunks), peak)
-        else:
-            start = time.perf_counter()
-            run(images)
-            seconds = time.perf_counter() - start
+        batches = iter(chunks)
+        seconds, beside = timed(lambda: run(next(batches)), len(chunks), peak if opts["bf16"] else None)
+        if beside is not None:
+            out[f"infer_peak_beside_gflop_s_{mode}"] = beside
         out[f"infer_bs{batch}_img_s_{mode}"] = len(images) / seconds
     return out
 
@@ -442,6 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.iters = args.iters or (1 if args.quick else 3)
     args.size = args.size or (64 if args.quick else 256)
+    args.conv_batch = 2 if args.quick else 16  # the peak conv's batch
 
     heap = not args.default_allocator and keep_large_tensors_in_heap()  # as the CLI does
     if args.child:
@@ -449,12 +439,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     start = time.perf_counter()
-    conv_batch = 2 if args.quick else 16
-    peak = conv_peak(20, batch=conv_batch)
+    peak = conv_peak(20, batch=args.conv_batch)
     result: dict = {
         "size": args.size, "batch": args.batch, "iters": args.iters, "teacher": args.teacher,
         "quick": args.quick, "peak_conv_bf16_gflop_s": peak,
-        "peak_conv_fp32_gflop_s": conv_peak(10, bf16=False, batch=conv_batch),
+        "peak_conv_fp32_gflop_s": conv_peak(10, bf16=False, batch=args.conv_batch),
         "env": {"threads": torch.get_num_threads(), "bf16_supported": bf16_supported(),
                 "torch": torch.__version__, "python": platform.python_version(),
                 "cpu_capability": torch.backends.cpu.get_cpu_capability(),
@@ -472,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
                 "train_stage2_fraction_of_peak", "train_stage2_fraction_of_start_peak", "peak_rss_train_gib"):
         result[key] = main_model[key]
     # the same peak again after the models: how far the machine drifted during the run
-    result["peak_conv_bf16_gflop_s_end"] = conv_peak(20, batch=conv_batch)
+    result["peak_conv_bf16_gflop_s_end"] = conv_peak(20, batch=args.conv_batch)
     result["peak_rss_process_gib"] = rss_gib()
     result["env"]["loadavg_end"] = os.getloadavg()
     result["seconds"] = time.perf_counter() - start
