@@ -138,3 +138,49 @@ def test_stage2_features_run_without_autograd(tmp_path: Path) -> None:
     trainer = Trainer(model, preset("tiny", stage1_steps=0, stage2_steps=1), _tiny_data(4), tmp_path)
     trainer.train_step()
     assert grad_modes == [False]
+
+
+@needs_compiler
+@pytest.mark.parametrize("bf16", [False, True])
+def test_compiled_batchnorm_trains_like_nn_batchnorm(bf16: bool) -> None:
+    """pfadseg's BatchNorm2d, compiled for training on a channels_last map, gives
+    nn.BatchNorm2d's output, gradients and running statistics."""
+    from pfadseg.models.batchnorm import BatchNorm2d
+
+    torch.manual_seed(0)
+    ours, ref = BatchNorm2d(8), torch.nn.BatchNorm2d(8)
+    with torch.no_grad():
+        for m in (ours, ref):
+            m.weight.copy_(torch.linspace(0.5, 2, 8))
+            m.bias.copy_(torch.linspace(-1, 1, 8))
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    x = (torch.randn(4, 8, 6, 10) * 3 + 2).to(dtype).contiguous(memory_format=torch.channels_last)
+    g = torch.randn(4, 8, 6, 10)
+    results = []
+    for m, fn in ((ours, torch.compile(ours, dynamic=False)), (ref, ref)):
+        xi = x.clone().requires_grad_()
+        y = fn(xi)
+        (y.float() * g).sum().backward()
+        results.append((y.float(), xi.grad.float(), m.weight.grad, m.bias.grad, m.running_mean, m.running_var))
+    tol = dict(atol=6e-2, rtol=1e-2) if bf16 else dict(atol=2e-5, rtol=1e-5)
+    for a, b in zip(*results):
+        assert torch.allclose(a, b, **tol)
+    assert ours.num_batches_tracked == ref.num_batches_tracked == 1
+    assert _compilations() > 0
+
+
+@needs_compiler
+@pytest.mark.parametrize("size, out", [((16, 8), (64, 32)), ((5, 7), (20, 7)), ((6, 6), (9, 9))])
+def test_compiled_upsample_matches_interpolate(size: tuple[int, int], out: tuple[int, int]) -> None:
+    """Compiled upsample_bilinear equals F.interpolate (bilinear, align_corners=False),
+    integer factors and not, values and gradient."""
+    from pfadseg.models.upsample import upsample_bilinear
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, *size).contiguous(memory_format=torch.channels_last).requires_grad_()
+    g = torch.randn(2, 5, *out)
+    ours = torch.compile(upsample_bilinear, dynamic=False)(x, out)
+    ref = torch.nn.functional.interpolate(x, size=out, mode="bilinear", align_corners=False)
+    assert torch.allclose(ours, ref, atol=1e-6)
+    grads = [torch.autograd.grad((y * g).sum(), x)[0] for y in (ours, ref)]
+    assert torch.allclose(*grads, atol=1e-5)

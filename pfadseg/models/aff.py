@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .batchnorm import BatchNorm2d
 from .pooling import GlobalAvgPool
 
 
@@ -15,10 +16,10 @@ def _context(channels: int, inner: int, pooled: bool) -> nn.Sequential:
     layers: list[nn.Module] = [GlobalAvgPool()] if pooled else []
     layers += [
         nn.Conv2d(channels, inner, 1),
-        nn.BatchNorm2d(inner),
+        BatchNorm2d(inner),
         nn.ReLU(inplace=True),
         nn.Conv2d(inner, channels, 1),
-        nn.BatchNorm2d(channels),
+        BatchNorm2d(channels),
     ]
     return nn.Sequential(*layers)
 

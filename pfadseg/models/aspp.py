@@ -6,6 +6,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .batchnorm import BatchNorm2d
 from .layout import like
 from .pooling import GlobalAvgPool
 
@@ -15,7 +16,7 @@ def conv_bn_relu(cin: int, cout: int, kernel: int, dilation: int = 1) -> nn.Sequ
     pad = dilation * (kernel // 2)
     return nn.Sequential(
         nn.Conv2d(cin, cout, kernel, padding=pad, dilation=dilation, bias=False),
-        nn.BatchNorm2d(cout),
+        BatchNorm2d(cout),
         nn.ReLU(inplace=True),
     )
 

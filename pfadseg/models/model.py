@@ -15,6 +15,7 @@ from .residual import BlockOptions
 from .segmentation import SegmentationNet
 from .student import Student
 from .teacher import Teacher, build_teacher
+from .upsample import upsample_bilinear
 
 TOP_K = 100  # image score = mean of the top-100 pixels of the anomaly map
 
@@ -123,7 +124,7 @@ class AnomalyModel(nn.Module):
         parts, dists = [], []
         for t, s in zip(t_feats, s_feats):
             t, s = l2_normalize(t), l2_normalize(s)
-            parts.append(F.interpolate(-t * s, size=size, mode="bilinear", align_corners=False))
+            parts.append(upsample_bilinear(-t * s, size))
             dists.append(1 - (t.float() * s.float()).sum(dim=1, keepdim=True))
         return torch.cat(parts, dim=1), dists
 

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .batchnorm import BatchNorm2d
 from .depthwise import DepthwiseConv2d
 from .layout import like
 
@@ -32,7 +33,7 @@ class RectangularAttention(nn.Module):
         self.local = DepthwiseConv2d(channels, 3, padding=1)
         self.excite = nn.Sequential(
             nn.Conv2d(channels, channels, (1, band), padding=(0, band // 2), groups=channels),
-            nn.BatchNorm2d(channels),
+            BatchNorm2d(channels),
             nn.ReLU(inplace=True),
             DepthwiseConv2d(channels, (band, 1), padding=(band // 2, 0)),
             nn.Sigmoid(),
@@ -56,7 +57,7 @@ class RCM(nn.Module):
                  layer_scale: float = 1e-6) -> None:
         super().__init__()
         self.attention = RectangularAttention(channels, band)
-        self.norm = nn.BatchNorm2d(channels)
+        self.norm = BatchNorm2d(channels)
         self.mlp = nn.Sequential(
             nn.Conv2d(channels, mlp_ratio * channels, 1),
             nn.GELU(),

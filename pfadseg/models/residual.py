@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .aff import AFF
+from .batchnorm import BatchNorm2d
 from .pcar import PCAR
 
 
@@ -29,15 +30,15 @@ class ResidualBlock(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int = 1, opts: BlockOptions = BlockOptions()) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
+        self.bn1 = BatchNorm2d(cout)
         self.relu = nn.ReLU(inplace=True)
         self.conv2 = (PCAR(cout, opts.pcar_dilations) if opts.pcar
                       else nn.Conv2d(cout, cout, 3, padding=1, bias=False))
-        self.bn2 = nn.BatchNorm2d(cout)
+        self.bn2 = BatchNorm2d(cout)
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or cin != cout:
             self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False),
-                                          nn.BatchNorm2d(cout))
+                                          BatchNorm2d(cout))
         self.aff = AFF(cout) if opts.aff else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
