@@ -9,8 +9,8 @@ def channel_sum(x: torch.Tensor) -> torch.Tensor:
     """Sum of a channels_last (B, C, H, W) tensor over all but the channel axis, in fp32.
 
     Taken in two steps, over W and then over B*H rows: Inductor compiles a
-    one-step sum over (0, 2, 3) into a column reduction that ran about 4x
-    slower here (bf16 16x256x64x64).
+    one-step sum over (0, 2, 3) into a column reduction: 4.7 against 1.3 ms
+    for the sums of x and x^2 of a bf16 16x256x64x64 map here.
     """
     b, c, h, w = x.shape
     return x.float().permute(0, 2, 3, 1).reshape(b * h, w, c).sum(1).sum(0)
@@ -59,9 +59,8 @@ class BatchNorm2d(nn.BatchNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # torch.onnx (dynamo) was seen calling this with `training` set on an eval-mode copy
         if not (self.training and torch.compiler.is_compiling() and not torch.compiler.is_exporting()
-                and self.affine
-                and self.momentum is not None and x.dim() == 4
-                and x.is_contiguous(memory_format=torch.channels_last)):
+                and self.affine and self.momentum is not None
+                and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)):
             return super().forward(x)
         n = x.numel() // x.shape[1]
         with torch.no_grad():
