@@ -21,6 +21,9 @@ from .predict import MapFn
 log = logging.getLogger(__name__)
 Forward = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # input -> (seg, dest)
 Fn = TypeVar("Fn", bound=Callable)
+# images per segmentation-net call within a batch: its 64x64 maps then stay in cache
+# (PFADSeg at batch 16, 256x256: 2-4% faster compiled or eager than the whole batch)
+SEG_CHUNK = 4
 
 
 def bf16_supported() -> bool:
@@ -37,12 +40,14 @@ def compiler_available() -> bool:
     return shutil.which(os.environ.get("CXX", default)) is not None
 
 
-def compiled(fn: Fn, frozen: bool = False) -> Fn:
+def compiled(fn: Fn, frozen: bool = False, cpp_wrapper: bool = False) -> Fn:
     """`fn` compiled by Inductor for fixed input shapes.
 
     `frozen` treats the weights as constants: BatchNorm is folded into the
     convolutions and the oneDNN weights are pre-packed once. Use it only for
     weights that no longer change (inference, or the frozen networks of stage 2).
+    `cpp_wrapper` (with `frozen`) calls the kernels from C++ instead of Python:
+    about 2% faster inference at batch 16, for about 20 s more compiling.
     Without a C++ compiler `fn` is returned as it is, with a warning; a failed
     compilation falls back to eager PyTorch, also with a warning.
     """
@@ -61,7 +66,7 @@ def compiled(fn: Fn, frozen: bool = False) -> Fn:
     # torch.compile(options=...) froze less here: 16.7 instead of 20 images/s.)
     @functools.wraps(fn)
     def run(*args: object, **kwargs: object) -> object:
-        with inductor_config.patch(freezing=True):
+        with inductor_config.patch(freezing=True, cpp_wrapper=cpp_wrapper):
             return compiled_fn(*args, **kwargs)
     return run  # type: ignore[return-value]
 
@@ -98,7 +103,10 @@ def forward_fn(model: AnomalyModel, bf16: bool = True, channels_last: bool = Tru
     autocast, and with `compile` Inductor with frozen weights (the first batch
     then takes a minute or two to compile; later batches run about 2.5x faster)."""
     prepare(model, channels_last)
-    fn = compiled(model, frozen=True) if compile else model
+
+    def forward(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return model(x, seg_chunk=SEG_CHUNK)
+    fn = compiled(forward, frozen=True, cpp_wrapper=True) if compile else forward
 
     @torch.no_grad()
     def run(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

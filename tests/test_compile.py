@@ -45,7 +45,8 @@ def test_no_compiler_runs_eagerly(monkeypatch: pytest.MonkeyPatch, caplog: pytes
 
 
 @needs_compiler
-def test_compiled_inference_matches_eager(one_thread: None) -> None:
+def test_compiled_inference_matches_eager(one_thread: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(inference, "SEG_CHUNK", 2)  # two segmentation calls per batch of 4
     model = _model()
     gen = torch.Generator().manual_seed(1)
     images = torch.randint(0, 256, (5, 3, 64, 64), dtype=torch.uint8, generator=gen)

@@ -528,3 +528,13 @@ def test_forward_maps_and_image_scores(destseg: AnomalyModel) -> None:
     maps = torch.rand(3, 1, 32, 32)
     manual = torch.stack([m.flatten().sort(descending=True).values[:100].mean() for m in maps])
     assert torch.allclose(image_scores(maps), manual, atol=1e-6)
+
+
+def test_segmentation_in_chunks_gives_the_same_maps(destseg: AnomalyModel) -> None:
+    """In eval mode every image is independent: chunks (here 2 + 1) change nothing."""
+    seeded(17)
+    images = torch.rand(3, 3, 64, 64)
+    with torch.no_grad():
+        whole, chunked = destseg(images), destseg(images, seg_chunk=2)
+    for a, b in zip(whole, chunked):
+        assert torch.allclose(a, b, atol=1e-5)

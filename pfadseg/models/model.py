@@ -135,14 +135,18 @@ class AnomalyModel(nn.Module):
 
     # --- inference ----------------------------------------------------------------
     @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, images: torch.Tensor, seg_chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Anomaly maps at the input size: (segmentation map, DeST map), each (B, 1, H, W).
 
         The DeST map is the product over levels of 1 - cos(T_l, S_l), the
-        un-learned student-teacher map, useful for diagnosis.
+        un-learned student-teacher map, useful for diagnosis. `seg_chunk` runs
+        the segmentation net on that many images at a time (same maps: in eval
+        mode every image is independent), which keeps its 64x64 maps in cache.
         """
         feats, dists = self.segmentation_input(images)
-        seg = torch.sigmoid(self.segmentation(feats).float())
+        parts = feats.split(seg_chunk) if seg_chunk else [feats]
+        logits = torch.cat([self.segmentation(part) for part in parts])
+        seg = torch.sigmoid(logits.float())
         size = images.shape[-2:]
         seg = F.interpolate(seg, size=size, mode="bilinear", align_corners=False)
         dest = torch.ones_like(seg)
