@@ -47,7 +47,7 @@ def compiled(fn: Fn, frozen: bool = False, cpp_wrapper: bool = False) -> Fn:
     convolutions and the oneDNN weights are pre-packed once. Use it only for
     weights that no longer change (inference, or the frozen networks of stage 2).
     `cpp_wrapper` (with `frozen`) calls the kernels from C++ instead of Python:
-    about 2% faster inference at batch 16, for about 20 s more compiling.
+    2-3% faster inference at batch 16 (two A/Bs), for about 20 s more compiling.
     Without a C++ compiler `fn` is returned as it is, with a warning; a failed
     compilation falls back to eager PyTorch, also with a warning.
     """
