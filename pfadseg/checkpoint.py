@@ -120,6 +120,16 @@ def save_checkpoint(model: AnomalyModel, path: Path, train_config: dict,
     atomic_save(model.state_dict(), meta, path)
 
 
+def model_tensors(model: AnomalyModel, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`tensors` less the teacher tensors that `model` does not have.
+
+    Files written before the EfficientNet-Lite0 teacher was cut to the stages
+    its three levels come from also hold its two last (unused) stages.
+    """
+    known = model.state_dict().keys()
+    return {k: v for k, v in tensors.items() if k in known or not k.startswith("teacher.")}
+
+
 def load_checkpoint(path: Path, expect_variant: str | None = None) -> tuple[AnomalyModel, dict]:
     """Rebuild the model from a checkpoint alone (no download: the teacher's
     weights are in the file) and return it in eval mode with its metadata."""
@@ -136,7 +146,7 @@ def load_checkpoint(path: Path, expect_variant: str | None = None) -> tuple[Anom
     if expect_variant is not None and config.variant != expect_variant:
         raise CheckpointError(f"{path}: holds variant {config.variant}, expected {expect_variant}")
     try:
-        model.load_state_dict(tensors, strict=True)
+        model.load_state_dict(model_tensors(model, tensors), strict=True)
     except RuntimeError as exc:
         raise CheckpointError(f"{path}: weights do not fit variant {config.variant} with "
                               f"teacher {config.teacher}: {str(exc)[:300]}") from exc

@@ -228,7 +228,8 @@ class Trainer:
         mine = json.loads(json.dumps(self.model.config.to_dict()))
         if meta["model"] != mine:
             raise TrainingError(f"{path}: state of another model ({meta['model']}), not {mine}")
-        self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        weights = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+        self.model.load_state_dict(ckpt.model_tensors(self.model, weights))
         for name, opt in self._optimizers().items():
             sd = opt.state_dict()
             params = [p for group in opt.param_groups for p in group["params"]]

@@ -18,10 +18,11 @@ from pfadseg.models import AnomalyModel, ModelConfig  # noqa: E402
 SIZE = 64
 
 
-@pytest.mark.parametrize("variant", ["pfadseg", "destseg"])
-def test_onnx_matches_torch(variant: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("variant,teacher", [("pfadseg", "resnet18"), ("destseg", "resnet18"),
+                                             ("destseg", "efficientnet_lite0")])  # Lite0: mirrored
+def test_onnx_matches_torch(variant: str, teacher: str, tmp_path: Path) -> None:
     torch.manual_seed(0)
-    model = AnomalyModel.build(ModelConfig.named(variant, teacher="resnet18", image_size=SIZE),
+    model = AnomalyModel.build(ModelConfig.named(variant, teacher=teacher, image_size=SIZE),
                                "random").eval()
     path = export_onnx(model, tmp_path / f"{variant}.onnx")
     assert path.is_file()

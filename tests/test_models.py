@@ -321,6 +321,43 @@ def test_efficientnet_lite0_teacher_holds_the_file_weights() -> None:
     assert missing == []
 
 
+def test_efficientnet_lite0_teacher_equals_timm_on_the_mirror_image() -> None:
+    """The teacher runs only the stages its levels need, on the mirror image with
+    symmetric padding: the same features as timm's net with TF "SAME" pad copies,
+    also where a strided conv meets an odd size (72x100 and 65x33 reach 9 and 5 rows)."""
+    import timm
+    from timm.layers import Conv2dSame
+
+    t = build_teacher("efficientnet_lite0")
+    assert not any(isinstance(m, Conv2dSame) for m in t.modules())
+    assert len(t.body.blocks) == 5
+    ref = timm.create_model("tf_efficientnet_lite0", pretrained=False, features_only=True, out_indices=(1, 2, 3))
+    missing, unexpected = ref.load_state_dict(t.body.state_dict(), strict=False)
+    assert unexpected == [] and all(k.startswith(("blocks.5.", "blocks.6.")) for k in missing)
+    ref.eval()
+    for size in [(64, 64), (72, 100), (65, 33)]:
+        x = torch.randn(2, 3, *size)
+        with torch.no_grad():
+            ours, theirs = t(x), ref(x)
+        for a, b in zip(ours, theirs, strict=True):
+            assert a.shape == b.shape
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
+
+
+def test_mirrored_conv_refuses_what_it_cannot_mirror() -> None:
+    from pfadseg.models.same_padding import MirroredConv2d
+
+    for conv in (nn.Conv2d(4, 4, 3, stride=2, padding=1),  # PyTorch's symmetric padding, not TF's
+                 nn.Conv2d(4, 4, 4, padding=2), nn.Conv2d(4, 4, 3, padding=2, dilation=2)):
+        with pytest.raises(ValueError, match="cannot mirror"):
+            MirroredConv2d.replacing(conv)
+    conv = nn.Conv2d(4, 4, 3, padding=1)
+    twin = MirroredConv2d.replacing(conv)
+    assert twin.weight is conv.weight and twin.bias is conv.bias
+    x = torch.randn(1, 4, 9, 7)
+    torch.testing.assert_close(twin(x.flip(2, 3)), conv(x).flip(2, 3))
+
+
 def test_teacher_weights_error_names_both_remedies(monkeypatch: pytest.MonkeyPatch) -> None:
     import torchvision.models as tvm
 

@@ -220,6 +220,23 @@ def test_good_checkpoint_loads(destseg_ckpt: Path) -> None:
         load_checkpoint(destseg_ckpt, expect_variant="pfadseg")
 
 
+def test_checkpoint_with_the_old_teacher_stages_loads(destseg_ckpt: Path, tmp_path: Path) -> None:
+    """Files from before the Lite0 teacher was cut to its needed stages still load;
+    any other tensor the model lacks is still refused."""
+    with safe_open(str(destseg_ckpt), framework="pt") as fh:
+        metadata = fh.metadata()
+    tensors = load_file(str(destseg_ckpt))
+    old = tmp_path / "old.safetensors"
+    save_file({**tensors, "teacher.body.blocks.5.0.conv_pw.weight": torch.zeros(672, 112, 1, 1)},
+              str(old), metadata=metadata)
+    model, _ = load_checkpoint(old)
+    assert "teacher.body.blocks.5.0.conv_pw.weight" not in model.state_dict()
+    odd = tmp_path / "odd.safetensors"
+    save_file({**tensors, "segmentation.extra": torch.zeros(1)}, str(odd), metadata=metadata)
+    with pytest.raises(CheckpointError, match="weights do not fit"):
+        load_checkpoint(odd)
+
+
 def test_truncated_and_random_files(destseg_ckpt: Path, tmp_path: Path) -> None:
     cut = tmp_path / "cut.safetensors"
     cut.write_bytes(destseg_ckpt.read_bytes()[: destseg_ckpt.stat().st_size // 2])
