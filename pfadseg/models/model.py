@@ -146,8 +146,14 @@ class AnomalyModel(nn.Module):
         feats, dists = self.segmentation_input(images)
         parts = feats.split(seg_chunk) if seg_chunk else [feats]
         logits = torch.cat([self.segmentation(part) for part in parts])
+        return self.anomaly_maps(logits, dists, images.shape[-2:])
+
+    @staticmethod
+    def anomaly_maps(logits: torch.Tensor, dists: list[torch.Tensor],
+                     size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Segmentation logits and per-level cosine distances -> (segmentation map,
+        DeST map), each (B, 1, *size) in float32."""
         seg = torch.sigmoid(logits.float())
-        size = images.shape[-2:]
         seg = F.interpolate(seg, size=size, mode="bilinear", align_corners=False)
         dest = torch.ones_like(seg)
         for d in dists:
