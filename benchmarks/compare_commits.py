@@ -21,7 +21,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from types import ModuleType
 
 import torch
 
@@ -33,8 +32,8 @@ from pfadseg.memory import keep_large_tensors_in_heap
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def import_commit(rev: str, into: Path) -> ModuleType:
-    """The pfadseg package as of `rev`, imported under the name `pfadseg_base`."""
+def import_commit(rev: str, into: Path) -> None:
+    """Import the pfadseg package as of `rev` under the name `pfadseg_base`."""
     subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-f", str(into), rev],
                    check=True, capture_output=True)
     init = into / "pfadseg" / "__init__.py"
@@ -44,7 +43,6 @@ def import_commit(rev: str, into: Path) -> ModuleType:
     package = importlib.util.module_from_spec(spec)
     sys.modules["pfadseg_base"] = package
     spec.loader.exec_module(package)
-    return package
 
 
 def main() -> None:
