@@ -28,6 +28,7 @@ from speed import PeakConv, build_model, count_flops
 
 from pfadseg.inference import forward_fn, to_input
 from pfadseg.memory import keep_large_tensors_in_heap
+from pfadseg.models.teacher import RANDOM
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,7 +67,7 @@ def main() -> None:
             models = importlib.import_module("pfadseg_base.models")
             inference = importlib.import_module("pfadseg_base.inference")
             cfg = models.ModelConfig.named(args.model, teacher=args.teacher, image_size=args.size)
-            base = models.AnomalyModel.build(cfg, "random")
+            base = models.AnomalyModel.build(cfg, RANDOM)
             # same weights; an older teacher may hold layers the current one dropped
             missing, unexpected = base.load_state_dict(current.state_dict(), strict=False)
             if unexpected or any(not k.startswith("teacher.") for k in missing):
