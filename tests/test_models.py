@@ -14,7 +14,9 @@ from pfadseg.config import preset
 from pfadseg.models import AnomalyModel, ModelConfig, TeacherWeightsError, build_teacher, image_scores
 from pfadseg.models.aff import AFF
 from pfadseg.models.aspp import ASPP
+from pfadseg.inference import bf16_supported
 from pfadseg.models.depthwise import DepthwiseConv2d
+from pfadseg.models.dilated import DilatedConv2d, weight_grad_is_unsafe
 from pfadseg.models.pcar import PCAR
 from pfadseg.models.rcm import RCM, band_conv_of_profiles
 from pfadseg.models.pooling import GlobalAvgPool
@@ -157,6 +159,44 @@ def test_pcar_equal_branches_give_the_conv_output() -> None:
         for conv in m.convs:
             conv.weight.copy_(kernel)
         assert torch.allclose(m(x), F.conv2d(x, kernel, padding=1), atol=1e-5)
+
+
+@pytest.mark.parametrize("dilation", [2, 3])
+@pytest.mark.parametrize("bf16", [False, True])
+def test_dilated_conv_trains_like_nn_conv2d(dilation: int, bf16: bool) -> None:
+    """Same output as nn.Conv2d, and the gradients of an fp32 conv on the same
+    (bf16-rounded) values, in either input layout; eval mode is nn.Conv2d's own forward."""
+    seeded(12)
+    ours = DilatedConv2d(24, 24, dilation)
+    ref = nn.Conv2d(24, 24, 3, padding=dilation, dilation=dilation, bias=False)
+    ref.load_state_dict(ours.state_dict())
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    for layout in (torch.contiguous_format, torch.channels_last):
+        ours.to(memory_format=layout)
+        x = torch.randn(2, 24, 32, 30).to(dtype).contiguous(memory_format=layout).requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            y = ours(x)
+        assert y.dtype == dtype and y.is_contiguous(memory_format=layout)
+        grad = torch.randn_like(y)
+        gx, gw = torch.autograd.grad(y, [x, ours.weight], grad)
+        x32 = x.detach().float().requires_grad_()
+        w32 = ours.weight.detach().to(dtype).float().requires_grad_()
+        y32 = F.conv2d(x32, w32, padding=dilation, dilation=dilation)
+        gx32, gw32 = torch.autograd.grad(y32, [x32, w32], grad.float())
+        tol = dict(atol=3e-2, rtol=2e-2) if bf16 else dict(atol=1e-4, rtol=1e-4)
+        assert torch.allclose(y.float(), y32, **tol)
+        assert gx.is_contiguous(memory_format=layout) and torch.allclose(gx.float(), gx32, **tol)
+        assert gw.dtype == torch.float32 and torch.allclose(gw, gw32, **tol)
+    ours.eval().to(memory_format=torch.contiguous_format)
+    x = torch.randn(1, 24, 6, 6)
+    assert torch.equal(ours(x), ref(x))
+
+
+def test_pcar_trains_only_unsafe_dilated_branches_through_the_op() -> None:
+    assert [type(c) for c in PCAR(24).convs] == [nn.Conv2d, DilatedConv2d, DilatedConv2d]
+    assert all(type(c) is nn.Conv2d for c in PCAR(64).convs)
+    assert weight_grad_is_unsafe(40, 2) and not weight_grad_is_unsafe(40, 1)
+    assert not weight_grad_is_unsafe(16, 3) and not weight_grad_is_unsafe(12, 3)
 
 
 # --- RCM / ASPP --------------------------------------------------------------------
@@ -545,6 +585,46 @@ def test_channels_last_model_feeds_every_conv_channels_last(name: str) -> None:
     model.eval()
     model(images)
     assert not fed_nchw
+
+
+@pytest.mark.skipif(not bf16_supported(), reason="this CPU has no native bf16 kernels")
+@pytest.mark.parametrize("name, teacher", [("pfadseg", "efficientnet_lite0"), ("destseg", "resnet18")])
+def test_bf16_channels_last_training_gives_every_conv_its_fp32_weight_gradient(name: str, teacher: str) -> None:
+    """Each conv of the student and the segmentation net, trained as `pfadseg train`
+    does (bf16 autocast, channels-last), gets the weight gradient that fp32 gives
+    for the same bf16-rounded input, weight and output gradient: a oneDNN kernel
+    that is wrong on this CPU (pfadseg.models.dilated) fails here."""
+    seeded(19)
+    model = AnomalyModel.build(ModelConfig.named(name, teacher=teacher, image_size=64), "random")
+    model.to(memory_format=torch.channels_last).train()
+    calls: dict[nn.Conv2d, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    def record(conv: nn.Conv2d, args: tuple, out: torch.Tensor) -> None:
+        x = args[0].detach().clone()
+        out.register_hook(lambda g: calls.setdefault(conv, []).append((x, g.detach().clone())))
+
+    # RCM's band conv is left out: its weight also enters through band_conv_of_profiles' tap sums
+    band = {m.attention.excite[0] for m in model.segmentation.modules() if isinstance(m, RCM)}
+    convs = [m for net in (model.student, model.segmentation) for m in net.modules()
+             if isinstance(m, nn.Conv2d) and m not in band]
+    for conv in convs:
+        conv.register_forward_hook(record)
+    images = torch.rand(2, 3, 128, 128)  # the 24-channel decoder stage at 32x32: the bug needs 30x30 and up
+    feats = torch.rand(2, sum(model.teacher.channels), 32, 32).contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        stage1 = model.student_loss(images, images.flip(-1))
+        stage2 = model.segmentation(feats).float().square().mean()
+    (stage1 + stage2).backward()
+    wrong = []
+    for conv in convs:
+        w = conv.weight.detach().bfloat16().float().requires_grad_()
+        ref = sum(torch.autograd.grad(F.conv2d(x.bfloat16().float(), w, None, conv.stride, conv.padding,
+                                               conv.dilation, conv.groups), w, g.float())[0]
+                  for x, g in calls[conv])  # a conv called twice (RCM's band conv) sums both
+        err = float((conv.weight.grad - ref).norm() / ref.norm().clamp_min(1e-12))
+        if not err < 0.02:
+            wrong.append(f"{conv} (input {tuple(calls[conv][0][0].shape)}): relative error {err:.3g}")
+    assert not wrong, "\n".join(wrong)
 
 
 # --- inference outputs ----------------------------------------------------------------------

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .dilated import DilatedConv2d, weight_grad_is_unsafe
 from .spr import SPR
 
 
@@ -15,13 +16,15 @@ class PCAR(nn.Module):
     Three parallel 3x3 convolutions (dilations 1, 2, 3 by default: the paper's
     kernel sizes were lost in its text) give F_1..F_3; SPR turns each into
     channel weights, a softmax across the branches gives W_1..W_3, and the
-    output is sum_i W_i * F_i.
+    output is sum_i W_i * F_i. A dilated branch whose bf16 weight gradient
+    oneDNN can get wrong trains through `DilatedConv2d` (the same conv).
     """
 
     def __init__(self, channels: int, dilations: Sequence[int] = (1, 2, 3)) -> None:
         super().__init__()
         self.convs = nn.ModuleList(
-            nn.Conv2d(channels, channels, 3, padding=d, dilation=d, bias=False) for d in dilations
+            DilatedConv2d(channels, channels, d) if weight_grad_is_unsafe(channels, d)
+            else nn.Conv2d(channels, channels, 3, padding=d, dilation=d, bias=False) for d in dilations
         )
         self.spr = nn.ModuleList(SPR(channels) for _ in dilations)
 
