@@ -18,11 +18,12 @@ def weight_grad_is_unsafe(in_channels: int, dilation: int) -> bool:
 
     With torch 2.14.1 on an AVX512-BF16 CPU without AMX (AMD EPYC), the weight
     gradient of a dilated 3x3 conv under bf16 autocast, channels-last, came out
-    as NaN, inf, or 25-80% off for every input channel count from 20 to 124
-    that is not a multiple of 16 (dilations 2 and 3), and right for 3-16 and
-    the multiples of 16. The same conv was right in NCHW, in fp32, undilated,
-    and on an AMX CPU. EfficientNet-Lite0's 24 and 40 channels put it in
-    PFADSeg's student decoder, whose stage-1 loss turned NaN at the second step.
+    as NaN, inf or 25-80% off, and once crashed the process, for every input
+    channel count from 20 to 124 that is not a multiple of 16 (dilations 2 and
+    3, maps of 30x30 and up). It was right for 3-16 channels and the multiples
+    of 16, for maps up to 28x28, undilated, in NCHW and in fp32. Lite0's 24
+    and 40 channels put such convs in PFADSeg's student decoder, whose stage-1
+    loss turned NaN at the second step at 256x256.
     """
     return dilation > 1 and in_channels > 16 and in_channels % 16 != 0
 
