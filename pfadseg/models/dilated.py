@@ -5,12 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-CL = torch.channels_last
-
-
-def _layout(x: torch.Tensor) -> torch.memory_format:
-    """The memory format a 4-D tensor is laid out in."""
-    return CL if x.is_contiguous(memory_format=CL) and not x.is_contiguous() else torch.contiguous_format
+from .layout import layout_of
 
 
 def weight_grad_is_unsafe(in_channels: int, dilation: int) -> bool:
@@ -40,14 +35,14 @@ def dilated_conv_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Ten
         gw = backward(grad.contiguous(), x.contiguous(), weight.contiguous(), None, *conv, [False, True, False])[1]
     else:
         gx, gw, _ = backward(grad, x, weight, None, *conv, [True, True, False])
-    return gx.contiguous(memory_format=_layout(x)), gw.contiguous(memory_format=_layout(weight))
+    return gx.contiguous(memory_format=layout_of(x)), gw.contiguous(memory_format=layout_of(weight))
 
 
 @dilated_conv_backward.register_fake
 def _(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
       dilation: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return (torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_layout(x)),
-            torch.empty(weight.shape, dtype=weight.dtype, device=weight.device, memory_format=_layout(weight)))
+    return (torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=layout_of(x)),
+            torch.empty(weight.shape, dtype=weight.dtype, device=weight.device, memory_format=layout_of(weight)))
 
 
 class _DilatedConv(torch.autograd.Function):
