@@ -19,7 +19,7 @@ from pfadseg.models.depthwise import DepthwiseConv2d
 from pfadseg.models.dilated import DilatedConv2d, weight_grad_is_unsafe
 from pfadseg.models.pcar import PCAR
 from pfadseg.models.rcm import RCM, band_conv_of_profiles
-from pfadseg.models.pooling import GlobalAvgPool
+from pfadseg.models.pooling import GlobalAvgPool, cell_means
 from pfadseg.models.residual import BlockOptions, ResidualBlock
 from pfadseg.models.segmentation import SegmentationNet
 from pfadseg.models.spr import SPR, pyramid_means
@@ -130,6 +130,24 @@ def test_global_pooling_keeps_channels_last_gradients() -> None:
         grad, = torch.autograd.grad(pool(x).sum(), x)
         assert grad.is_contiguous(memory_format=torch.channels_last)
     assert torch.allclose(GlobalAvgPool()(x), x.mean(dim=(2, 3), keepdim=True), atol=1e-6)
+
+
+@pytest.mark.parametrize("grid", [(1, 1), (2, 2), (2, 3)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cell_means_train_like_avg_pool2d(grid: tuple[int, int], dtype: torch.dtype) -> None:
+    """Same values and gradients as avg_pool2d over the cells, the gradient in the input's layout."""
+    seeded(6)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(2, 8, 6, 12).to(dtype).contiguous(memory_format=layout).requires_grad_()
+        kernel = (6 // grid[0], 12 // grid[1])
+        ours, ref = cell_means(x, *grid), F.avg_pool2d(x, kernel)
+        grad = torch.randn_like(ref)
+        (g_ours,), (g_ref,) = torch.autograd.grad(ours, x, grad), torch.autograd.grad(ref, x, grad)
+        assert torch.equal(ours, ref) and ours.shape[-2:] == grid
+        assert torch.allclose(g_ours.float(), g_ref.float(), rtol=1e-2 if dtype == torch.bfloat16 else 1e-6)
+        assert g_ours.dtype == dtype and g_ours.is_contiguous(memory_format=layout)
+    with torch.no_grad():
+        assert torch.equal(cell_means(x, *grid), ref)
 
 
 def test_pcar_shape_and_defaults() -> None:

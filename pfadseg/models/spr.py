@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .pooling import global_avg_pool
+from .pooling import cell_means, global_avg_pool
 
 
 def pyramid_means(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -18,7 +18,7 @@ def pyramid_means(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """
     h, w = x.shape[-2:]
     if h % 2 == 0 and w % 2 == 0:
-        cells = F.avg_pool2d(x, kernel_size=(h // 2, w // 2))  # layout-preserving backward
+        cells = cell_means(x, 2, 2)
         return cells.mean(dim=(2, 3), keepdim=True), cells
     return global_avg_pool(x), F.adaptive_avg_pool2d(x, 2)
 
