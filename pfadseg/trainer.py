@@ -177,7 +177,7 @@ class Trainer:
                 f"non-finite loss ({loss.item()}) at step {self.step + 1} (stage {stage}); "
                 f"stopped. {self._last_good()} Fix: check the input images, or lower the "
                 "learning rate (--lr-student) and start again with another --out "
-                "(--resume keeps the saved settings).")
+                "(--resume keeps the saved settings)." + self._bf16_hint())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.config.grad_clip is not None:
@@ -192,6 +192,13 @@ class Trainer:
     # --- state -------------------------------------------------------------------
     def _optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {"student": self.opt_student, "seg": self.opt_seg}
+
+    def _bf16_hint(self) -> str:
+        """The remedy for a CPU kernel that gets bf16 wrong (pfadseg.models.dilated had one)."""
+        if not self.use_bf16:
+            return ""
+        return (" If it fails within the first steps, also try --no-bf16: a CPU kernel that "
+                "computes bf16 wrongly shows up this way.")
 
     def _last_good(self) -> str:
         """Where the last good state is, for error messages."""

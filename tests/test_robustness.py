@@ -349,6 +349,10 @@ def test_non_finite_loss_stops_and_keeps_last_good_state(tmp_path: Path, monkeyp
         trainer.run(progress=False)
     msg = str(err.value)
     assert "non-finite loss (nan) at step 2" in msg and "step 1" in msg and str(out / STATE_NAME) in msg
+    assert "--no-bf16" not in msg  # bf16 is off: no point suggesting it
+    trainer.use_bf16 = True
+    assert "--no-bf16" in trainer._bf16_hint()
+    trainer.use_bf16 = False
     tensors, meta = ckpt.read(out / STATE_NAME, kind=STATE_FORMAT)
     assert meta["step"] == 1 and all(torch.isfinite(t).all() for t in tensors.values()
                                      if t.is_floating_point())
