@@ -33,9 +33,9 @@ def cell_means(x: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     The same values as avg_pool2d with the cell as its kernel. In training the
     gradient goes through `_CellMeans`: avg_pool2d's own backward of a bf16
     channels-last map made an NCHW copy and converted it back (about 4.8 ms for
-    a 16x64x64x64 map here), and a bf16 stage-1 step of PFADSeg at batch 16 ran
-    3-6% faster without it (eager, the same losses; unchanged when compiled,
-    since Inductor writes that backward itself).
+    a 16x64x64x64 map here), and bf16 PFADSeg training steps at batch 16 ran
+    3-6% faster without it (eager stages 1 and 2, the same losses; compiled
+    steps, whose backward Inductor writes itself, within 1%).
     """
     if torch.is_grad_enabled() and x.requires_grad:
         return _CellMeans.apply(x, rows, cols)
