@@ -12,6 +12,7 @@ from torch import nn
 
 from .batchnorm import BatchNorm2d
 from .residual import BlockOptions, init_weights, make_stage
+from .upsample import upsample_bilinear
 
 ENCODER_WIDTHS = (64, 128, 256, 512)
 
@@ -53,7 +54,15 @@ class StudentDecoder(nn.Module):
 
     @staticmethod
     def _up(x: torch.Tensor) -> torch.Tensor:
-        return F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)
+        """x2 bilinear upsampling. In training it is `upsample_bilinear` (the same
+        values): compiled, F.interpolate's backward became atomic scatter-adds,
+        and a compiled bf16 stage-1 step of PFADSeg at batch 16 took 1.05
+        instead of 1.13 s with the shifted sums (one-process A/B, AMD EPYC).
+        Without gradients (stage 2, inference) the shifted sums were not faster."""
+        size = (2 * x.shape[-2], 2 * x.shape[-1])
+        if torch.is_grad_enabled():
+            return upsample_bilinear(x, size)
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         s3 = self.stage3(self._up(self.stage4(x)))
