@@ -58,7 +58,9 @@ class StudentDecoder(nn.Module):
         values): compiled, F.interpolate's backward became atomic scatter-adds,
         and a compiled bf16 stage-1 step of PFADSeg at batch 16 took 1.05
         instead of 1.13 s with the shifted sums (one-process A/B, AMD EPYC).
-        Without gradients (stage 2, inference) the shifted sums were not faster."""
+        Without gradients (stage 2's frozen half, inference) it stays
+        F.interpolate, as before: an earlier measurement found the shifted sums
+        no faster for these steps."""
         size = (2 * x.shape[-2], 2 * x.shape[-1])
         if torch.is_grad_enabled():
             return upsample_bilinear(x, size)
