@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .autocast import compute_dtype
+
 CL = torch.channels_last
 
 
@@ -75,7 +77,6 @@ class DepthwiseConv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and torch.is_grad_enabled()):
             return super().forward(x)
-        device = x.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        dtype = compute_dtype(x)
         pad_h, pad_w = self.padding  # type: ignore[misc]
         return depthwise_conv(x.to(dtype), self.weight.to(dtype), self.bias.to(dtype), pad_h, pad_w)

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .autocast import compute_dtype
 from .layout import layout_of
 
 
@@ -73,6 +74,5 @@ class DilatedConv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and torch.is_grad_enabled()):
             return super().forward(x)
-        device = x.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        dtype = compute_dtype(x)
         return _DilatedConv.apply(x.to(dtype), self.weight.to(dtype), self.dilation[0])
