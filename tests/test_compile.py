@@ -187,3 +187,28 @@ def test_compiled_upsample_matches_interpolate(size: tuple[int, int], out: tuple
     assert torch.allclose(ours, ref, atol=1e-6)
     grads = [torch.autograd.grad((y * g).sum(), x)[0] for y in (ours, ref)]
     assert torch.allclose(*grads, atol=1e-5)
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_compiled_maxpool_trains_like_nn_maxpool(dtype: torch.dtype, layout: torch.memory_format) -> None:
+    """pfadseg's MaxPool2d, compiled for training (the student stem's 3x3, stride
+    2, after a ReLU), gives nn.MaxPool2d's output and gradient exactly, in the
+    input's layout; ties and odd sizes included."""
+    from pfadseg.models.maxpool import MaxPool2d
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 17, 20).to(dtype).contiguous(memory_format=layout)
+    g = torch.randn(2, 6, 9, 10).to(dtype)
+    results = []
+    for pool, wrap in ((MaxPool2d(3, 2, 1), torch.compile), (torch.nn.MaxPool2d(3, stride=2, padding=1), None)):
+        xi = x.clone().requires_grad_()
+        fn = (lambda t, p=pool: p(torch.relu(t)))  # noqa: E731
+        y = (wrap(fn, dynamic=False) if wrap else fn)(xi)
+        (y * g).sum().backward()
+        results.append((y, xi.grad))
+    (y, gx), (y_ref, gx_ref) = results
+    assert torch.equal(y, y_ref) and torch.equal(gx, gx_ref)
+    assert y.is_contiguous(memory_format=layout) and gx.is_contiguous(memory_format=layout)
+    assert _compilations() > 0

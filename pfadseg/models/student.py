@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .batchnorm import BatchNorm2d
+from .maxpool import MaxPool2d
 from .residual import BlockOptions, init_weights, make_stage
 from .upsample import upsample_bilinear
 
@@ -26,7 +27,7 @@ class StudentEncoder(nn.Module):
             nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False),
             BatchNorm2d(64),
             nn.ReLU(inplace=True),
-            nn.MaxPool2d(3, stride=2, padding=1),
+            MaxPool2d(3, stride=2, padding=1),
         )
         w = ENCODER_WIDTHS
         self.stages = nn.Sequential(
