@@ -11,6 +11,9 @@ side by side in one run:
   stage 2 only) and "eager" (the same without torch.compile); each (model, path)
   runs in its own subprocess, whose ru_maxrss is the peak resident memory of
   training alone; warm-up steps (and compilation) are not timed;
+* the same three trainers again, all in one process, one step of each in turn
+  ("turns"): the training speed-ups (`train_speedup_stage1` etc.) divide these,
+  taken over the same minutes; the solo processes' ratios are `*_solo`;
 * inference ms/image at batch 1 and images/s at batch 16 (`pfadseg.inference`):
   plain fp32, "opt" (what `pfadseg test/predict` run by default: bf16 +
   channels_last) and "compiled" (`--compile`: Inductor, frozen weights; batch
@@ -132,6 +135,36 @@ def train_child(args: argparse.Namespace) -> dict:
     return out
 
 
+def turns_child(args: argparse.Namespace) -> dict:
+    """Images/s of both stages for all three paths in one process, one step of each
+    in turn: the speed-ups divide figures taken over the same minutes. (The solo
+    children run minutes apart, and this machine's speed drifts between them: the
+    same compiled stage-1 step took 1.066 s in one process and 1.138 s in another
+    started a few minutes later.)"""
+    with tempfile.TemporaryDirectory() as tmp:
+        trainers = {}
+        for mode in MODES:
+            config = TrainConfig(batch_size=args.batch, stage1_steps=10**9, stage2_steps=1,
+                                 seed=0, **MODES[mode])
+            model = build_model(args.models[0], args.teacher, args.size)
+            trainers[mode] = Trainer(model, config, train_data(args.size), Path(tmp) / mode)
+        out: dict = {}
+        for stage in (1, 2):
+            for trainer in trainers.values():
+                trainer.step = 0 if stage == 1 else trainer.config.stage1_steps
+                for _ in range(2):  # warm-up (and compilation)
+                    assert trainer.train_step()["stage"] == stage
+            seconds = dict.fromkeys(trainers, 0.0)
+            for _ in range(args.iters):
+                for mode, trainer in trainers.items():
+                    start = time.perf_counter()
+                    trainer.train_step()
+                    seconds[mode] += time.perf_counter() - start
+            for mode in trainers:
+                out[f"stage{stage}_img_s_{mode}"] = args.iters * args.batch / seconds[mode]
+    return out
+
+
 def profile_stage2(trainer: Trainer, config: TrainConfig, steps: int = 2) -> list[dict]:
     """Top operators (self CPU time) of a few stage-2 training steps."""
     from torch.profiler import ProfilerActivity, profile
@@ -160,7 +193,7 @@ def infer_child(args: argparse.Namespace) -> dict:
 
 
 def run_child(args: argparse.Namespace, model: str, mode: str) -> dict:
-    """Run `train_child` (or `infer_child` for mode "infer") in a fresh interpreter,
+    """Run `train_child` (`infer_child` for mode "infer", `turns_child` for "turns") in a fresh interpreter,
     so that its peak RSS is that work's alone and no other model shares its heap."""
     cmd = [sys.executable, os.path.abspath(__file__), "--_child", mode,
            "--models", model, "--teacher", args.teacher, "--size", str(args.size),
@@ -320,12 +353,16 @@ def bench_model(args: argparse.Namespace, name: str, peak: float) -> dict:
         child = run_child(args, name, mode)
         for key, value in child.items():
             res[f"train_{key}_{mode}" if key != "profile_stage2" else key] = value
+    for key, value in run_child(args, name, "turns").items():
+        res[f"train_{key}_turns"] = value
     res.update(run_child(args, name, "infer"))
     for stage in (1, 2):
-        res[f"train_speedup_stage{stage}"] = (res[f"train_stage{stage}_img_s_opt"]
-                                              / res[f"train_stage{stage}_img_s_fp32"])
-        res[f"train_speedup_stage{stage}_eager"] = (res[f"train_stage{stage}_img_s_eager"]
-                                                    / res[f"train_stage{stage}_img_s_fp32"])
+        for path, suffix in (("opt", ""), ("eager", "_eager")):
+            # headline: the paths' steps in turn in one process; "_solo": each in its own
+            res[f"train_speedup_stage{stage}{suffix}"] = (res[f"train_stage{stage}_img_s_{path}_turns"]
+                                                          / res[f"train_stage{stage}_img_s_fp32_turns"])
+            res[f"train_speedup_stage{stage}{suffix}_solo"] = (res[f"train_stage{stage}_img_s_{path}"]
+                                                               / res[f"train_stage{stage}_img_s_fp32"])
         for mode in MODES:
             gflops = res[f"train_stage{stage}_gflop_per_img"] * res[f"train_stage{stage}_img_s_{mode}"]
             res[f"train_stage{stage}_gflop_s_{mode}"] = gflops
@@ -376,6 +413,10 @@ def print_table(result: dict) -> None:
     rows = [
         ("train stage 1 img/s", "train_stage1_img_s_fp32", "train_stage1_img_s_eager", "train_stage1_img_s_opt"),
         ("train stage 2 img/s", "train_stage2_img_s_fp32", "train_stage2_img_s_eager", "train_stage2_img_s_opt"),
+        ("train stage 1 in turn img/s", "train_stage1_img_s_fp32_turns", "train_stage1_img_s_eager_turns",
+         "train_stage1_img_s_opt_turns"),
+        ("train stage 2 in turn img/s", "train_stage2_img_s_fp32_turns", "train_stage2_img_s_eager_turns",
+         "train_stage2_img_s_opt_turns"),
         ("infer bs1 ms/img", "infer_bs1_ms_fp32", "infer_bs1_ms_opt", None),
         (f"infer bs{b} img/s", f"infer_bs{b}_img_s_fp32", f"infer_bs{b}_img_s_opt", f"infer_bs{b}_img_s_compiled"),
         ("train stage 1 GFLOP/s", "train_stage1_gflop_s_fp32", "train_stage1_gflop_s_eager", "train_stage1_gflop_s_opt"),
@@ -393,10 +434,14 @@ def print_table(result: dict) -> None:
         for label, k32, keager, kcomp in rows:
             comp = f"{res[kcomp]:10.2f}" if kcomp else f"{'-':>10s}"
             print(f"  {label:24s}{res[k32]:10.2f}{res[keager]:12.2f}{comp}")
-        print(f"  speed-up over fp32: train stage 1 {res['train_speedup_stage1']:.2f}x, "
+        print(f"  speed-up over fp32 (training: steps in turn): train stage 1 {res['train_speedup_stage1']:.2f}x "
+              f"(eager {res['train_speedup_stage1_eager']:.2f}x), "
               f"stage 2 {res['train_speedup_stage2']:.2f}x (eager {res['train_speedup_stage2_eager']:.2f}x); "
               f"infer bs{b} {res[f'infer_speedup_bs{b}']:.2f}x "
               f"(compiled {res[f'infer_speedup_bs{b}_compiled']:.2f}x)")
+        print(f"  training speed-up, each path in its own process: stage 1 "
+              f"{res['train_speedup_stage1_solo']:.2f}x (eager {res['train_speedup_stage1_eager_solo']:.2f}x), "
+              f"stage 2 {res['train_speedup_stage2_solo']:.2f}x (eager {res['train_speedup_stage2_eager_solo']:.2f}x)")
         print(f"  fraction of the bf16 conv peak timed beside it: infer bs{b} compiled "
               f"{res['infer_fraction_of_peak']:.1%} of {res['infer_peak_beside_gflop_s_compiled']:.0f} GFLOP/s "
               f"(eager {res['infer_fraction_of_peak_eager']:.1%}), "
@@ -426,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="torch.profiler top ops of optimised stage-2 training steps")
     parser.add_argument("--default-allocator", action="store_true",
                         help="leave glibc's allocator as it is (the CLI keeps large tensors in its heap)")
-    parser.add_argument("--_child", dest="child", choices=[*MODES, "infer"],
+    parser.add_argument("--_child", dest="child", choices=[*MODES, "infer", "turns"],
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.iters = args.iters or (1 if args.quick else 3)
@@ -435,7 +480,8 @@ def main(argv: list[str] | None = None) -> int:
 
     heap = not args.default_allocator and keep_large_tensors_in_heap()  # as the CLI does
     if args.child:
-        print(json.dumps(infer_child(args) if args.child == "infer" else train_child(args)))
+        child = {"infer": infer_child, "turns": turns_child}.get(args.child, train_child)
+        print(json.dumps(child(args)))
         return 0
 
     start = time.perf_counter()
@@ -455,7 +501,8 @@ def main(argv: list[str] | None = None) -> int:
         result["models"][name] = bench_model(args, name, peak)
     main_model = result["models"].get("pfadseg") or result["models"][args.models[-1]]
     b = args.batch
-    for key in ("train_speedup_stage1", "train_speedup_stage2", f"infer_speedup_bs{b}",
+    for key in ("train_speedup_stage1", "train_speedup_stage2", "train_speedup_stage1_eager",
+                "train_speedup_stage1_solo", "train_speedup_stage2_solo", f"infer_speedup_bs{b}",
                 f"infer_speedup_bs{b}_compiled", "infer_fraction_of_peak",
                 "infer_fraction_of_peak_eager", "infer_fraction_of_start_peak",
                 "train_stage2_fraction_of_peak", "train_stage2_fraction_of_start_peak", "peak_rss_train_gib"):
