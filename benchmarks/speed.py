@@ -38,7 +38,7 @@ side by side in one run:
     python benchmarks/speed.py --profile            # + torch.profiler top ops, pfadseg stage 2
 
 Random teacher weights (`--teacher resnet18`) are fine: speed does not depend on weights.
-The full run (`--iters 5`) takes about 6 minutes per model on 2 idle cores (stage-2 training of
+The full run (`--iters 5`) takes about 7-8 minutes per model on 2 idle cores (stage-2 training of
 PFADSeg at 256x256 needs ~146 GFLOP per image); `--quick` runs at 64x64 and
 says nothing about 256x256 speed, only that the script works. Run it on an
 otherwise idle machine: the JSON records the load average and any `pfadseg
