@@ -413,9 +413,9 @@ def print_table(result: dict) -> None:
     rows = [
         ("train stage 1 img/s", "train_stage1_img_s_fp32", "train_stage1_img_s_eager", "train_stage1_img_s_opt"),
         ("train stage 2 img/s", "train_stage2_img_s_fp32", "train_stage2_img_s_eager", "train_stage2_img_s_opt"),
-        ("train stage 1 in turn img/s", "train_stage1_img_s_fp32_turns", "train_stage1_img_s_eager_turns",
+        ("stage 1 in turn, img/s", "train_stage1_img_s_fp32_turns", "train_stage1_img_s_eager_turns",
          "train_stage1_img_s_opt_turns"),
-        ("train stage 2 in turn img/s", "train_stage2_img_s_fp32_turns", "train_stage2_img_s_eager_turns",
+        ("stage 2 in turn, img/s", "train_stage2_img_s_fp32_turns", "train_stage2_img_s_eager_turns",
          "train_stage2_img_s_opt_turns"),
         ("infer bs1 ms/img", "infer_bs1_ms_fp32", "infer_bs1_ms_opt", None),
         (f"infer bs{b} img/s", f"infer_bs{b}_img_s_fp32", f"infer_bs{b}_img_s_opt", f"infer_bs{b}_img_s_compiled"),
