@@ -7,23 +7,16 @@ from torch import nn
 from .layout import layout_of
 
 
-@torch.library.custom_op("pfadseg::max_pool2d", mutates_args=())
-def max_pool2d(x: torch.Tensor, kernel: int, stride: int, padding: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Square max pooling of x: (pooled map, argmax indices), both in x's layout."""
+def _pool(x: torch.Tensor, kernel: int, stride: int, padding: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Square max pooling of x: (pooled map, argmax indices), both in x's layout.
+    On fake tensors ATen's shape rules give the fake outputs."""
     out, indices = torch.ops.aten.max_pool2d_with_indices(x, [kernel] * 2, [stride] * 2, [padding] * 2)
-    return out.contiguous(memory_format=layout_of(x)), indices.contiguous(memory_format=layout_of(x))
+    layout = layout_of(x)
+    return out.contiguous(memory_format=layout), indices.contiguous(memory_format=layout)
 
 
-def _pooled_shape(x: torch.Tensor, kernel: int, stride: int, padding: int) -> tuple[int, ...]:
-    n, c, h, w = x.shape
-    return (n, c, (h + 2 * padding - kernel) // stride + 1, (w + 2 * padding - kernel) // stride + 1)
-
-
-@max_pool2d.register_fake
-def _(x: torch.Tensor, kernel: int, stride: int, padding: int) -> tuple[torch.Tensor, torch.Tensor]:
-    shape, layout = _pooled_shape(x, kernel, stride, padding), layout_of(x)
-    return (torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=layout),
-            torch.empty(shape, dtype=torch.long, device=x.device, memory_format=layout))
+max_pool2d = torch.library.custom_op("pfadseg::max_pool2d", _pool, mutates_args=())
+max_pool2d.register_fake(_pool)
 
 
 @torch.library.custom_op("pfadseg::max_pool2d_backward", mutates_args=())
