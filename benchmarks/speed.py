@@ -105,21 +105,32 @@ def train_data(size: int, count: int = 32) -> TrainData:
 
 
 # --- training (runs in a child process) -------------------------------------------
+def bench_trainer(args: argparse.Namespace, mode: str, out_dir: Path) -> Trainer:
+    """A trainer of one path on the benchmark's in-memory data, never leaving stage 1
+    until `warm_up` moves it on."""
+    config = TrainConfig(batch_size=args.batch, stage1_steps=10**9, stage2_steps=1,
+                         seed=0, **MODES[mode])
+    return Trainer(build_model(args.models[0], args.teacher, args.size), config,
+                   train_data(args.size), out_dir)
+
+
+def warm_up(trainer: Trainer, stage: int) -> None:
+    """Put the trainer in `stage` and take two untimed steps (they compile it)."""
+    trainer.step = 0 if stage == 1 else trainer.config.stage1_steps
+    for _ in range(2):
+        assert trainer.train_step()["stage"] == stage
+
+
 def train_child(args: argparse.Namespace) -> dict:
     """Images/s of both stages for one (model, mode); ru_maxrss of this process. The
     bf16 modes time the conv peak beside their steps (`timed`)."""
     mode = args.child
     beside = PeakConv(batch=args.conv_batch) if MODES[mode]["bf16"] else None
-    model = build_model(args.models[0], args.teacher, args.size)
-    config = TrainConfig(batch_size=args.batch, stage1_steps=10**9, stage2_steps=1,
-                         seed=0, **MODES[mode])
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(model, config, train_data(args.size), Path(tmp))
+        trainer = bench_trainer(args, mode, Path(tmp))
         out: dict = {"bf16_active": trainer.use_bf16}
         for stage in (1, 2):
-            trainer.step = 0 if stage == 1 else config.stage1_steps
-            for _ in range(2):  # warm-up (and compilation)
-                assert trainer.train_step()["stage"] == stage
+            warm_up(trainer, stage)
             seconds, peak = timed(trainer.train_step, args.iters, beside)
             if peak is not None:
                 out[f"stage{stage}_peak_beside_gflop_s"] = peak
@@ -130,7 +141,7 @@ def train_child(args: argparse.Namespace) -> dict:
             trainer._batch()
         out["batch_prep_s"] = (time.perf_counter() - start) / max(args.iters, 2)
         if args.profile and mode == "opt":
-            out["profile_stage2"] = profile_stage2(trainer, config)
+            out["profile_stage2"] = profile_stage2(trainer, trainer.config)
     out["peak_rss_gib"] = rss_gib()
     return out
 
@@ -142,18 +153,11 @@ def turns_child(args: argparse.Namespace) -> dict:
     same compiled stage-1 step took 1.066 s in one process and 1.138 s in another
     started a few minutes later.)"""
     with tempfile.TemporaryDirectory() as tmp:
-        trainers = {}
-        for mode in MODES:
-            config = TrainConfig(batch_size=args.batch, stage1_steps=10**9, stage2_steps=1,
-                                 seed=0, **MODES[mode])
-            model = build_model(args.models[0], args.teacher, args.size)
-            trainers[mode] = Trainer(model, config, train_data(args.size), Path(tmp) / mode)
+        trainers = {mode: bench_trainer(args, mode, Path(tmp) / mode) for mode in MODES}
         out: dict = {}
         for stage in (1, 2):
             for trainer in trainers.values():
-                trainer.step = 0 if stage == 1 else trainer.config.stage1_steps
-                for _ in range(2):  # warm-up (and compilation)
-                    assert trainer.train_step()["stage"] == stage
+                warm_up(trainer, stage)
             seconds = dict.fromkeys(trainers, 0.0)
             for _ in range(args.iters):
                 for mode, trainer in trainers.items():
