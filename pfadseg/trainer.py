@@ -25,6 +25,7 @@ from .config import TrainConfig
 from .inference import autocast, bf16_supported, compiled, infer, to_input
 from .memory import release_free_memory
 from .models import AnomalyModel, ModelConfig
+from .sgd import SGD
 from .synthesis import DefectSynthesizer, rotate_images
 
 log = logging.getLogger(__name__)
@@ -80,14 +81,12 @@ class Trainer:
         self._stage1: Callable | None = None
         self._stage2: tuple[Callable, Callable] | None = None
         seg = model.segmentation
-        self.opt_student = torch.optim.SGD(model.student.parameters(), lr=config.lr_student,
-                                           momentum=config.momentum, weight_decay=config.weight_decay,
-                                           fused=True)
-        self.opt_seg = torch.optim.SGD(
+        self.opt_student = SGD(model.student.parameters(), lr=config.lr_student,
+                               momentum=config.momentum, weight_decay=config.weight_decay)
+        self.opt_seg = SGD(
             [{"params": seg.res.parameters(), "lr": config.lr_seg_res},
              {"params": seg.head.parameters(), "lr": config.lr_seg_head}],
-            lr=config.lr_seg_res, momentum=config.momentum, weight_decay=config.weight_decay,
-            fused=True)
+            lr=config.lr_seg_res, momentum=config.momentum, weight_decay=config.weight_decay)
         if config.channels_last:
             model.to(memory_format=torch.channels_last)
 
@@ -245,7 +244,7 @@ class Trainer:
                 if key.startswith(f"opt.{name}."):
                     idx, field = key[len(name) + 5:].split(".", 1)
                     param = params[int(idx)]
-                    if value.shape == param.shape:  # the fused SGD needs the param's layout
+                    if value.shape == param.shape:  # in the param's layout, as SGD keeps it
                         value = torch.empty_like(param).copy_(value)
                     state.setdefault(int(idx), {})[field] = value
             opt.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
