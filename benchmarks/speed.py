@@ -11,9 +11,10 @@ side by side in one run:
   stage 2 only) and "eager" (the same without torch.compile); each (model, path)
   runs in its own subprocess, whose ru_maxrss is the peak resident memory of
   training alone; warm-up steps (and compilation) are not timed;
-* the same three trainers again, all in one process, one step of each in turn
-  ("turns"): the training speed-ups (`train_speedup_stage1` etc.) divide these,
-  taken over the same minutes; the solo processes' ratios are `*_solo`;
+* the same three trainers again, each in a process of its own, all alive at once
+  and taking one step each in turn ("turns"): the training speed-ups
+  (`train_speedup_stage1` etc.) divide these, taken over the same minutes; the
+  solo processes' ratios are `*_solo`;
 * inference ms/image at batch 1 and images/s at batch 16 (`pfadseg.inference`):
   plain fp32, "opt" (what `pfadseg test/predict` run by default: bf16 +
   channels_last) and "compiled" (`--compile`: Inductor, frozen weights; batch
@@ -47,6 +48,7 @@ train` processes seen at the start.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -146,26 +148,62 @@ def train_child(args: argparse.Namespace) -> dict:
     return out
 
 
-def turns_child(args: argparse.Namespace) -> dict:
-    """Images/s of both stages for all three paths in one process, one step of each
-    in turn: the speed-ups divide figures taken over the same minutes. (The solo
-    children run minutes apart, and this machine's speed drifts between them: the
-    same compiled stage-1 step took 1.066 s in one process and 1.138 s in another
-    started a few minutes later.)"""
+def stepper_child(args: argparse.Namespace) -> None:
+    """One path's trainer, stepping when the parent says (`turns`): a line "warm S"
+    on stdin puts it in stage S (`warm_up`) and is answered "ok"; a line "step"
+    takes one timed step, answered with its seconds; end of input ends it."""
     with tempfile.TemporaryDirectory() as tmp:
-        trainers = {mode: bench_trainer(args, mode, Path(tmp) / mode) for mode in MODES}
-        out: dict = {}
-        for stage in (1, 2):
-            for trainer in trainers.values():
-                warm_up(trainer, stage)
-            seconds = dict.fromkeys(trainers, 0.0)
-            for _ in range(args.iters):
-                for mode, trainer in trainers.items():
-                    start = time.perf_counter()
-                    trainer.train_step()
-                    seconds[mode] += time.perf_counter() - start
-            for mode in trainers:
-                out[f"stage{stage}_img_s_{mode}"] = args.iters * args.batch / seconds[mode]
+        trainer = bench_trainer(args, args.child, Path(tmp))
+        for line in sys.stdin:
+            if line.startswith("warm"):
+                warm_up(trainer, int(line.split()[1]))
+                print("ok", flush=True)
+            else:
+                start = time.perf_counter()
+                trainer.train_step()
+                print(time.perf_counter() - start, flush=True)
+
+
+def turns(args: argparse.Namespace, model: str) -> dict:
+    """Images/s of both stages for the three paths, each in a process of its own, all
+    alive at once and stepping one at a time in turn: the speed-ups divide figures
+    taken over the same minutes. (Run minutes apart, the same compiled stage-1 step
+    took 1.066 s in one process and 1.138 s in another; run in turn inside one
+    process, the paths slowed each other: plain fp32 stage 1 took 2.28 s a step
+    there against 1.95 s alone, while the bf16 paths kept their speed:
+    benchmarks/results/speed_epyc_10e2fe8.json.)"""
+    procs: dict[str, subprocess.Popen] = {}
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as files:
+        try:
+            for mode in MODES:
+                err = files.enter_context(open(Path(tmp) / f"{mode}.err", "w"))
+                procs[mode] = subprocess.Popen(child_command(args, model, mode) + ["--_stepper"],
+                                               stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                               stderr=err, text=True)
+
+            def ask(mode: str, line: str) -> str:
+                procs[mode].stdin.write(line + "\n")
+                procs[mode].stdin.flush()
+                answer = procs[mode].stdout.readline()
+                if not answer:
+                    log = (Path(tmp) / f"{mode}.err").read_text()[-3000:]
+                    raise RuntimeError(f"stepper {model}/{mode} failed:\n{log}")
+                return answer
+
+            out: dict = {}
+            for stage in (1, 2):
+                for mode in MODES:
+                    ask(mode, f"warm {stage}")
+                seconds = dict.fromkeys(MODES, 0.0)
+                for _ in range(args.iters):
+                    for mode in MODES:
+                        seconds[mode] += float(ask(mode, "step"))
+                for mode in MODES:
+                    out[f"stage{stage}_img_s_{mode}"] = args.iters * args.batch / seconds[mode]
+        finally:
+            for proc in procs.values():
+                proc.stdin.close()
+                proc.wait()
     return out
 
 
@@ -196,9 +234,8 @@ def infer_child(args: argparse.Namespace) -> dict:
     return out
 
 
-def run_child(args: argparse.Namespace, model: str, mode: str) -> dict:
-    """Run `train_child` (`infer_child` for mode "infer", `turns_child` for "turns") in a fresh interpreter,
-    so that its peak RSS is that work's alone and no other model shares its heap."""
+def child_command(args: argparse.Namespace, model: str, mode: str) -> list[str]:
+    """This script's command line for a child of one (model, mode)."""
     cmd = [sys.executable, os.path.abspath(__file__), "--_child", mode,
            "--models", model, "--teacher", args.teacher, "--size", str(args.size),
            "--batch", str(args.batch), "--iters", str(args.iters)]
@@ -206,7 +243,13 @@ def run_child(args: argparse.Namespace, model: str, mode: str) -> dict:
         cmd.append("--profile")
     if args.default_allocator:
         cmd.append("--default-allocator")
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    return cmd
+
+
+def run_child(args: argparse.Namespace, model: str, mode: str) -> dict:
+    """Run `train_child` (`infer_child` for mode "infer") in a fresh interpreter,
+    so that its peak RSS is that work's alone and no other model shares its heap."""
+    proc = subprocess.run(child_command(args, model, mode), capture_output=True, text=True, check=False)
     if proc.returncode:
         raise RuntimeError(f"child {model}/{mode} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -357,7 +400,7 @@ def bench_model(args: argparse.Namespace, name: str, peak: float) -> dict:
         child = run_child(args, name, mode)
         for key, value in child.items():
             res[f"train_{key}_{mode}" if key != "profile_stage2" else key] = value
-    for key, value in run_child(args, name, "turns").items():
+    for key, value in turns(args, name).items():
         res[f"train_{key}_turns"] = value
     res.update(run_child(args, name, "infer"))
     for stage in (1, 2):
@@ -475,17 +518,19 @@ def main(argv: list[str] | None = None) -> int:
                         help="torch.profiler top ops of optimised stage-2 training steps")
     parser.add_argument("--default-allocator", action="store_true",
                         help="leave glibc's allocator as it is (the CLI keeps large tensors in its heap)")
-    parser.add_argument("--_child", dest="child", choices=[*MODES, "infer", "turns"],
-                        help=argparse.SUPPRESS)
+    parser.add_argument("--_child", dest="child", choices=[*MODES, "infer"], help=argparse.SUPPRESS)
+    parser.add_argument("--_stepper", dest="stepper", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.iters = args.iters or (1 if args.quick else 3)
     args.size = args.size or (64 if args.quick else 256)
     args.conv_batch = 2 if args.quick else 16  # the peak conv's batch
 
     heap = not args.default_allocator and keep_large_tensors_in_heap()  # as the CLI does
+    if args.stepper:
+        stepper_child(args)
+        return 0
     if args.child:
-        child = {"infer": infer_child, "turns": turns_child}.get(args.child, train_child)
-        print(json.dumps(child(args)))
+        print(json.dumps((infer_child if args.child == "infer" else train_child)(args)))
         return 0
 
     start = time.perf_counter()
