@@ -171,7 +171,9 @@ def turns(args: argparse.Namespace, model: str) -> dict:
     took 1.066 s in one process and 1.138 s in another; run in turn inside one
     process, the paths slowed each other: plain fp32 stage 1 took 2.28 s a step
     there against 1.95 s alone, while the bf16 paths kept their speed:
-    benchmarks/results/speed_epyc_10e2fe8.json.)"""
+    benchmarks/results/speed_epyc_10e2fe8.json. In own processes, compiled stage 2
+    still ran a quarter slower in turn than alone in one run, for no reason found:
+    speed_pfadseg_epyc_41687a3.json. Read the `*_solo` ratios beside these.)"""
     procs: dict[str, subprocess.Popen] = {}
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as files:
         try:
