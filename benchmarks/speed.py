@@ -407,7 +407,7 @@ def bench_model(args: argparse.Namespace, name: str, peak: float) -> dict:
     res.update(run_child(args, name, "infer"))
     for stage in (1, 2):
         for path, suffix in (("opt", ""), ("eager", "_eager")):
-            # headline: the paths' steps in turn in one process; "_solo": each in its own
+            # headline: the paths' steps in turn, each in its own process; "_solo": each run alone
             res[f"train_speedup_stage{stage}{suffix}"] = (res[f"train_stage{stage}_img_s_{path}_turns"]
                                                           / res[f"train_stage{stage}_img_s_fp32_turns"])
             res[f"train_speedup_stage{stage}{suffix}_solo"] = (res[f"train_stage{stage}_img_s_{path}"]
