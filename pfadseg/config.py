@@ -19,8 +19,7 @@ class TrainConfig:
     focal_gamma: float = 4.0
     grad_clip: float | None = None  # max gradient norm; the papers use none
     seed: int = 0
-    bf16: bool = True  # bf16 autocast where the CPU supports it
-    channels_last: bool = True
+    bf16: bool = True  # bf16 autocast where the device supports it
     compile: bool = True  # Inductor for stage 2 (segmentation net, frozen teacher+student)
     # Inductor for stage 1 too (the student's forward and backward): its 3 minutes or so of
     # compiling pays back only over long stage-1 schedules, so only those presets set it

@@ -11,21 +11,24 @@ import csv
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
+from . import distributed as dist
+from .calibration import Thresholds, calibrate, held_out_split
 from .config import TrainConfig
-from .inference import autocast, bf16_supported, compiled, infer, to_input
-from .memory import release_free_memory
+from .inference import to_input
 from .models import AnomalyModel, ModelConfig
-from .sgd import SGD
+from .models.losses import segmentation_loss, student_loss
+from .runtime import (autocast, bf16_supported, compiled, cpu_training_fixes, place, release_free_memory,
+                      resolve_device)
 from .synthesis import DefectSynthesizer, rotate_images
 
 log = logging.getLogger(__name__)
@@ -38,26 +41,6 @@ class TrainingError(RuntimeError):
     """Training cannot go on (non-finite loss, mismatched resume state)."""
 
 
-def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 4.0) -> torch.Tensor:
-    """Mean of BCE * (1 - p_t)^gamma (Lin et al.), computed from logits for stability."""
-    logits = logits.float()
-    p = torch.sigmoid(logits)
-    ce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
-    p_t = p * target + (1 - p) * (1 - target)
-    return (ce * (1 - p_t).pow(gamma)).mean()
-
-
-def l1_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean |sigmoid(logits) - target|: pushes the map towards sparse, sharp masks."""
-    return (torch.sigmoid(logits.float()) - target).abs().mean()
-
-
-def mask_target(mask: torch.Tensor, size: torch.Size) -> torch.Tensor:
-    """Synthetic mask downsampled bilinearly to the output size and thresholded at 0.5."""
-    small = F.interpolate(mask, size=size, mode="bilinear", align_corners=False)
-    return (small >= 0.5).float()
-
-
 @dataclass
 class TrainData:
     """What a run trains on: images in memory, the defect synthesiser, the rotation policy."""
@@ -68,80 +51,93 @@ class TrainData:
 
 
 class Trainer:
-    """Runs the schedule of a TrainConfig, writing state and a loss log to out_dir."""
+    """Runs the schedule of a TrainConfig on one device (or one rank of several),
+    writing state and a loss log to out_dir."""
 
-    def __init__(self, model: AnomalyModel, config: TrainConfig, data: TrainData, out_dir: Path) -> None:
-        self.model, self.config, self.data = model, config, data
+    def __init__(self, model: AnomalyModel, config: TrainConfig, data: TrainData, out_dir: Path,
+                 device: torch.device = torch.device("cpu")) -> None:
+        self.model, self.config, self.device = model, config, device
         self.out_dir = Path(out_dir)
-        self.use_bf16 = config.bf16 and bf16_supported()
-        self.generator = torch.Generator().manual_seed(config.seed)
+        self.use_bf16 = config.bf16 and bf16_supported(device)
+        place(model, device)
+        cpu_training_fixes(model, device, self.use_bf16)
+        # decoded once; on a GPU the images and textures live there and defects are drawn there
+        self.images = data.images.to(device)
+        self.synthesizer = DefectSynthesizer(data.synthesizer.textures.to(device), data.synthesizer.p_anomaly)
+        self.rotation = data.rotation
+        self.batch_size = dist.split_batch(config.batch_size)
+        # each rank draws its own batches and defects (CPU generator: same draws on any device)
+        self.generator = torch.Generator().manual_seed(config.seed + 1_000_003 * dist.rank())
+        self.student = dist.wrap(model.student, device)
+        self.segmentation = dist.wrap(model.segmentation, device)
         self.step = 0
         self.saved_step: int | None = None  # step of the state file this run last wrote
         self._teacher_cache: list[torch.Tensor] = []  # T1..T3 of every clean image
         self._stage1: Callable | None = None
         self._stage2: tuple[Callable, Callable] | None = None
         seg = model.segmentation
-        self.opt_student = SGD(model.student.parameters(), lr=config.lr_student,
-                               momentum=config.momentum, weight_decay=config.weight_decay)
-        self.opt_seg = SGD(
+        sgd = dict(momentum=config.momentum, weight_decay=config.weight_decay,
+                   fused=device.type in ("cpu", "cuda"))
+        self.opt_student = torch.optim.SGD(model.student.parameters(), lr=config.lr_student, **sgd)
+        self.opt_seg = torch.optim.SGD(
             [{"params": seg.res.parameters(), "lr": config.lr_seg_res},
-             {"params": seg.head.parameters(), "lr": config.lr_seg_head}],
-            lr=config.lr_seg_res, momentum=config.momentum, weight_decay=config.weight_decay)
-        if config.channels_last:
-            model.to(memory_format=torch.channels_last)
+             {"params": seg.head.parameters(), "lr": config.lr_seg_head}], lr=config.lr_seg_res, **sgd)
 
     # --- one step ----------------------------------------------------------------
     def _batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Indices, clean images, synthetic images and masks of one random batch."""
-        idx = torch.randint(len(self.data.images), (self.config.batch_size,), generator=self.generator)
-        clean = to_input(self.data.images[idx])
-        clean = rotate_images(clean, self.data.rotation, self.generator, padding="grey")
-        augmented, mask = self.data.synthesizer(clean, self.generator)
+        idx = torch.randint(len(self.images), (self.batch_size,), generator=self.generator)
+        clean = to_input(self.images[idx.to(self.device)])
+        clean = rotate_images(clean, self.rotation, self.generator, padding="grey")
+        augmented, mask = self.synthesizer(clean, self.generator)
         return idx, clean, augmented, mask
 
     def _clean_targets(self, idx: torch.Tensor) -> list[torch.Tensor] | None:
         """Teacher features of the clean images when nothing random touches them
         (no rotation): computed once for all images, in fixed chunks so a resumed
         run gets the same values, then looked up. None when they must be recomputed."""
-        if self.data.rotation != "none":
+        if self.rotation != "none":
             return None
         if not self._teacher_cache:
-            chunks = [self.model.teacher_features(to_input(self.data.images[i:i + 16]))
-                      for i in range(0, len(self.data.images), 16)]
+            chunks = [self.model.teacher_features(to_input(self.images[i:i + 16]))
+                      for i in range(0, len(self.images), 16)]
             self._teacher_cache = [torch.cat(level) for level in zip(*chunks)]
-        return [level[idx] for level in self._teacher_cache]
+        return [level[idx.to(self.device)] for level in self._teacher_cache]
+
+    def _student_loss(self, clean: torch.Tensor, augmented: torch.Tensor,
+                      targets: list[torch.Tensor] | None) -> torch.Tensor:
+        """Stage 1 (Eq. 4): the frozen teacher sees the clean image, the student the synthetic one."""
+        if targets is None:
+            targets = self.model.teacher_features(clean)
+        return student_loss(targets, self.student(self.model.normalize(augmented)))
 
     def _stage1_loss(self) -> Callable:
-        """Stage 1's student loss; with `compile_stage1` compiled by Inductor (the
-        student's forward and backward: about 1.2x faster steps for pfadseg at
-        batch 16 and 256x256, after about 3 minutes of compiling)."""
+        """Stage 1's loss, compiled where the preset says so (`compile_stage1`)."""
         if self._stage1 is None:
-            loss = self.model.student_loss
-            self._stage1 = compiled(loss) if self.config.compile_stage1 else loss
+            fn = self._student_loss
+            self._stage1 = compiled(fn, self.device) if self.config.compile_stage1 else fn
         return self._stage1
 
     def _drop_stage1_state(self) -> None:
         """Free what only stage 1 uses: the student's gradients and momentum, the
-        clean-image teacher features, its loss function (compiled or not), and the
-        heap memory stage 1 freed (stage 2's state files then hold no student
-        momentum; nothing steps the student again)."""
+        clean-image teacher features and its loss function (stage 2's state files
+        then hold no student momentum; nothing steps the student again)."""
         self.opt_student.zero_grad(set_to_none=True)
         self.opt_student.state.clear()
         self._teacher_cache = []
         self._stage1 = None
-        release_free_memory()
+        release_free_memory(self.device)
 
     def _stage2_forward(self) -> tuple[Callable, Callable]:
-        """Stage 2's two halves: the frozen teacher+student features, and the
-        segmentation net. With `compile`, both go through Inductor once stage 2
-        starts (the frozen half with its weights as constants): about 1.8x faster
-        steps for pfadseg at 256x256, after about a minute of compiling. Set up
-        once, when stage 2 starts, after dropping stage 1's state."""
+        """Stage 2's two halves: the frozen teacher+student features (compiled with
+        the weights as constants) and the segmentation net. Set up once, when
+        stage 2 starts, after dropping stage 1's state."""
         if self._stage2 is None:
             self._drop_stage1_state()
-            features, segment = self.model.segmentation_input, self.model.segmentation
+            features, segment = self.model.segmentation_input, self.segmentation
             if self.config.compile:
-                features, segment = compiled(features, frozen=True), compiled(segment)
+                features = compiled(features, self.device, frozen=True)
+                segment = compiled(segment, self.device)
             self._stage2 = (features, segment)
         return self._stage2
 
@@ -149,44 +145,39 @@ class Trainer:
         """One optimiser step of the current stage; returns its losses."""
         stage = 1 if self.step < self.config.stage1_steps else 2
         idx, clean, augmented, mask = self._batch()
-        first_of_stage2 = stage == 2 and self._stage2 is None  # compiles stage 2
         if stage == 1:
             self.model.student.train()
-            with autocast(self.use_bf16):
-                targets = self._clean_targets(idx)
-                loss = self._stage1_loss()(clean, augmented, targets=targets)
-            parts = {"cosine": loss.item()}
+            with autocast(self.device, self.use_bf16):
+                loss = self._stage1_loss()(clean, augmented, self._clean_targets(idx))
+            parts = {"cosine": loss}
             optimizer = self.opt_student
         else:
             self.model.student.eval()
             self.model.segmentation.train()
             features, segment = self._stage2_forward()
-            with autocast(self.use_bf16):
-                with torch.no_grad():  # Inductor freezes weights only in no-grad graphs
+            with autocast(self.device, self.use_bf16):
+                with torch.no_grad():
                     feats = features(augmented)[0]
                 logits = segment(feats)
-            target = mask_target(mask, logits.shape[-2:])
-            focal = focal_loss(logits, target, self.config.focal_gamma)
-            l1 = l1_loss(logits, target)
+            focal, l1 = segmentation_loss(logits, mask, self.config.focal_gamma)  # Eqs. 10-11
             loss = focal + l1
-            parts = {"focal": focal.item(), "l1": l1.item()}
+            parts = {"focal": focal, "l1": l1}
             optimizer = self.opt_seg
-        if not math.isfinite(loss.item()):
-            raise TrainingError(
-                f"non-finite loss ({loss.item()}) at step {self.step + 1} (stage {stage}); "
-                f"stopped. {self._last_good()} Fix: check the input images, or lower the "
-                "learning rate (--lr-student) and start again with another --out "
-                "(--resume keeps the saved settings)." + self._bf16_hint())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.config.grad_clip is not None:
             params = [p for group in optimizer.param_groups for p in group["params"]]
             torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
+        value = loss.item()
+        if not math.isfinite(value):
+            raise TrainingError(
+                f"non-finite loss ({value}) at step {self.step + 1} (stage {stage}); "
+                f"stopped. {self._last_good()} Fix: check the input images, or lower the "
+                "learning rate (--lr-student) and start again with another --out "
+                "(--resume keeps the saved settings)." + self._bf16_hint())
         optimizer.step()
-        if first_of_stage2:
-            release_free_memory()
         self.step += 1
-        return {"stage": stage, "loss": loss.item(), **parts}
+        return {"stage": stage, "loss": value, **{k: v.item() for k, v in parts.items()}}
 
     # --- state -------------------------------------------------------------------
     def _optimizers(self) -> dict[str, torch.optim.Optimizer]:
@@ -216,16 +207,20 @@ class Trainer:
             raise TrainingError(f"non-finite weights after step {self.step} ({bad[0]}); not "
                                 f"saved. {self._last_good()} Fix: lower the learning rate "
                                 "(--lr-student) and start again with another --out.")
-        tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
-        for name, opt in self._optimizers().items():
-            for idx, st in opt.state_dict()["state"].items():
-                for key, value in st.items():
-                    if torch.is_tensor(value):
-                        tensors[f"opt.{name}.{idx}.{key}"] = value
-        tensors["rng"] = self.generator.get_state()
-        meta = {"format": STATE_FORMAT, "format_version": ckpt.FORMAT_VERSION, "step": self.step,
-                "model": self.model.config.to_dict(), "train": self.config.to_dict()}
-        ckpt.atomic_save(tensors, meta, self.out_dir / STATE_NAME)
+        rngs = dist.gather(self.generator.get_state())  # every rank draws its own batches
+        if dist.is_main():
+            tensors = {f"model.{k}": v.detach().cpu() for k, v in self.model.state_dict().items()}
+            for name, opt in self._optimizers().items():
+                for idx, st in opt.state_dict()["state"].items():
+                    for key, value in st.items():
+                        if torch.is_tensor(value):
+                            tensors[f"opt.{name}.{idx}.{key}"] = value.detach().cpu()
+            tensors.update({_rng_key(r): state for r, state in enumerate(rngs)})
+            meta = {"format": STATE_FORMAT, "format_version": ckpt.FORMAT_VERSION, "step": self.step,
+                    "world_size": dist.world_size(), "model": self.model.config.to_dict(),
+                    "train": self.config.to_dict()}
+            ckpt.atomic_save(tensors, meta, self.out_dir / STATE_NAME)
+        dist.barrier()
         self.saved_step = self.step
 
     def load_state(self, path: Path) -> None:
@@ -242,18 +237,24 @@ class Trainer:
             for key, value in tensors.items():
                 if key.startswith(f"opt.{name}."):
                     idx, field = key[len(name) + 5:].split(".", 1)
-                    state.setdefault(int(idx), {})[field] = value  # SGD puts it in the param's layout
+                    state.setdefault(int(idx), {})[field] = value
             opt.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
-        self.generator.set_state(tensors["rng"])
+        key = _rng_key(dist.rank())
+        if int(meta.get("world_size", 1)) != dist.world_size() or key not in tensors:
+            raise TrainingError(f"{path} was written by a run of {meta.get('world_size', 1)} "
+                                f"process(es), not {dist.world_size()}. Fix: resume with the same "
+                                "number of processes (torchrun --nproc-per-node).")
+        self.generator.set_state(tensors[key])
         self.step = self.saved_step = int(meta["step"])
 
     # --- the whole run -----------------------------------------------------------
     def run(self, progress: bool = True) -> None:
         """Train until the schedule ends, saving state every `save_every` steps."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        log_path = self.out_dir / "losses.csv"
+        main = dist.is_main()
+        log_path = self.out_dir / "losses.csv" if main else Path(os.devnull)
         new_log = not log_path.exists() or self.step == 0
-        if not new_log:
+        if main and not new_log:
             _trim_log(log_path, self.step)
         cfg = self.config
         with open(log_path, "w" if new_log else "a", newline="") as fh:
@@ -261,7 +262,7 @@ class Trainer:
             if new_log:
                 writer.writerow(["step", "stage", "loss", "cosine", "focal", "l1", "seconds"])
             bar = tqdm(total=cfg.total_steps, initial=self.step, desc="training", unit="step",
-                       disable=not progress, dynamic_ncols=True)
+                       disable=not (progress and main), dynamic_ncols=True)
             start = time.perf_counter()
             while self.step < cfg.total_steps:
                 out = self.train_step()
@@ -278,12 +279,18 @@ class Trainer:
         if self.saved_step != self.step:
             self.save_state()
 
-    def calibrate_threshold(self, batch_size: int = 16) -> float:
-        """Image-score threshold: the highest score of any training image, so that
-        no defect-free training image would be flagged."""
-        _, _, scores = infer(self.model, self.data.images, batch_size, bf16=self.use_bf16,
-                             channels_last=self.config.channels_last)
-        return float(scores.max())
+    def calibrate_threshold(self, good_images: torch.Tensor, source: str,
+                            batch_size: int = 16) -> Thresholds:
+        """Image and pixel thresholds from good images (uint8, ideally never trained
+        on) and the run's synthetic defects on them; see pfadseg.calibration. (The
+        highest training-image score, used before, sat far above real defects.)"""
+        return calibrate(self.model, good_images, self.synthesizer, self.config.seed,
+                         batch_size=batch_size, bf16=self.use_bf16, source=source)
+
+
+def _rng_key(rank: int) -> str:
+    """State-file key of a rank's generator state ("rng" for rank 0, as one process writes)."""
+    return "rng" if rank == 0 else f"rng.{rank}"
 
 
 def _trim_log(log_path: Path, step: int) -> None:
@@ -307,9 +314,13 @@ def _unfinished(state_path: Path) -> bool:
 
 def train(model_config: ModelConfig, train_config: TrainConfig, data: TrainData, out_dir: Path,
           teacher_weights: str | None = None, resume: bool = False, progress: bool = True,
-          extra_meta: dict | None = None) -> Path:
-    """Train a model and write out_dir/checkpoint.safetensors; returns its path."""
+          extra_meta: dict | None = None, device: str | torch.device = "auto") -> Path:
+    """Train a model and write out_dir/checkpoint.safetensors; returns its path.
+
+    Under torchrun each process trains on its share of every batch and rank 0
+    alone writes files; `device` "cuda" then means this rank's GPU."""
     out_dir = Path(out_dir)
+    device = dist.setup(resolve_device(device))
     state_path = out_dir / STATE_NAME
     if resume:
         if not state_path.is_file():
@@ -321,17 +332,27 @@ def train(model_config: ModelConfig, train_config: TrainConfig, data: TrainData,
         raise TrainingError(f"{out_dir} holds an unfinished run ({state_path}). Fix: add "
                             "--resume to continue it, or choose another --out.")
     torch.manual_seed(train_config.seed)
+    train_idx, held_idx = held_out_split(len(data.images), train_config.seed)
+    held_out = data.images[held_idx]  # for calibration only: never trained on
+    data = replace(data, images=data.images[train_idx])
     model = AnomalyModel.build(model_config, teacher_weights)
-    trainer = Trainer(model, train_config, data, out_dir)
+    trainer = Trainer(model, train_config, data, out_dir, device)
     if resume:
         trainer.load_state(state_path)
         log.info("resumed at step %d of %d", trainer.step, train_config.total_steps)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.json").write_text(json.dumps(
-        {"model": model.config.to_dict(), "train": train_config.to_dict(), **(extra_meta or {})},
-        indent=2))
+    if dist.is_main():
+        (out_dir / "config.json").write_text(json.dumps(
+            {"model": model.config.to_dict(), "train": train_config.to_dict(),
+             "processes": dist.world_size(), **(extra_meta or {})}, indent=2))
     trainer.run(progress)
-    threshold = trainer.calibrate_threshold()
     path = out_dir / CHECKPOINT_NAME
-    ckpt.save_checkpoint(model, path, train_config.to_dict(), threshold, extra_meta)
+    if dist.is_main():
+        if len(held_out):
+            thresholds = trainer.calibrate_threshold(held_out, "held-out good images")
+        else:  # too few images to hold any out
+            thresholds = trainer.calibrate_threshold(data.images, "training images (too few to "
+                                                     "hold any out)")
+        ckpt.save_checkpoint(model.cpu(), path, train_config.to_dict(), thresholds, extra_meta)
+    dist.barrier()
     return path

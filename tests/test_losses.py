@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from pfadseg.config import PRESETS
 from pfadseg.models import AnomalyModel, ModelConfig
-from pfadseg.trainer import focal_loss, l1_loss, mask_target
+from pfadseg.models.losses import focal_loss, l1_loss, mask_target
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -336,14 +336,14 @@ def test_non_finite_loss_stops_and_keeps_last_good_state(tmp_path: Path, monkeyp
     train_data = TrainData(images, DefectSynthesizer(procedural_textures(2, SIZE)))
     out = tmp_path / "run"
     calls = {"n": 0}
-    real_loss = AnomalyModel.student_loss
+    real_loss = Trainer._student_loss
 
-    def loss_nan_at_step_2(self, clean, augmented, targets=None):
+    def loss_nan_at_step_2(self, clean, augmented, targets):
         calls["n"] += 1
         loss = real_loss(self, clean, augmented, targets)
         return loss * math.nan if calls["n"] == 2 else loss
 
-    monkeypatch.setattr(AnomalyModel, "student_loss", loss_nan_at_step_2)
+    monkeypatch.setattr(Trainer, "_student_loss", loss_nan_at_step_2)
     trainer = Trainer(model, cfg, train_data, out)
     with pytest.raises(TrainingError) as err:
         trainer.run(progress=False)

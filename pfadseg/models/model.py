@@ -11,11 +11,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .losses import l2_normalize, student_loss
 from .residual import BlockOptions
 from .segmentation import SegmentationNet
 from .student import Student
 from .teacher import Teacher, build_teacher
-from .upsample import upsample_bilinear
 
 TOP_K = 100  # image score = mean of the top-100 pixels of the anomaly map
 
@@ -55,21 +55,6 @@ class ModelConfig:
         return asdict(self)
 
 
-def l2_normalize(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
-    """Unit length over the channel axis: x / max(|x|, eps).
-
-    The official x / (sqrt(sum x^2) + eps) has a NaN gradient at an all-zero
-    feature vector (which a ReLU output can be); this form's is finite there.
-    """
-    norm = torch.linalg.vector_norm(x.float(), dim=1, keepdim=True).clamp_min(eps)
-    return x / norm.to(x.dtype)
-
-
-def cosine_distance(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """1 - cos(T, S) at every pixel: (B, 1, H, W)."""
-    return 1 - (l2_normalize(t.float()) * l2_normalize(s.float())).sum(dim=1, keepdim=True)
-
-
 class AnomalyModel(nn.Module):
     """Teacher + student + segmentation net, with the normalisation built in."""
 
@@ -102,16 +87,11 @@ class AnomalyModel(nn.Module):
 
     def student_loss(self, clean: torch.Tensor, augmented: torch.Tensor,
                      targets: list[torch.Tensor] | None = None) -> torch.Tensor:
-        """Stage 1: teacher on the clean image, student on the synthetic one.
-
-        Per level: 1 - cosine similarity, averaged over pixels; summed over the
-        three levels and over the batch (the official reduction). `targets`
-        are the clean images' teacher features when already known.
-        """
+        """Stage 1 (Eq. 4): teacher on the clean image, student on the synthetic one.
+        `targets` are the clean images' teacher features when already known."""
         if targets is None:
             targets = self.teacher_features(clean)
-        preds = self.student(self.normalize(augmented))
-        return sum(cosine_distance(t, s).mean(dim=(2, 3)).sum() for t, s in zip(targets, preds))
+        return student_loss(targets, self.student(self.normalize(augmented)))
 
     def segmentation_input(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Frozen teacher and student on the same images: the 448-channel (for
@@ -124,7 +104,7 @@ class AnomalyModel(nn.Module):
         parts, dists = [], []
         for t, s in zip(t_feats, s_feats):
             t, s = l2_normalize(t), l2_normalize(s)
-            parts.append(upsample_bilinear(-t * s, size))
+            parts.append(F.interpolate(-t * s, size=size, mode="bilinear", align_corners=False))
             dists.append(1 - (t.float() * s.float()).sum(dim=1, keepdim=True))
         return torch.cat(parts, dim=1), dists
 
@@ -135,18 +115,14 @@ class AnomalyModel(nn.Module):
 
     # --- inference ----------------------------------------------------------------
     @torch.no_grad()
-    def forward(self, images: torch.Tensor, seg_chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Anomaly maps at the input size: (segmentation map, DeST map), each (B, 1, H, W).
 
         The DeST map is the product over levels of 1 - cos(T_l, S_l), the
-        un-learned student-teacher map, useful for diagnosis. `seg_chunk` runs
-        the segmentation net on that many images at a time (same maps: in eval
-        mode every image is independent), which keeps its 64x64 maps in cache.
+        un-learned student-teacher map, useful for diagnosis.
         """
         feats, dists = self.segmentation_input(images)
-        parts = feats.split(seg_chunk) if seg_chunk else [feats]
-        logits = torch.cat([self.segmentation(part) for part in parts])
-        return self.anomaly_maps(logits, dists, images.shape[-2:])
+        return self.anomaly_maps(self.segmentation(feats), dists, images.shape[-2:])
 
     @staticmethod
     def anomaly_maps(logits: torch.Tensor, dists: list[torch.Tensor],

@@ -1,4 +1,4 @@
-"""Residual blocks: ResNet's BasicBlock and PFADSeg's PA residual block.
+"""Residual blocks: ResNet's BasicBlock and PFADSeg's PA residual block (Sec. 3.1, Fig. 3).
 
 One class covers both: `pcar` swaps the second 3x3 conv for PCAR and `aff`
 swaps the residual sum for AFF. With both off it is exactly ResNet's BasicBlock.
@@ -11,7 +11,6 @@ import torch
 from torch import nn
 
 from .aff import AFF
-from .batchnorm import BatchNorm2d
 from .pcar import PCAR
 
 
@@ -30,15 +29,15 @@ class ResidualBlock(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int = 1, opts: BlockOptions = BlockOptions()) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = BatchNorm2d(cout)
+        self.bn1 = nn.BatchNorm2d(cout)
         self.relu = nn.ReLU(inplace=True)
         self.conv2 = (PCAR(cout, opts.pcar_dilations) if opts.pcar
                       else nn.Conv2d(cout, cout, 3, padding=1, bias=False))
-        self.bn2 = BatchNorm2d(cout)
+        self.bn2 = nn.BatchNorm2d(cout)
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or cin != cout:
             self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False),
-                                          BatchNorm2d(cout))
+                                          nn.BatchNorm2d(cout))
         self.aff = AFF(cout) if opts.aff else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

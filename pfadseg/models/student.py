@@ -1,4 +1,4 @@
-"""The denoising student: a ResNet18-shaped encoder and its mirrored decoder.
+"""The denoising student (PFADSeg Sec. 3.1): a ResNet18-shaped encoder and its mirrored decoder.
 
 DeSTSeg's student is a plain ResNet18 encoder; PFADSeg's ("PA_ResNet18") builds
 the same network from PA residual blocks. The decoder uses only the deepest
@@ -10,10 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .batchnorm import BatchNorm2d
-from .maxpool import MaxPool2d
 from .residual import BlockOptions, init_weights, make_stage
-from .upsample import upsample_bilinear
 
 ENCODER_WIDTHS = (64, 128, 256, 512)
 
@@ -25,9 +22,9 @@ class StudentEncoder(nn.Module):
         super().__init__()
         self.stem = nn.Sequential(
             nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False),
-            BatchNorm2d(64),
+            nn.BatchNorm2d(64),
             nn.ReLU(inplace=True),
-            MaxPool2d(3, stride=2, padding=1),
+            nn.MaxPool2d(3, stride=2, padding=1),
         )
         w = ENCODER_WIDTHS
         self.stages = nn.Sequential(
@@ -55,17 +52,8 @@ class StudentDecoder(nn.Module):
 
     @staticmethod
     def _up(x: torch.Tensor) -> torch.Tensor:
-        """x2 bilinear upsampling. In training it is `upsample_bilinear` (the same
-        values): compiled, F.interpolate's backward became atomic scatter-adds,
-        and a compiled bf16 stage-1 step of PFADSeg at batch 16 took 1.05
-        instead of 1.13 s with the shifted sums (one-process A/B, AMD EPYC).
-        Without gradients (stage 2's frozen half, inference) it stays
-        F.interpolate, as before: an earlier measurement found the shifted sums
-        no faster for these steps."""
-        size = (2 * x.shape[-2], 2 * x.shape[-1])
-        if torch.is_grad_enabled():
-            return upsample_bilinear(x, size)
-        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        """x2 bilinear upsampling (the decoder's replacement for striding)."""
+        return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         s3 = self.stage3(self._up(self.stage4(x)))

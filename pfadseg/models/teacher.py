@@ -14,8 +14,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .same_padding import mirror, mirror_convolutions
-
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 RANDOM = "random"  # weights source that asks for an untrained teacher (tests only)
@@ -33,7 +31,6 @@ class TeacherSpec:
     channels: tuple[int, int, int]
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
-    mirrored: bool = False  # the body runs on the mirror image (see same_padding.py)
 
 
 class Teacher(nn.Module):
@@ -46,7 +43,6 @@ class Teacher(nn.Module):
         self.channels = spec.channels
         self.mean = spec.mean
         self.std = spec.std
-        self.mirrored = spec.mirrored
         self.requires_grad_(False)
         self.train(False)
 
@@ -54,8 +50,6 @@ class Teacher(nn.Module):
         return super().train(False)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        if self.mirrored:
-            return [mirror(f) for f in self.body(mirror(x))]
         return list(self.body(x))
 
 
@@ -130,7 +124,6 @@ def _efficientnet_lite0(source: str | None) -> nn.Module:
     # (blocks.4): the last two took a third of its FLOPs for nothing
     last = int(body.feature_info.module_name()[-1].removeprefix("blocks."))
     body.blocks = body.blocks[:last + 1]
-    mirror_convolutions(body)
     if source == RANDOM:
         return body
     if source is None:
@@ -161,7 +154,7 @@ def _efficientnet_lite0(source: str | None) -> nn.Module:
 
 TEACHERS: dict[str, TeacherSpec] = {
     "resnet18": TeacherSpec(_resnet18, (64, 128, 256), IMAGENET_MEAN, IMAGENET_STD),
-    "efficientnet_lite0": TeacherSpec(_efficientnet_lite0, (24, 40, 112), (0.5,) * 3, (0.5,) * 3, mirrored=True),
+    "efficientnet_lite0": TeacherSpec(_efficientnet_lite0, (24, 40, 112), (0.5,) * 3, (0.5,) * 3),
 }
 
 

@@ -1,0 +1,211 @@
+"""Where and how a model runs: device, precision, memory layout, compilation and
+CPU memory settings. Every device-specific choice lives here; the models under
+`pfadseg.models` are plain torch and run anywhere."""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import gc
+import logging
+import os
+import shutil
+import sys
+from collections.abc import Callable, Iterator
+from typing import TypeVar
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+Fn = TypeVar("Fn", bound=Callable)
+DEVICE_HELP = ("where to run: auto (CUDA when available, else CPU), cpu, cuda, cuda:N or mps "
+               "(default: %(default)s)")
+
+
+# --- device ---------------------------------------------------------------------
+def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
+    """The torch.device for a --device value; a clear error when it is not there."""
+    if isinstance(name, torch.device):
+        return name
+    name = (name or "auto").strip().lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: this torch sees no CUDA GPU (torch {torch.__version__}, "
+                             "CUDA build: " + str(torch.version.cuda) + "). Fix: use --device cpu, or "
+                             "install a CUDA build of torch on a machine with an NVIDIA GPU.")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"--device {name}: MPS (Apple GPU) is not available here; use --device cpu")
+    elif device.type != "cpu":
+        raise ValueError(f"unsupported device {name!r}: use auto, cpu, cuda, cuda:N or mps")
+    return device
+
+
+def device_of(module: nn.Module) -> torch.device:
+    """The device a module's parameters live on."""
+    return next(module.parameters()).device
+
+
+# --- precision and layout ---------------------------------------------------------
+def bf16_supported(device: torch.device) -> bool:
+    """Whether bf16 autocast pays on this device: CUDA GPUs with bf16 units, CPUs
+    with native bf16 matrix kernels (AVX512-BF16/AMX). Elsewhere it would emulate."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    return False
+
+
+@contextlib.contextmanager
+def autocast(device: torch.device, enabled: bool) -> Iterator[None]:
+    """bf16 autocast on `device` when enabled and supported there, else a no-op."""
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled and bf16_supported(device)):
+        yield
+
+
+def channels_last(device: torch.device) -> bool:
+    """NHWC activations: what oneDNN (CPU) and cuDNN's bf16 kernels run fastest."""
+    return device.type in ("cpu", "cuda")
+
+
+def place(model: nn.Module, device: torch.device) -> nn.Module:
+    """Move a model to `device` in the memory layout that runs fastest there."""
+    model.to(device)
+    if channels_last(device):
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
+# --- compilation -------------------------------------------------------------------
+def compiler_available(device: torch.device) -> bool:
+    """Inductor writes C++ on the CPU (a compiler must be found) and Triton on CUDA."""
+    if device.type == "cuda":
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return False
+        return True
+    if device.type != "cpu":
+        return False
+    default = "cl" if sys.platform == "win32" else "clang++" if sys.platform == "darwin" else "g++"
+    return shutil.which(os.environ.get("CXX", default)) is not None
+
+
+def compiled(fn: Fn, device: torch.device, frozen: bool = False) -> Fn:
+    """`fn` compiled by torch.compile (Inductor) for fixed input shapes.
+
+    On CUDA the kernels are replayed as CUDA graphs ("reduce-overhead"): PFADSeg's
+    many small ops are otherwise bound by launch time. On the CPU `frozen` treats
+    the weights as constants (batch norm folded into the convolutions, oneDNN
+    weights packed once): only for weights that no longer change. Without a
+    compiler, or where compiling fails at the first call, `fn` runs eagerly, with
+    a warning; nothing is changed process-wide.
+    """
+    if not compiler_available(device):
+        log.warning("torch.compile is not available on %s here (no compiler found): running eagerly",
+                    device)
+        return fn
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime" noise
+    from torch._inductor import config as inductor_config
+
+    compiled_fn = torch.compile(fn, dynamic=False, mode="reduce-overhead" if device.type == "cuda" else None)
+    patch = {"freezing": frozen} if device.type == "cpu" else {}
+    state = {"fn": compiled_fn, "first": True}
+
+    @functools.wraps(fn)
+    def run(*args: object, **kwargs: object) -> object:
+        if device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()
+        if not state["first"]:
+            with inductor_config.patch(patch):
+                return state["fn"](*args, **kwargs)
+        state["first"] = False
+        try:  # Inductor compiles at the first call: freezing must be on then
+            with inductor_config.patch(patch):
+                return compiled_fn(*args, **kwargs)
+        except Exception as exc:  # a torch/compiler bug must not cost the run
+            log.warning("torch.compile failed (%s: %s); running eagerly", type(exc).__name__,
+                        str(exc).splitlines()[0] if str(exc) else "")
+            state["fn"] = fn
+            return fn(*args, **kwargs)
+    return run  # type: ignore[return-value]
+
+
+# --- CPU-only workarounds and memory settings -----------------------------------------
+class _Fp32Conv2d(nn.Conv2d):
+    """An nn.Conv2d that runs in fp32 under bf16 autocast (same weights and values)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return super().forward(x.float()).to(x.dtype)
+
+
+def bf16_weight_grad_is_wrong(conv: nn.Conv2d) -> bool:
+    """Whether oneDNN's bf16 channels-last weight gradient can be wrong for this conv.
+
+    With torch 2.14.1 on an AVX512-BF16 CPU without AMX (AMD EPYC), the weight
+    gradient of a dilated 3x3 conv under bf16 autocast, channels-last, came out
+    as NaN, inf or 25-80% off (once a crash) for input channel counts from 20 to
+    124 that are not multiples of 16, dilations 2 and 3, maps of 30x30 and up.
+    It was right in fp32, undilated, and for 3-16 channels or multiples of 16.
+    The EfficientNet-Lite0 teacher's 24 and 40 channels put such convs in
+    PFADSeg's student decoder.
+    """
+    c = conv.in_channels
+    return conv.dilation[0] > 1 and c > 16 and c % 16 != 0
+
+
+def cpu_training_fixes(model: nn.Module, device: torch.device, bf16: bool) -> None:
+    """Run the convs that `bf16_weight_grad_is_wrong` flags in fp32 when training
+    on the CPU in bf16 (a few small convs; no change on other devices)."""
+    if device.type != "cpu" or not bf16:
+        return
+    for m in model.modules():
+        if type(m) is nn.Conv2d and bf16_weight_grad_is_wrong(m):
+            m.__class__ = _Fp32Conv2d
+
+
+def _libc() -> ctypes.CDLL | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt, libc.malloc_trim  # glibc only (not musl)
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+def cpu_heap_settings(device: torch.device) -> bool:
+    """On Linux/glibc, for CPU runs: keep tensors up to 1 GiB in the heap instead
+    of fresh mmaps, which page-fault their memory in again on every use (a bf16
+    PFADSeg stage-2 step at batch 16 took 2.2 instead of 3.0 s). Process-wide, so
+    only the CLI calls it. Returns whether the setting took."""
+    libc = _libc() if device.type == "cpu" else None
+    if libc is None:
+        return False
+    m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8  # malloc.h
+    return all(libc.mallopt(param, value) for param, value in
+               ((m_mmap_threshold, 1 << 30), (m_trim_threshold, 1 << 30), (m_arena_max, 1)))
+
+
+def release_free_memory(device: torch.device) -> None:
+    """Give memory freed between training stages back (glibc heap, CUDA cache)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    elif device.type == "cpu" and (libc := _libc()) is not None:
+        libc.malloc_trim(0)
