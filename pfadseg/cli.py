@@ -1,4 +1,4 @@
-"""The `pfadseg` command: train, test, predict, export, report and demo."""
+"""The `pfadseg` command: train, test, predict, export, report, benchmark, demo and serve."""
 from __future__ import annotations
 
 import argparse
@@ -13,8 +13,8 @@ from . import __version__
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import PRESETS, preset
 from .data import DataError, load_textures, load_train_images, mvtec_category
-from .memory import keep_large_tensors_in_heap
 from .models import TEACHERS, ModelConfig, TeacherWeightsError
+from .runtime import DEVICE_HELP, cpu_heap_settings, place, resolve_device
 from .synthesis import DefectSynthesizer, procedural_textures, rotation_policy_for
 from .trainer import TrainData, TrainingError, train
 
@@ -60,10 +60,22 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                         "and stage 1 where the preset compiles it (paper, official)")
     p.add_argument("--out", type=Path, required=True, help="run folder (checkpoint, logs)")
     p.add_argument("--resume", action="store_true", help="continue the unfinished run in --out")
+    _add_device_arg(p)
+
+
+def _add_device_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+
+
+def _device(args: argparse.Namespace) -> torch.device:
+    """The --device of a command, with the CPU's heap settings applied when it is the CPU."""
+    device = resolve_device(args.device)
+    cpu_heap_settings(device)
+    return device
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    keep_large_tensors_in_heap()
+    device = _device(args)
     if args.train_dir is not None:
         train_dir, category = args.train_dir, args.category or args.train_dir.name
     elif args.data is not None and args.category:
@@ -89,7 +101,7 @@ def cmd_train(args: argparse.Namespace) -> int:
           f"from {train_dir}, preset {args.preset}, rotation {rotation}", file=sys.stderr)
     start = time.perf_counter()
     path = train(model_cfg, train_cfg, TrainData(images, DefectSynthesizer(textures), rotation),
-                 args.out, teacher_weights=args.teacher_weights, resume=args.resume,
+                 args.out, teacher_weights=args.teacher_weights, resume=args.resume, device=device,
                  extra_meta={"category": category, "train_dir": str(train_dir),
                              "preset": args.preset, "rotation": rotation})
     print(f"checkpoint: {path}  ({time.perf_counter() - start:.0f} s)")
@@ -107,37 +119,38 @@ def _eval_size(text: str) -> int | None | str:
 
 
 def cmd_test(args: argparse.Namespace) -> int:
-    from .evaluation import format_table, run_test
+    from .evaluation import format_table, run_folder_test, run_test
 
-    keep_large_tensors_in_heap()
+    if (args.test_dir is None) == (args.data is None or args.category is None):
+        raise DataError("give --data ROOT --category NAME (MVTec layout), or --test-dir DIR")
+    if args.mask_dir is not None and args.test_dir is None:
+        raise DataError("--mask-dir goes with --test-dir (the MVTec layout has its ground_truth/)")
+    device = _device(args)
     model, meta = load_checkpoint(args.checkpoint)
-    result = run_test(model, args.data, args.category, args.out, meta, args.batch_size,
-                      bf16=not args.no_bf16, skip_bad=args.skip_bad_images,
-                      eval_size=args.eval_size, compile=args.compile)
+    place(model, device)
+    common = dict(batch_size=args.batch_size, bf16=not args.no_bf16, skip_bad=args.skip_bad_images,
+                  eval_size=args.eval_size, compile=args.compile, report=not args.no_report)
+    if args.test_dir is not None:
+        result = run_folder_test(model, args.test_dir, args.out, meta, args.mask_dir, **common)
+    else:
+        result = run_test(model, args.data, args.category, args.out, meta, **common)
     print(format_table(result))
-    print(f"metrics: {args.out / 'metrics.json'}")
+    print(f"metrics: {args.out / 'metrics.json'}"
+          + ("" if args.no_report else f"  report: {args.out / 'report.html'}"))
     return 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from .predict import collect_inputs, predict_images
+    from .detector import Detector
+    from .predict import collect_inputs, predict_files
 
-    keep_large_tensors_in_heap()
-    model, meta = load_checkpoint(args.checkpoint)
-    threshold = args.threshold if args.threshold is not None else meta.get("threshold")
-    if threshold is None:
-        raise CheckpointError(f"{args.checkpoint} stores no threshold: pass --threshold")
-    if args.backend == "onnx":
-        from .export import onnx_map_fn
-        map_fn = onnx_map_fn(args.onnx or args.checkpoint.with_suffix(".onnx"))
-    else:
-        from .inference import torch_map_fn
-        map_fn = torch_map_fn(model, bf16=not args.no_bf16, compile=args.compile,
-                              batch_size=args.batch_size)
-    rows = predict_images(collect_inputs(args.inputs), map_fn, model.config.image_size, threshold,
-                          args.out, args.batch_size, skip_bad=args.skip_bad_images)
+    detector = Detector.load(args.checkpoint, device=_device(args), threshold=args.threshold,
+                             bf16=not args.no_bf16, compile=args.compile, backend=args.backend,
+                             onnx=args.onnx, batch_size=args.batch_size)
+    rows = predict_files(detector, collect_inputs(args.inputs), args.out, args.batch_size,
+                         skip_bad=args.skip_bad_images)
     flagged = sum(r.get("anomalous", False) for r in rows)
-    print(f"{len(rows)} images, {flagged} anomalous (threshold {threshold:.4f}); "
+    print(f"{len(rows)} images, {flagged} anomalous (threshold {detector.thresholds.image:.4f}); "
           f"results in {args.out} (summary.csv)")
     return 0
 
@@ -146,6 +159,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .export import export_onnx
 
     model, _ = load_checkpoint(args.checkpoint)
+    place(model, _device(args))
     out = args.out or args.checkpoint.with_suffix(".onnx")
     export_onnx(model, out)
     print(f"exported: {out}")
@@ -155,16 +169,74 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from .report import write_report
 
-    md_path, csv_path = write_report(args.results, args.out)
-    print(md_path.read_text())
-    print(f"tables: {md_path} {csv_path}")
+    paths = write_report(args.results, args.out, labels=args.label)
+    print(paths[0].read_text())
+    print(f"tables: {' '.join(map(str, paths))}")
     return 0
+
+
+def cmd_benchmark(args: argparse.Namespace) -> int:
+    from .benchmark import run_benchmark
+
+    return run_benchmark(args)
+
+
+def _add_benchmark_args(p: argparse.ArgumentParser) -> None:
+    """`pfadseg benchmark`: what to run, where, and train's model and schedule options."""
+    p.add_argument("--data", type=Path, required=True,
+                   help="MVTec AD root holding <category>/train/good and <category>/test")
+    p.add_argument("--categories", default="all",
+                   help="all (the MVTec AD categories found under --data; the missing ones are "
+                        "listed) or a comma list, e.g. bottle,carpet (default: %(default)s)")
+    p.add_argument("--variants", default="pfadseg,destseg",
+                   help="ablation (the 8 combinations of AFF, PCAR and RCM: Table 4) or a comma "
+                        "list of pfadseg, destseg, destseg+<modules> such as destseg+aff+rcm "
+                        "(default: %(default)s)")
+    p.add_argument("--out", type=Path, required=True,
+                   help="benchmark folder: <category>/<variant>/ per pair, report/ for the "
+                        "tables; rerunning continues it (finished pairs are skipped)")
+    p.add_argument("--devices", type=int,
+                   help="GPUs to use, one job on each at a time (default: all visible CUDA "
+                        "devices; without a GPU, one job at a time)")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    m = p.add_argument_group("model and schedule (passed to every `pfadseg train`)")
+    m.add_argument("--teacher", choices=sorted(TEACHERS), default="resnet18",
+                   help="ImageNet teacher (default: %(default)s)")
+    m.add_argument("--teacher-weights", help="local teacher weights file (no download needed)")
+    m.add_argument("--image-size", type=int, help="input size in pixels (train's default: 256)")
+    m.add_argument("--textures", type=Path,
+                   help="folder of texture images for synthetic defects (DTD images/); "
+                        "default: built-in procedural textures")
+    m.add_argument("--texture-limit", type=int, help="use at most this many texture images")
+    m.add_argument("--rotation", choices=ROTATIONS,
+                   help="rotation augmentation (train's default: auto, the official per-category one)")
+    m.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
+                   help="training schedule (default: %(default)s)")
+    m.add_argument("--batch-size", type=int, help="training batch size (default: the preset's)")
+    m.add_argument("--stage1-steps", type=int, help="student steps (default: the preset's)")
+    m.add_argument("--stage2-steps", type=int, help="segmentation steps (default: the preset's)")
+    m.add_argument("--lr-student", type=float, help="student learning rate (default: the preset's)")
+    m.add_argument("--seed", type=int, help="random seed (default: the preset's)")
+    m.add_argument("--save-every", type=int, help="steps between resumable state files")
+    m.add_argument("--no-bf16", action="store_true", help="train and test in plain fp32")
+    m.add_argument("--no-compile", action="store_true", help="train eagerly, without torch.compile")
+    m.add_argument("--skip-bad-images", action="store_true", help="log and skip unreadable images")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(args.out, quick=args.quick)
+    run_demo(args.out, quick=args.quick, device=_device(args))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .detector import Detector
+    from .serve import serve
+
+    detector = Detector.load(args.checkpoint, device=_device(args), threshold=args.threshold,
+                             bf16=not args.no_bf16)
+    serve(detector, args.host, args.port, args.token, args.max_upload_mb, args.max_megapixels)
     return 0
 
 
@@ -179,11 +251,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_args(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("test", help="evaluate a checkpoint on an MVTec-layout test set")
+    p = sub.add_parser("test", help="evaluate a checkpoint on a labelled test set (MVTec "
+                       "layout or any folder of good/ and defect-type folders)")
     p.add_argument("--checkpoint", type=Path, required=True)
-    p.add_argument("--data", type=Path, required=True)
-    p.add_argument("--category", required=True)
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--data", type=Path, help="MVTec-layout root holding <category>/test and "
+                   "<category>/ground_truth")
+    p.add_argument("--category", help="category folder under --data (e.g. bottle)")
+    p.add_argument("--test-dir", type=Path,
+                   help="or: any folder holding good/ and one folder per defect type (searched "
+                        "recursively; .png/.jpg/.jpeg/.bmp/.tif)")
+    p.add_argument("--mask-dir", type=Path,
+                   help="with --test-dir: ground-truth masks, searched recursively and matched "
+                        "by file stem with or without _mask; without it, image metrics only")
+    p.add_argument("--out", type=Path, required=True,
+                   help="folder for metrics.json, metrics.md and report.html")
+    p.add_argument("--no-report", action="store_true", help="skip report.html")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--eval-size", default="input", type=_eval_size,
                    help="pixel metrics at the model's input size (default, the official 256x256 "
@@ -191,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-bf16", action="store_true")
     p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     p.add_argument("--skip-bad-images", action="store_true")
+    _add_device_arg(p)
     p.set_defaults(func=cmd_test)
 
     p = sub.add_parser("predict", help="score images and paint their defects")
@@ -204,22 +287,54 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-bf16", action="store_true")
     p.add_argument("--compile", action="store_true", help=COMPILE_HELP + " (torch backend)")
     p.add_argument("--skip-bad-images", action="store_true")
+    _add_device_arg(p)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("export", help="export a checkpoint to ONNX")
     p.add_argument("--checkpoint", type=Path, required=True)
     p.add_argument("--out", type=Path)
+    _add_device_arg(p)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("report", help="merge metrics.json files into the paper's tables")
-    p.add_argument("results", nargs="+", type=Path)
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("results", nargs="+", type=Path, help="metrics.json files of `pfadseg test`")
+    p.add_argument("--out", type=Path, required=True,
+                   help="folder for results.md, results.csv and (several variants) variants.csv")
+    p.add_argument("--label", action="append",
+                   help="run label of each file, in order (one per file), to compare runs of "
+                        "the same category and variant; default: the parts of their paths "
+                        "that differ")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("benchmark", help="train and test every (category, variant) pair, "
+                                         "then write the paper's tables")
+    _add_benchmark_args(p)
+    p.set_defaults(func=cmd_benchmark)
 
     p = sub.add_parser("demo", help="train and evaluate on the bundled bottle sample, offline")
     p.add_argument("--out", type=Path, default=Path("pfadseg-demo"))
     p.add_argument("--quick", action="store_true", help="a much shorter run (smoke test)")
+    _add_device_arg(p)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("serve", help="a web page and JSON API that score uploaded images")
+    p.add_argument("--checkpoint", type=Path, required=True, help="trained model to serve")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default: %(default)s, this machine only); any other "
+                        "needs --token")
+    p.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
+    p.add_argument("--token", help="secret every API call must send (Authorization: Bearer T, "
+                                   "or ?token=T); required for a non-local --host")
+    p.add_argument("--threshold", type=float,
+                   help="image-score threshold (default: the checkpoint's calibrated one)")
+    p.add_argument("--max-upload-mb", type=float, default=20.0,
+                   help="largest accepted image file in MB (default: %(default)s)")
+    p.add_argument("--max-megapixels", type=float, default=40.0,
+                   help="largest accepted image in megapixels, a decompression-bomb guard "
+                        "(default: %(default)s)")
+    p.add_argument("--no-bf16", action="store_true", help="run in plain fp32")
+    _add_device_arg(p)
+    p.set_defaults(func=cmd_serve)
     return parser
 
 
