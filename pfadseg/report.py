@@ -1,26 +1,48 @@
 """Merge per-category result files into the paper's table layout.
 
 Each result is a dict ``{"category": str, "variant": str, "metrics": {name:
-value in [0, 1]}}`` (``"model"`` is accepted instead of ``"variant"``), with an
-optional ``"per_defect": {defect_type: {name: value}}``.  Tables have one row
-per MVTec category, one column per (variant, metric), values in percent with
-one decimal, and texture / object / overall mean rows computed over the
-categories present (the missing ones are listed).
+value in [0, 1]}}`` (``"model"`` is accepted instead of ``"variant"``, and the
+top-level numbers of `pfadseg test`'s metrics.json instead of ``"metrics"``),
+with an optional ``"per_defect": {defect_type: {name: value}}`` and an optional
+``"run"`` label that tells apart runs of the same category and variant (seeds,
+commits). Values print in percent with one decimal.
+
+Table 1 has one row per category and one column per (series, metric), where a
+series is a variant, or "variant (run)" for labelled runs; texture, object and
+overall means cover only the categories present, and only groups of two or
+more. With several series, Table 4 gives each series' mean over its categories,
+with AFF / PCAR / RCM columns when the series are DeSTSeg module combinations.
 """
 from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 from pathlib import Path
 
-__all__ = ["TEXTURES", "OBJECTS", "build_tables", "write_report"]
+__all__ = ["TEXTURES", "OBJECTS", "CATEGORIES", "MODULES", "ABLATION", "modules_of",
+           "run_labels", "build_tables", "write_report"]
 
 TEXTURES = ("carpet", "grid", "leather", "tile", "wood")
 OBJECTS = (
     "bottle", "cable", "capsule", "hazelnut", "metal_nut",
     "pill", "screw", "toothbrush", "transistor", "zipper",
 )
+CATEGORIES = TEXTURES + OBJECTS  # the 15 MVTec AD categories, in the paper's order
+MODULES = ("aff", "pcar", "rcm")
+
+
+def _combination_name(modules: tuple[str, ...]) -> str:
+    """The variant name `ModelConfig.variant` gives these modules."""
+    return "pfadseg" if len(modules) == len(MODULES) else "+".join(("destseg",) + modules)
+
+
+# The 8 module combinations in the paper's Table 4 order: destseg, +aff, +pcar,
+# +rcm, +aff+pcar, +aff+rcm, +pcar+rcm, pfadseg.
+ABLATION = tuple(_combination_name(c) for r in range(len(MODULES) + 1)
+                 for c in itertools.combinations(MODULES, r))
+
 # Column order and headers of the paper's tables; other metrics follow by name.
 METRIC_NAMES = {
     "image_auroc": "I-AUROC",
@@ -33,12 +55,34 @@ METRIC_NAMES = {
     "pixel_f1_max": "P-F1max",
 }
 _MISSING = "-"
+_ON = "✓"
 
-Table = dict[str, dict[tuple[str, str], float]]  # row -> (variant, metric) -> value
+Column = tuple[str, str]  # (series, metric)
+Table = dict[str, dict[Column, float]]  # row -> column -> value
+
+
+def modules_of(variant: str) -> tuple[str, ...] | None:
+    """The modules of a DeSTSeg/PFADSeg variant name (``destseg+aff+rcm`` ->
+    ``("aff", "rcm")``; ``+aff`` is short for ``destseg+aff``), or None when
+    the name is not a module combination."""
+    name = variant.strip().lower()
+    if name == "pfadseg":
+        return MODULES
+    if name.startswith("+"):
+        name = "destseg" + name
+    base, *modules = name.split("+")
+    if base != "destseg" or len(set(modules)) != len(modules) or not set(modules) <= set(MODULES):
+        return None
+    return tuple(m for m in MODULES if m in modules)
 
 
 def _variant(result: dict) -> str:
     return str(result.get("variant", result.get("model", "default")))
+
+
+def _series(result: dict) -> str:
+    run = result.get("run")
+    return f"{_variant(result)} ({run})" if run else _variant(result)
 
 
 def _metrics_of(result: dict) -> dict[str, float]:
@@ -59,68 +103,81 @@ def _metric_order(names: set[str]) -> list[str]:
     return known + sorted(names - set(known))
 
 
-def _collect(results: list[dict]) -> tuple[Table, Table, list[str], list[str]]:
-    """Per-category and per-defect tables, variants and metrics in order."""
+def _series_variants(results: list[dict]) -> dict[str, str]:
+    """Each series' variant, series ordered by variant in Table 4 order (other
+    variants after), then by first appearance."""
+    first: dict[str, tuple[int, int]] = {}
+    variant: dict[str, str] = {}
+    for index, result in enumerate(results):
+        modules = modules_of(_variant(result))
+        rank = ABLATION.index(_combination_name(modules)) if modules is not None else len(ABLATION)
+        first.setdefault(_series(result), (rank, index))
+        variant[_series(result)] = _variant(result)
+    return {s: variant[s] for s in sorted(first, key=first.__getitem__)}
+
+
+def _collect(results: list[dict]) -> tuple[Table, Table, list[str]]:
+    """Per-category and per-defect tables, and the metrics in column order."""
     by_category: Table = {}
     by_defect: Table = {}
-    variants: list[str] = []
     metrics: set[str] = set()
     seen: set[tuple[str, str]] = set()
     for result in results:
-        category, variant = str(result["category"]), _variant(result)
-        if (category, variant) in seen:
-            raise ValueError(f"duplicate result for category {category!r}, variant {variant!r}")
-        seen.add((category, variant))
-        if variant not in variants:
-            variants.append(variant)
+        category, series = str(result["category"]), _series(result)
+        if (category, series) in seen:
+            raise ValueError(f"two results for category {category!r}, {series!r}: label each "
+                             "run (a \"run\" key, or `pfadseg report --label`)")
+        seen.add((category, series))
         row = by_category.setdefault(category, {})
         for metric, value in _metrics_of(result).items():
             if _is_reported(metric):
-                row[(variant, metric)] = float(value)
+                row[(series, metric)] = float(value)
                 metrics.add(metric)
         for defect, values in result.get("per_defect", {}).items():
             defect_row = by_defect.setdefault(f"{category}/{defect}", {})
             for metric, value in values.items():
                 if _is_reported(metric):
-                    defect_row[(variant, metric)] = float(value)
+                    defect_row[(series, metric)] = float(value)
                     metrics.add(metric)
-    return by_category, by_defect, variants, _metric_order(metrics)
+    return by_category, by_defect, _metric_order(metrics)
 
 
 def _category_order(categories: set[str]) -> list[str]:
     """MVTec categories in the paper's order, then any others by name."""
-    mvtec = [c for c in TEXTURES + OBJECTS if c in categories]
+    mvtec = [c for c in CATEGORIES if c in categories]
     return mvtec + sorted(categories - set(mvtec))
 
 
-def _mean(rows: list[dict[tuple[str, str], float]], key: tuple[str, str]) -> float | None:
+def _mean(rows: list[dict[Column, float]], key: Column) -> float | None:
     values = [row[key] for row in rows if key in row]
     return sum(values) / len(values) if values else None
 
 
-def _mean_rows(by_category: Table, columns: list[tuple[str, str]]) -> tuple[Table, list[str]]:
-    """Texture, object and overall means, plus a note per incomplete group."""
-    groups = {
-        "Texture mean": list(TEXTURES),
-        "Object mean": list(OBJECTS),
-        "Mean": _category_order(set(by_category) | set(TEXTURES + OBJECTS)),
-    }
+def _mean_rows(by_category: Table, columns: list[Column]) -> tuple[Table, list[str]]:
+    """Texture, object and overall means over the categories present, each only
+    when it averages two or more categories and differs from the rows above;
+    plus one note listing the MVTec categories missing from them."""
+    present = set(by_category)
+    extras = _category_order(present - set(CATEGORIES))
+    overall = list(CATEGORIES) + extras if present & set(CATEGORIES) else extras
+    groups = {"Texture mean": list(TEXTURES), "Object mean": list(OBJECTS), "Mean": overall}
     means: Table = {}
-    notes = []
+    covered: list[list[str]] = []
     for label, members in groups.items():
-        present = [c for c in members if c in by_category]
-        if not present:
+        there = [c for c in members if c in present]
+        if len(there) < 2 or there in covered:
             continue
-        missing = [c for c in members if c not in by_category]
-        if missing:
-            label = f"{label} ({len(present)}/{len(members)})"
-            notes.append(f"{label}: missing {', '.join(missing)}")
-        rows = [by_category[c] for c in present]
-        means[label] = {}
-        for key in columns:
-            value = _mean(rows, key)
-            if value is not None:
-                means[label][key] = value
+        covered.append(there)
+        if len(there) < len(members):
+            label = f"{label} ({len(there)}/{len(members)})"
+        rows = [by_category[c] for c in there]
+        means[label] = {key: value for key in columns
+                        if (value := _mean(rows, key)) is not None}
+    missing = [c for c in CATEGORIES if c not in present]
+    notes = []
+    if means and present & set(CATEGORIES) and missing:
+        notes.append(f"means cover the categories present; missing {len(missing)} of "
+                     f"{len(CATEGORIES)} MVTec AD categories: {', '.join(missing)}")
     return means, notes
 
 
@@ -128,79 +185,193 @@ def _fmt(value: float | None) -> str:
     return _MISSING if value is None else f"{100.0 * value:.1f}"
 
 
-def _header(columns: list[tuple[str, str]], several: bool) -> list[str]:
+def _header(columns: list[Column], several: bool) -> list[str]:
     names = [METRIC_NAMES.get(metric, metric) for _, metric in columns]
     if several:
-        names = [f"{variant}: {name}" for (variant, _), name in zip(columns, names)]
+        names = [f"{series}: {name}" for (series, _), name in zip(columns, names)]
     return names
 
 
-def _markdown(first: str, header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join([first] + header) + " |"]
-    lines.append("|" + "---|" + "---:|" * len(header))
+def _markdown(header: list[str], rows: list[list[str]], text_columns: int = 1) -> str:
+    lines = ["| " + " | ".join(header) + " |"]
+    lines.append("|" + "---|" * text_columns + "---:|" * (len(header) - text_columns))
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
 
 
-def _rows(table: Table, order: list[str], columns: list[tuple[str, str]]) -> list[list[str]]:
+def _csv(header: list[str], rows: list[list[str]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def _rows(table: Table, order: list[str], columns: list[Column]) -> list[list[str]]:
     return [[name] + [_fmt(table[name].get(key)) for key in columns] for name in order]
 
 
-def _variant_summary(means: Table, variants: list[str], metrics: list[str]) -> str:
-    """Ablation layout: one row per variant, overall means as columns."""
-    overall = next(row for label, row in means.items() if label.startswith("Mean"))
-    rows = [[v] + [_fmt(overall.get((v, m))) for m in metrics] for v in variants]
-    return _markdown("Variant", [METRIC_NAMES.get(m, m) for m in metrics], rows)
+def _series_table(by_category: Table, variants: dict[str, str],
+                  metrics: list[str]) -> tuple[list[str], list[list[str]]]:
+    """Table 4 layout: one row per series, its means over its categories as
+    columns; AFF / PCAR / RCM marks first when the series are runs of two or
+    more module combinations."""
+    series = list(variants)
+    modules = {s: modules_of(v) for s, v in variants.items()}
+    flags = len(set(modules.values())) > 1 and None not in modules.values()
+    header = ["Variant"] + ([m.upper() for m in MODULES] if flags else [])
+    header += [METRIC_NAMES.get(m, m) for m in metrics]
+    rows = []
+    for s in series:
+        marks = [_ON if m in (modules[s] or ()) else "" for m in MODULES] if flags else []
+        values = [_fmt(_mean(list(by_category.values()), (s, m))) for m in metrics]
+        rows.append([s] + marks + values)
+    return header, rows
 
 
-def build_tables(results: list[dict]) -> tuple[str, str]:
-    """Markdown and CSV tables (percent, one decimal) from per-category results.
+def _coverage(by_category: Table, series: list[str]) -> tuple[str, list[str]]:
+    """What Table 4's means cover, and a note for each series that lacks categories."""
+    categories = _category_order(set(by_category))
+    notes = []
+    for s in series:
+        lacking = [c for c in categories if not any(key[0] == s for key in by_category[c])]
+        if lacking:
+            notes.append(f"{s}: no result for {', '.join(lacking)}; its means cover the rest")
+    scope = (f"mean over {len(categories)} categories" if len(categories) > 1
+             else f"{categories[0]} only")
+    return scope, notes
 
-    The CSV holds the per-category rows, the mean rows, then any per-defect
-    rows labelled ``category/defect``, all under one header.
-    """
+
+def build_tables(results: list[dict]) -> dict[str, str]:
+    """The report's files by name: ``results.md`` (all tables), ``results.csv``
+    (Table 1: per-category rows, the mean rows, then per-defect rows labelled
+    ``category/defect``, under one header) and, with several series,
+    ``variants.csv`` (Table 4)."""
     if not results:
         raise ValueError("no results to report")
-    by_category, by_defect, variants, metrics = _collect(results)
-    several = len(variants) > 1
-    columns = [(v, m) for v in variants for m in metrics]
+    by_category, by_defect, metrics = _collect(results)
+    variants = _series_variants(results)
+    series = list(variants)
+    several = len(series) > 1
+    columns = [(s, m) for s in series for m in metrics]
     header = _header(columns, several)
     categories = _category_order(set(by_category))
     means, notes = _mean_rows(by_category, columns)
-    for variant in variants:
-        lacking = [c for c in categories if not any(v == variant for v, _ in by_category[c])]
-        if lacking:
-            notes.append(f"{variant}: no result for {', '.join(lacking)}; its means cover the rest")
 
     body = _rows(by_category, categories, columns) + _rows(means, list(means), columns)
     defects = _rows(by_defect, sorted(by_defect), columns)
-    parts = ["## Results per category", _markdown("Category", header, body)]
-    if notes:
-        parts.append("\n".join(f"- {note}" for note in notes))
+    parts = ["## Table 1: results per category", _markdown(["Category"] + header, body)]
+    files = {"results.csv": _csv(["category"] + header, body + defects)}
     if several:
-        parts += ["## Variants (mean over categories)", _variant_summary(means, variants, metrics)]
+        scope, lacking = _coverage(by_category, series)
+        notes += lacking
+        table4_header, table4 = _series_table(by_category, variants, metrics)
+        text_columns = len(table4_header) - len(metrics)
+        parts += [f"## Table 4: variants ({scope})", _markdown(table4_header, table4, text_columns)]
+        files["variants.csv"] = _csv(table4_header, table4)
+    if notes:
+        parts.insert(2, "\n".join(f"- {note}" for note in notes))
     if defects:
-        parts += ["## Results per defect type", _markdown("Defect", header, defects)]
-    markdown = "\n\n".join(parts) + "\n"
-
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["category"] + header)
-    writer.writerows(body + defects)
-    return markdown, buffer.getvalue()
+        parts += ["## Results per defect type", _markdown(["Defect"] + header, defects)]
+    files["results.md"] = "\n\n".join(parts) + "\n"
+    return files
 
 
-def write_report(result_files: list[str | Path], out_dir: str | Path) -> tuple[Path, Path]:
-    """Read result JSON files (a dict or a list of dicts each) and write
-    ``results.md`` and ``results.csv`` into ``out_dir``."""
-    results: list[dict] = []
-    for path in result_files:
-        data = json.loads(Path(path).read_text())
-        results += data if isinstance(data, list) else [data]
-    markdown, table = build_tables(results)
+def run_labels(paths: list[Path]) -> list[str]:
+    """Short labels telling result files apart: the parts of their paths
+    (folders and file stem) that differ, e.g. runs/seed0/bottle/pfadseg/test/metrics.json
+    and runs/seed1/bottle/pfadseg/test/metrics.json -> seed0, seed1."""
+    parts = [Path(p).resolve().with_suffix("").parts for p in paths]
+    shortest = min(len(p) for p in parts)
+    prefix = 0
+    while prefix < shortest and len({p[prefix] for p in parts}) == 1:
+        prefix += 1
+    suffix = 0
+    while prefix + suffix < shortest and len({p[-1 - suffix] for p in parts}) == 1:
+        suffix += 1
+    return ["/".join(p[prefix:len(p) - suffix]) or p[max(prefix - 1, 0)] for p in parts]
+
+
+def _read(path: Path) -> list[dict]:
+    """The results in one file (a dict or a list of dicts), checked."""
+    try:
+        data = json.loads(path.read_text())
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read it ({exc.strerror}). Fix: give the metrics.json "
+                         "files that `pfadseg test` wrote") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not JSON ({exc}). Fix: give the metrics.json files that "
+                         "`pfadseg test` wrote") from None
+    results = data if isinstance(data, list) else [data]
+    for result in results:
+        if not isinstance(result, dict) or "category" not in result:
+            raise ValueError(f"{path}: a result without a \"category\" key. Fix: give the "
+                             "metrics.json files that `pfadseg test` wrote")
+    return results
+
+
+def _label_runs(paths: list[Path], loaded: list[list[dict]], labels: list[str] | None) -> None:
+    """Set each result's "run": the given labels, or, when two files hold the
+    same category and variant, labels from where the files differ in their
+    paths (category and variant folders left out)."""
+    if labels is not None and len(labels) != len(paths):
+        raise ValueError(f"{len(paths)} result files but {len(labels)} --label values. Fix: give "
+                         "one --label per file, in the same order")
+    owner: dict[tuple[str, str], Path] = {}
+    clash = False
+    for path, results in zip(paths, loaded):
+        for result in results:
+            key = (str(result["category"]), _variant(result))
+            clash |= key in owner and owner[key] != path
+            owner.setdefault(key, path)
+    if labels is None and not clash:
+        return
+    auto = run_labels(paths)
+    for index, (path, results) in enumerate(zip(paths, loaded)):
+        if labels is not None:
+            label = labels[index]
+        else:
+            names = {str(r["category"]) for r in results} | {_variant(r) for r in results}
+            label = "/".join(part for part in auto[index].split("/")
+                             if part not in names) or path.parent.name
+        for result in results:
+            result["run"] = label
+
+
+def write_report(result_files: list[str | Path], out_dir: str | Path,
+                 labels: list[str] | None = None) -> list[Path]:
+    """Read result JSON files and write ``results.md``, ``results.csv`` and,
+    with several variants or runs, ``variants.csv`` into ``out_dir``; returns
+    their paths, results.md first.
+
+    Two files with the same category and variant are two runs: `labels` (one
+    per file) names them, else the parts where their paths differ do.
+    """
+    paths = [Path(p) for p in result_files]
+    seen: dict[Path, Path] = {}
+    for path in paths:
+        if path.resolve() in seen:
+            raise ValueError(f"{path}: given twice (also as {seen[path.resolve()]}). Fix: "
+                             "give each result file once")
+        seen[path.resolve()] = path
+    loaded = [_read(path) for path in paths]
+    _label_runs(paths, loaded, labels)
+    where: dict[tuple[str, str], Path] = {}
+    for path, results in zip(paths, loaded):
+        for result in results:
+            key = (str(result["category"]), _series(result))
+            if key in where:
+                raise ValueError(f"{where[key]} and {path} both hold {key[0]} {key[1]}. Fix: "
+                                 "give each run its own --label (one per file, in order)")
+            where[key] = path
+    files = build_tables([r for results in loaded for r in results])
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    md_path, csv_path = out / "results.md", out / "results.csv"
-    md_path.write_text(markdown)
-    csv_path.write_text(table)
-    return md_path, csv_path
+    written = []
+    for name in ("results.md", "results.csv", "variants.csv"):
+        if name in files:
+            (out / name).write_text(files[name])
+            written.append(out / name)
+        else:  # a variants.csv from an earlier report of other runs would mislead
+            (out / name).unlink(missing_ok=True)
+    return written

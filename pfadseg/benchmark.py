@@ -1,0 +1,355 @@
+"""`pfadseg benchmark`: train and test every (category, variant) pair, then report.
+
+Each pair runs as two subprocesses, ``python -m pfadseg train`` then ``python
+-m pfadseg test``, in ``OUT/<category>/<variant>``, with their output in that
+folder's ``benchmark.log``: a crash in one pair never stops the others. With
+several GPUs, each runs one pair at a time (``CUDA_VISIBLE_DEVICES`` set per
+job); otherwise pairs run one after another. A pair is finished when its
+``test/metrics.json`` exists, so a rerun skips it; a pair with a checkpoint is
+only tested, and an unfinished training run is continued with ``--resume``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .data import DataError, mvtec_category
+from .report import ABLATION, CATEGORIES, MODULES, modules_of, write_report
+from .runtime import resolve_device
+from .trainer import CHECKPOINT_NAME, STATE_NAME
+
+__all__ = ["Job", "Slot", "parse_variants", "find_categories", "device_slots", "plan_jobs",
+           "run_jobs", "run_benchmark"]
+
+LOG_NAME = "benchmark.log"
+SETTINGS_NAME = "benchmark.json"
+# `pfadseg train` options a benchmark hands on to every job: (dest, takes a value)
+TRAIN_OPTIONS = (
+    ("teacher", True), ("teacher_weights", True), ("textures", True), ("texture_limit", True),
+    ("rotation", True), ("preset", True), ("image_size", True), ("batch_size", True),
+    ("stage1_steps", True), ("stage2_steps", True), ("lr_student", True), ("seed", True),
+    ("save_every", True), ("no_bf16", False), ("no_compile", False), ("skip_bad_images", False),
+)
+TEST_OPTIONS = (("no_bf16", False), ("skip_bad_images", False))
+# the train options that change results: a benchmark folder holds pairs trained alike
+RESULT_OPTIONS = tuple(o for o in TRAIN_OPTIONS
+                       if o[0] not in ("save_every", "no_compile", "skip_bad_images"))
+_PATH_OPTIONS = {"teacher_weights", "textures"}
+
+
+@dataclass(frozen=True)
+class Job:
+    """One (category, variant) pair and its folder."""
+
+    category: str
+    variant: str
+    folder: Path
+
+    @property
+    def metrics(self) -> Path:
+        return self.folder / "test" / "metrics.json"
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.folder / CHECKPOINT_NAME
+
+    @property
+    def name(self) -> str:
+        return f"{self.category} {self.variant}"
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Where one job at a time runs: the child's --device and its environment."""
+
+    device: str
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def parse_variants(text: str) -> list[str]:
+    """`ablation` (the 8 module combinations) or a comma list of variant names
+    (pfadseg, destseg, destseg+aff, +aff+rcm, ...), as their canonical names."""
+    if text.strip().lower() == "ablation":
+        return list(ABLATION)
+    variants: list[str] = []
+    for name in filter(None, (part.strip() for part in text.split(","))):
+        modules = modules_of(name)
+        if modules is None:
+            raise ValueError(f"--variants: unknown variant {name!r}. Fix: use ablation, or a comma "
+                             "list of pfadseg, destseg and destseg+<modules> (modules: "
+                             f"{', '.join(MODULES)}, e.g. destseg+aff+rcm or +aff+rcm)")
+        canonical = ABLATION[[modules_of(v) for v in ABLATION].index(modules)]
+        if canonical not in variants:
+            variants.append(canonical)
+    if not variants:
+        raise ValueError("--variants: no variant given. Fix: e.g. --variants pfadseg,destseg")
+    return variants
+
+
+def find_categories(root: Path, text: str) -> tuple[list[str], list[str]]:
+    """The categories to run and, for `all`, the MVTec AD categories missing
+    under `root` (a named category that is missing is an error)."""
+    if text.strip().lower() == "all":
+        found = [c for c in CATEGORIES if (Path(root) / c).is_dir()]
+        if not found:
+            raise DataError(f"{root}: holds none of the 15 MVTec AD categories. Fix: --data is "
+                            "the dataset root holding <category>/train/good and <category>/test")
+        return found, [c for c in CATEGORIES if c not in found]
+    names = list(dict.fromkeys(filter(None, (part.strip() for part in text.split(",")))))
+    if not names:
+        raise ValueError("--categories: none given. Fix: all, or a comma list such as bottle,carpet")
+    for name in names:
+        mvtec_category(root, name)
+    return names, []
+
+
+def device_slots(device: str, devices: int | None) -> list[Slot]:
+    """One slot per GPU used (`devices` of the visible ones, default all) for
+    --device auto/cuda; else one slot on that device."""
+    name = device.strip().lower()
+    if devices is not None and devices < 1:
+        raise ValueError(f"--devices {devices}: give 1 or more")
+    count = torch.cuda.device_count() if name in ("auto", "cuda") else 0
+    if count:
+        wanted = devices or count
+        if wanted > count:
+            raise ValueError(f"--devices {wanted}: only {count} CUDA device(s) visible. Fix: "
+                             f"--devices {count} or fewer")
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        ids = visible.split(",")[:count] if visible else [str(i) for i in range(count)]
+        return [Slot("cuda", {"CUDA_VISIBLE_DEVICES": ids[i].strip()}) for i in range(wanted)]
+    resolve_device(name)  # a clear error for a device that is not there
+    if devices not in (None, 1):
+        where = "no CUDA GPU is visible" if name == "auto" else f"--device {device} is one device"
+        raise ValueError(f"--devices {devices}: {where}, so jobs run one after another. Fix: drop "
+                         "--devices, or use --device cuda on a machine with several GPUs")
+    return [Slot(name)]
+
+
+def _options(args: argparse.Namespace, names: tuple[tuple[str, bool], ...]) -> list[str]:
+    """Command-line options for the given argparse dests that are set in `args`."""
+    argv: list[str] = []
+    for dest, takes_value in names:
+        value = getattr(args, dest, None)
+        if value is None or value is False:
+            continue
+        flag = "--" + dest.replace("_", "-")
+        if not takes_value:
+            argv.append(flag)
+        else:
+            argv += [flag, str(Path(value).resolve()) if dest in _PATH_OPTIONS else str(value)]
+    return argv
+
+
+def _model_options(variant: str) -> list[str]:
+    modules = modules_of(variant) or ()
+    if modules == MODULES:
+        return ["--model", "pfadseg"]
+    return ["--model", "destseg"] + [f"--{m}" for m in modules]
+
+
+def _pfadseg(args: argparse.Namespace) -> list[str]:
+    """`python -m pfadseg` with the global options of this run."""
+    argv = [sys.executable, "-m", "pfadseg"]
+    if getattr(args, "threads", None):
+        argv += ["--threads", str(args.threads)]
+    if getattr(args, "verbose", False):
+        argv.append("-v")
+    return argv
+
+
+def train_argv(job: Job, args: argparse.Namespace, device: str) -> list[str]:
+    """The `pfadseg train` command of a job, with --resume when it has a state file."""
+    argv = _pfadseg(args) + ["train", "--data", str(Path(args.data).resolve()),
+                             "--category", job.category, *_model_options(job.variant),
+                             *_options(args, TRAIN_OPTIONS), "--device", device,
+                             "--out", str(job.folder)]
+    return argv + (["--resume"] if (job.folder / STATE_NAME).is_file() else [])
+
+
+def evaluate_argv(job: Job, args: argparse.Namespace, device: str) -> list[str]:
+    """The `pfadseg test` command of a job."""
+    return _pfadseg(args) + ["test", "--checkpoint", str(job.checkpoint),
+                             "--data", str(Path(args.data).resolve()), "--category", job.category,
+                             *_options(args, TEST_OPTIONS), "--device", device,
+                             "--out", str(job.metrics.parent)]
+
+
+def plan_jobs(out: Path, categories: list[str], variants: list[str]) -> list[Job]:
+    """Every (category, variant) pair under `out`, category by category."""
+    out = Path(out).resolve()
+    return [Job(c, v, out / c / v) for c in categories for v in variants]
+
+
+def _check_settings(out: Path, train_options: list[str]) -> None:
+    """Refuse to mix pairs trained with other options into one benchmark
+    folder; record the options on first use."""
+    path = Path(out) / SETTINGS_NAME
+    if path.is_file():
+        before = json.loads(path.read_text()).get("train_options")
+        if before != train_options:
+            raise ValueError(f"{out} holds a benchmark trained with other options ({path}: "
+                             f"{' '.join(before or [])!r}; now: {' '.join(train_options)!r}). Fix: "
+                             "rerun with the same options to continue it, or choose another --out")
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"train_options": train_options}, indent=2) + "\n")
+
+
+class Progress:
+    """Counts of jobs done, failed and left, with an ETA from the jobs run so far."""
+
+    def __init__(self, total: int, done: int, slots: int) -> None:
+        self.total, self.done, self.slots = total, done, slots
+        self.failed: list[Job] = []
+        self.seconds: list[float] = []
+        self.lock = threading.Lock()
+
+    def _eta(self) -> str:
+        left = self.total - self.done - len(self.failed)
+        if not self.seconds or not left:
+            return ""
+        minutes = sum(self.seconds) / len(self.seconds) * math.ceil(left / self.slots) / 60
+        if minutes < 1:
+            return ", ETA <1 min"
+        return f", ETA {minutes:.0f} min" if minutes < 120 else f", ETA {minutes / 60:.1f} h"
+
+    def say(self, job: Job, what: str) -> None:
+        """Print one progress line: counts, ETA, the job and what it does."""
+        with self.lock:
+            left = self.total - self.done - len(self.failed)
+            failed = f", {len(self.failed)} failed" if self.failed else ""
+            print(f"[{self.done}/{self.total} done, {left} left{failed}{self._eta()}] "
+                  f"{job.name}: {what}", flush=True)
+
+    def finish(self, job: Job, ok: bool, seconds: float) -> None:
+        """Count a job as done (and say so) or failed (its runner said why)."""
+        with self.lock:
+            if ok:
+                self.done += 1
+                self.seconds.append(seconds)
+            else:
+                self.failed.append(job)
+        if ok:
+            self.say(job, f"finished in {seconds / 60:.1f} min")
+
+
+Runner = Callable[[Job, Slot, Progress], bool]
+
+
+def run_jobs(jobs: list[Job], slots: list[Slot], runner: Runner, progress: Progress) -> None:
+    """Run `runner(job, slot, progress)` for every job, one job per slot at a
+    time; a job that fails (False or an exception) leaves the others going.
+    Ctrl-C lets the running jobs stop and starts no new ones."""
+    pending: queue.SimpleQueue[Job] = queue.SimpleQueue()
+    for job in jobs:
+        pending.put(job)
+    stop = threading.Event()
+
+    def work(slot: Slot) -> None:
+        while not stop.is_set():
+            try:
+                job = pending.get_nowait()
+            except queue.Empty:
+                return
+            start = time.perf_counter()
+            try:
+                ok = runner(job, slot, progress)
+            except Exception as exc:  # noqa: BLE001 - one job's crash must not stop the others
+                progress.say(job, f"failed: {type(exc).__name__}: {exc}")
+                ok = False
+            progress.finish(job, ok, time.perf_counter() - start)
+
+    threads = [threading.Thread(target=work, args=(slot,), daemon=True) for slot in slots]
+    for thread in threads:
+        thread.start()
+    try:
+        for thread in threads:
+            while thread.is_alive():
+                thread.join(0.5)
+    except KeyboardInterrupt:
+        stop.set()  # the children got the same SIGINT; wait for them to stop
+        for thread in threads:
+            thread.join()
+        raise
+
+
+def _child_env(slot: Slot) -> dict[str, str]:
+    """The job's environment: this pfadseg first on the path, the slot's GPU."""
+    env = {**os.environ, **slot.env}
+    source = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [source, env.get("PYTHONPATH")]))
+    return env
+
+
+def subprocess_runner(args: argparse.Namespace) -> Runner:
+    """Runs a job as `pfadseg train` (unless its checkpoint exists) then
+    `pfadseg test`, each a subprocess writing to the job's log file."""
+    def run(job: Job, slot: Slot, progress: Progress) -> bool:
+        job.folder.mkdir(parents=True, exist_ok=True)
+        log_path = job.folder / LOG_NAME
+        steps = [] if job.checkpoint.is_file() else [("train", train_argv(job, args, slot.device))]
+        steps.append(("test", evaluate_argv(job, args, slot.device)))
+        for step, argv in steps:
+            resuming = " (resuming)" if "--resume" in argv else ""
+            where = f" on GPU {slot.env['CUDA_VISIBLE_DEVICES']}" if slot.env else ""
+            progress.say(job, f"{step}{resuming}{where}...")
+            with open(log_path, "a") as log:
+                env = "".join(f"{k}={v} " for k, v in slot.env.items())
+                log.write(f"\n$ {env}{' '.join(argv)}\n")
+                log.flush()
+                code = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT,
+                                      env=_child_env(slot)).returncode
+            if code != 0:
+                progress.say(job, f"{step} failed (exit code {code}); see {log_path}")
+                return False
+        return True
+    return run
+
+
+def run_benchmark(args: argparse.Namespace) -> int:
+    """`pfadseg benchmark`: plan, run the unfinished pairs, write the report.
+    Returns 0 when every pair finished, 1 when some failed."""
+    categories, missing = find_categories(args.data, args.categories)
+    variants = parse_variants(args.variants)
+    slots = device_slots(args.device, args.devices)
+    out = Path(args.out).resolve()
+    _check_settings(out, _options(args, RESULT_OPTIONS))
+    jobs = plan_jobs(out, categories, variants)
+    todo = [job for job in jobs if not job.metrics.is_file()]
+    if missing:
+        print(f"{len(categories)} of {len(CATEGORIES)} MVTec AD categories under {args.data}; "
+              f"missing: {', '.join(missing)}")
+    where = (f"{len(slots)} GPUs, one job each" if len(slots) > 1
+             else "one after another on " + (f"GPU {slots[0].env['CUDA_VISIBLE_DEVICES']}"
+                                             if slots[0].env else slots[0].device))
+    print(f"{len(jobs)} pairs ({len(categories)} categories x {len(variants)} variants): "
+          f"{len(jobs) - len(todo)} finished, {len(todo)} to run, {where}; logs in "
+          f"{out}/<category>/<variant>/{LOG_NAME}", flush=True)
+    progress = Progress(len(jobs), len(jobs) - len(todo), len(slots))
+    run_jobs(todo, slots, subprocess_runner(args), progress)
+
+    results = [job.metrics for job in jobs if job.metrics.is_file()]
+    if progress.failed:
+        print(f"{len(progress.failed)} pair(s) failed: " + "; ".join(
+            f"{job.name} ({job.folder / LOG_NAME})" for job in progress.failed)
+              + ". Fix what the log says, then rerun the same command to continue.")
+    if not results:
+        print("no finished pair to report")
+        return 1
+    paths = write_report(results, out / "report")
+    print(paths[0].read_text())
+    print(f"tables ({len(results)} of {len(jobs)} pairs): {' '.join(map(str, paths))}")
+    return 1 if progress.failed else 0
