@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -18,6 +19,9 @@ from safetensors.torch import load_file, save_file
 from . import __version__
 from .models import AnomalyModel, ModelConfig
 from .models.teacher import RANDOM
+
+if TYPE_CHECKING:
+    from .calibration import Thresholds
 
 FORMAT = "pfadseg-checkpoint"
 FORMAT_VERSION = 1
@@ -104,8 +108,12 @@ def read(path: Path, kind: str = FORMAT) -> tuple[dict[str, torch.Tensor], dict]
 
 
 def save_checkpoint(model: AnomalyModel, path: Path, train_config: dict,
-                    threshold: float | None, extra: dict | None = None) -> None:
-    """The deployable checkpoint: weights, configs, version, normalisation, threshold."""
+                    threshold: Thresholds | float | None, extra: dict | None = None) -> None:
+    """The deployable checkpoint: weights, configs, version, normalisation and the
+    thresholds ("threshold" is the image one, as older pfadseg versions read it)."""
+    from .calibration import Thresholds  # not at the top: calibration imports the inference stack
+
+    thresholds = threshold.to_meta() if isinstance(threshold, Thresholds) else {"threshold": threshold}
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -114,7 +122,7 @@ def save_checkpoint(model: AnomalyModel, path: Path, train_config: dict,
         "variant": model.config.variant,
         "train": train_config,
         "normalization": {"mean": list(model.config.mean), "std": list(model.config.std)},
-        "threshold": threshold,
+        **thresholds,
         **(extra or {}),
     }
     atomic_save(model.state_dict(), meta, path)

@@ -155,6 +155,43 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from .calibration import Thresholds, calibrate, write_calibrated_checkpoint
+    from .data import load_defect_set, load_image_folder
+
+    if (args.defects is None) != (args.masks is None):
+        raise DataError("--defects and --masks go together (defect images and their masks)")
+    device = _device(args)
+    model, meta = load_checkpoint(args.checkpoint)
+    place(model, device)
+    size = model.config.image_size
+    good = load_image_folder(args.good, size, skip_bad=args.skip_bad_images)
+    defects, masks, synthesizer = None, None, None
+    if args.defects is not None:
+        defects, masks = load_defect_set(args.defects, args.masks, size)
+    else:
+        textures = (load_textures(args.textures, size) if args.textures is not None
+                    else procedural_textures(64, size))
+        synthesizer = DefectSynthesizer(textures)
+    thresholds = calibrate(model, good, synthesizer, args.seed, defect_images=defects,
+                           defect_masks=masks, false_alarm_rate=args.false_alarm_rate,
+                           pixel_false_alarm_rate=args.pixel_false_alarm_rate,
+                           batch_size=args.batch_size, bf16=not args.no_bf16,
+                           source=f"pfadseg calibrate on {args.good}")
+    out = args.out or args.checkpoint.with_name(args.checkpoint.stem + ".calibrated.safetensors")
+    write_calibrated_checkpoint(args.checkpoint, out, thresholds)
+    if meta.get("threshold") is not None:
+        before = Thresholds.from_meta(meta)
+        print(f"before: image {before.image:.4f}, pixel {before.pixel:.4f} ({before.method})")
+    print(f"after:  image {thresholds.image:.4f}, pixel {thresholds.pixel:.4f} "
+          f"({thresholds.method}; {thresholds.n_good} good, {thresholds.n_defects} defect images)")
+    if thresholds.synthetic_recall is not None:
+        print(f"synthetic defects: {100 * thresholds.synthetic_recall:.0f}% flagged, pixel F1 "
+              f"{100 * thresholds.synthetic_pixel_f1:.1f}%")
+    print(f"checkpoint: {out}")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from .export import export_onnx
 
@@ -289,6 +326,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-bad-images", action="store_true")
     _add_device_arg(p)
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("calibrate", help="set a checkpoint's image and pixel thresholds from "
+                       "your own images; writes a new checkpoint")
+    p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint to calibrate "
+                   "(left unchanged)")
+    p.add_argument("--good", type=Path, required=True,
+                   help="folder of defect-free images the model did not train on (recursive)")
+    p.add_argument("--defects", type=Path,
+                   help="folder of real defect images (recursive); with --masks, both "
+                        "thresholds maximise F1 on them")
+    p.add_argument("--masks", type=Path, help="masks of the --defects images, matched by file "
+                   "stem with or without _mask (recursive)")
+    p.add_argument("--out", type=Path, help="new checkpoint (default: <checkpoint>.calibrated"
+                   ".safetensors beside it)")
+    p.add_argument("--false-alarm-rate", type=float, default=0.01,
+                   help="without --defects: the fraction of good images the image threshold "
+                        "may flag (default: %(default)s)")
+    p.add_argument("--pixel-false-alarm-rate", type=float, default=0.001,
+                   help="without --defects: the fraction of good pixels the pixel threshold "
+                        "may put in the mask (default: %(default)s)")
+    p.add_argument("--textures", type=Path, help="without --defects: texture images for the "
+                   "synthetic defects that check the thresholds (default: built-in "
+                   "procedural textures)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic defects "
+                   "(default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per inference batch")
+    p.add_argument("--no-bf16", action="store_true", help="run inference in plain fp32")
+    p.add_argument("--skip-bad-images", action="store_true",
+                   help="log and skip unreadable good images")
+    _add_device_arg(p)
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("export", help="export a checkpoint to ONNX")
     p.add_argument("--checkpoint", type=Path, required=True)

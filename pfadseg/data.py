@@ -171,13 +171,18 @@ def load_textures(folder: Path, size: int, limit: int | None = None) -> torch.Te
 
 @dataclass
 class TestSet:
-    """An MVTec-layout test split in memory."""
+    """A labelled test set in memory: good images and defect images by type."""
 
     images: torch.Tensor  # uint8 (N, 3, S, S)
-    masks: np.ndarray  # bool (N, S, S)
+    masks: np.ndarray | None  # bool (N, H, W); None when no masks were given
     labels: np.ndarray  # int (N,), 1 = anomalous
     defects: list[str]  # defect type per image ("good" for normal)
     paths: list[Path]
+
+    @property
+    def has_masks(self) -> bool:
+        """Whether pixel-level metrics can be computed."""
+        return self.masks is not None
 
 
 def mvtec_category(root: Path, category: str) -> Path:
@@ -189,48 +194,171 @@ def mvtec_category(root: Path, category: str) -> Path:
     return path
 
 
+def _mask_key(relative: Path) -> str:
+    """A mask's matching key: its path without suffix and without a trailing "_mask"."""
+    stem = relative.stem[:-5] if relative.stem.endswith("_mask") else relative.stem
+    return (relative.parent / stem).as_posix()
+
+
+def _match_masks(entries: list[tuple[str, Path]], test_dir: Path,
+                 mask_dir: Path) -> dict[Path, Path]:
+    """Image path -> mask path, for the masks found recursively under `mask_dir`.
+
+    A mask matches by its path relative to `mask_dir` (crack/000_mask.png or
+    crack/000.png for the image test_dir/crack/000.png); a defect image left
+    without one then takes the mask of the same stem among those still unmatched,
+    when exactly one has it. A mask that matches no image is an error: a typo
+    in a name would otherwise silently drop a defect from the pixel metrics.
+    """
+    masks: dict[str, Path] = {}
+    for mask in list_images(mask_dir, recursive=True):
+        key = _mask_key(mask.relative_to(mask_dir))
+        if key in masks:
+            raise DataError(f"{mask} and {masks[key]}: two masks for one image. Fix: keep one.")
+        masks[key] = mask
+    keys = {path: _mask_key(path.relative_to(test_dir)) for _, path in entries}
+    found = {path: masks[key] for path, key in keys.items() if key in masks}
+    taken = set(found.values())
+    free: dict[str, list[Path]] = {}
+    for key, mask in masks.items():
+        if mask not in taken:
+            free.setdefault(key.rsplit("/", 1)[-1], []).append(mask)
+    for defect, path in entries:
+        if path in found or defect == "good":
+            continue
+        candidates = free.get(keys[path].rsplit("/", 1)[-1], [])
+        if len(candidates) > 1:
+            names = ", ".join(map(str, candidates[:3]))
+            raise DataError(f"{path}: {len(candidates)} masks share its name ({names}). Fix: "
+                            "mirror the test folder's sub-folders under the mask folder, or "
+                            "give the masks unique names.")
+        if candidates:
+            found[path] = candidates.pop()
+    orphans = sorted(set(masks.values()) - set(found.values()))
+    if orphans:
+        raise DataError(
+            f"{orphans[0]}: mask without an image ({len(orphans)} such mask(s) under {mask_dir}). "
+            "Fix: name each mask after its image (<stem>_mask.png or <stem>.png, in the same "
+            "sub-folder as under the test folder), or remove masks of images not being tested.")
+    return found
+
+
+def _test_images(test_dir: Path) -> list[tuple[str, Path]]:
+    """(defect type, path) of every image, by top-level folder name (each searched
+    recursively); a missing good/ or images loose in `test_dir` are an error."""
+    test_dir = Path(test_dir)
+    if not test_dir.is_dir():
+        raise DataError(f"{test_dir}: test folder not found. Fix: give a folder holding good/ "
+                        "and one folder per defect type.")
+    if not (test_dir / "good").is_dir():
+        raise DataError(f"{test_dir}: no good/ folder. Fix: put the defect-free test images in "
+                        f"{test_dir / 'good'} and each defect type in a folder of its own.")
+    loose = list_images(test_dir)
+    if loose:
+        raise DataError(f"{loose[0]}: image directly in the test folder, so its label is "
+                        f"unknown. Fix: move it into {test_dir / 'good'} or a defect-type folder.")
+    folders = sorted(d.name for d in test_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
+    return [(name, path) for name in folders
+            for path in list_images(test_dir / name, recursive=True)]
+
+
+def load_folder_test_set(test_dir: Path, size: int, mask_dir: Path | None = None,
+                         skip_bad: bool = False, mask_size: int | None | str = "input") -> TestSet:
+    """A test set from any folder: `test_dir`/good/ and `test_dir`/<defect type>/,
+    nested folders and mixed image types allowed.
+
+    Masks (optional) are searched recursively under `mask_dir` and matched by
+    path or stem, with or without "_mask"; without `mask_dir` the set has no
+    masks (image metrics only). Images are resized to `size`; masks to
+    `mask_size` ("input": the same size, the official protocol; None: each
+    image's original resolution, which must then be the same for all images).
+    """
+    test_dir = Path(test_dir)
+    entries = _test_images(test_dir)
+    matched = _match_masks(entries, test_dir, Path(mask_dir)) if mask_dir is not None else {}
+    msize = size if mask_size == "input" else mask_size
+    images, masks, labels, defects, paths = [], [], [], [], []
+    for defect, path in entries:
+        mask_path = matched.get(path)
+        if mask_dir is not None and mask_path is None and defect != "good":
+            rel = path.relative_to(test_dir)
+            expected = Path(mask_dir) / rel.parent / f"{path.stem}_mask.png"
+            raise DataError(f"{path}: its mask {expected} is missing. Fix: add the mask "
+                            f"(<stem>_mask.png or <stem>.png, anywhere under {mask_dir}), or "
+                            "move the image out of the test folder.")
+        try:
+            img = open_image(path)
+        except DataError as exc:
+            if skip_bad:
+                log.warning("skipped: %s", exc)
+                continue
+            raise
+        if mask_dir is not None:
+            if mask_path is None:
+                shape = (img.height, img.width) if msize is None else (msize, msize)
+                mask = np.zeros(shape, dtype=bool)
+            else:
+                mask = load_mask(mask_path, msize, expected=img.size)
+                if defect == "good" and mask.any():
+                    raise DataError(f"{mask_path}: marks a defect on {path}, which is in "
+                                    "good/. Fix: move the image to its defect type's folder.")
+            masks.append(mask)
+        rgb = _to_rgb(img).resize((size, size), Image.BILINEAR)
+        images.append(np.asarray(rgb, dtype=np.uint8))
+        labels.append(int(defect != "good"))
+        defects.append(defect)
+        paths.append(path)
+    if not images:
+        raise DataError(f"{test_dir}: no test images found (.png/.jpg/.jpeg/.bmp/.tif)")
+    if masks and len({m.shape for m in masks}) > 1:
+        raise DataError(f"{test_dir}: test images differ in size; evaluate at a fixed size "
+                        "(--eval-size 256) instead of the original resolution")
+    tensor = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+    return TestSet(tensor, np.stack(masks) if masks else None, np.asarray(labels), defects, paths)
+
+
 def load_test_set(root: Path, category: str, size: int, skip_bad: bool = False,
                   mask_size: int | None | str = "input") -> TestSet:
-    """test/<defect>/*.png with masks ground_truth/<defect>/<stem>_mask.png.
-
-    Images are resized to `size`; masks to `mask_size` ("input": the same size,
-    the official protocol; None: each image's original resolution, which must
-    then be the same for all images).
-    """
+    """The MVTec layout: test/<defect>/*.png with masks ground_truth/<defect>/<stem>_mask.png
+    (see `load_folder_test_set` for the sizes)."""
     base = mvtec_category(root, category)
     test_dir = base / "test"
     if not test_dir.is_dir():
         raise DataError(f"{test_dir}: no test folder (MVTec layout test/<defect>/*.png)")
-    msize = size if mask_size == "input" else mask_size
-    images, masks, labels, defects, paths = [], [], [], [], []
-    for defect_dir in sorted(d for d in test_dir.iterdir() if d.is_dir()):
-        for path in list_images(defect_dir):
-            try:
-                img = open_image(path)
-            except DataError as exc:
-                if skip_bad:
-                    log.warning("skipped: %s", exc)
-                    continue
-                raise
-            if defect_dir.name == "good":
-                shape = (img.height, img.width) if msize is None else (msize, msize)
-                mask = np.zeros(shape, dtype=bool)
-            else:
-                mask_path = base / "ground_truth" / defect_dir.name / f"{path.stem}_mask.png"
-                if not mask_path.is_file():
-                    raise DataError(f"{path}: its mask {mask_path} is missing. Fix: add the "
-                                    "mask, or move the image out of the test folder.")
-                mask = load_mask(mask_path, msize, expected=img.size)
-            rgb = _to_rgb(img).resize((size, size), Image.BILINEAR)
-            images.append(np.asarray(rgb, dtype=np.uint8))
-            masks.append(mask)
-            labels.append(int(defect_dir.name != "good"))
-            defects.append(defect_dir.name)
-            paths.append(path)
-    if not images:
-        raise DataError(f"{test_dir}: no test images found")
-    if len({m.shape for m in masks}) > 1:
-        raise DataError(f"{test_dir}: test images differ in size; evaluate at a fixed size "
-                        "(--eval-size 256) instead of the original resolution")
-    tensor = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
-    return TestSet(tensor, np.stack(masks), np.asarray(labels), defects, paths)
+    truth = base / "ground_truth"
+    return load_folder_test_set(test_dir, size, truth if truth.is_dir() else None, skip_bad,
+                                mask_size)
+
+
+def load_image_folder(folder: Path, size: int, skip_bad: bool = False) -> torch.Tensor:
+    """Every image under a folder (recursively) as uint8 (N, 3, size, size); none is an error."""
+    paths = list_images(folder, recursive=True)
+    if not paths:
+        raise DataError(f"{folder}: no images (.png/.jpg/.jpeg/.bmp/.tif). Fix: point at a "
+                        "folder of images.")
+    images, kept = load_images(paths, size, skip_bad)
+    if not kept:
+        raise DataError(f"{folder}: none of the {len(paths)} images could be read (see the "
+                        "'skipped' warnings above).")
+    return images
+
+
+def load_defect_set(defect_dir: Path, mask_dir: Path, size: int) -> tuple[torch.Tensor, np.ndarray]:
+    """Defect images under `defect_dir` (recursively) and their masks under `mask_dir`,
+    matched as in `load_folder_test_set`: uint8 (N, 3, size, size) and bool (N, size, size)."""
+    defect_dir, mask_dir = Path(defect_dir), Path(mask_dir)
+    paths = list_images(defect_dir, recursive=True)
+    if not paths:
+        raise DataError(f"{defect_dir}: no defect images. Fix: point --defects at a folder of "
+                        "images that show defects.")
+    matched = _match_masks([("defect", p) for p in paths], defect_dir, mask_dir)
+    missing = [p for p in paths if p not in matched]
+    if missing:
+        raise DataError(f"{missing[0]}: no mask under {mask_dir} ({len(missing)} image(s) without "
+                        "one). Fix: add <stem>_mask.png (or <stem>.png) for each defect image.")
+    images, masks = [], []
+    for path in paths:
+        img = open_image(path)
+        masks.append(load_mask(matched[path], size, expected=img.size))
+        images.append(np.asarray(_to_rgb(img).resize((size, size), Image.BILINEAR), dtype=np.uint8))
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), np.stack(masks)

@@ -1,0 +1,176 @@
+"""Thresholds without test labels: normalisation, the rules, the held-out split,
+training's calibrated checkpoint and `pfadseg calibrate`."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pfadseg.calibration import (CalibrationError, Thresholds, calibrate, calibrate_outputs,
+                                 f1_threshold, false_alarm_threshold, held_out_split,
+                                 pixel_false_alarm_threshold, synthetic_defects,
+                                 write_calibrated_checkpoint)
+from pfadseg.checkpoint import load_checkpoint, read_meta
+from pfadseg.cli import main
+from pfadseg.synthesis import DefectSynthesizer, procedural_textures
+
+from conftest import CATEGORY, write_dataset
+
+SIZE = 64
+
+
+def test_normalisation_is_half_at_the_threshold_monotonic_and_bounded() -> None:
+    t = Thresholds(image=0.2, pixel=0.7, method="test")
+    raw = np.linspace(0.0, 1.0, 101)
+    for norm, at in ((t.normalize_image, 0.2), (t.normalize_map, 0.7)):
+        assert norm(at) == pytest.approx(0.5)
+        values = norm(raw)
+        assert np.all(np.diff(values) > 0) and values.min() >= 0.0 and values.max() <= 1.0
+        assert np.array_equal(values >= 0.5, raw >= at)  # same verdict as the raw threshold
+    maps = np.random.default_rng(0).random((2, 8, 8), dtype=np.float32)
+    assert t.normalize_map(maps).dtype == np.float32 and t.normalize_map(maps).shape == (2, 8, 8)
+    assert isinstance(t.normalize_image(0.3), float)
+
+
+def test_meta_round_trip_and_old_checkpoints() -> None:
+    t = Thresholds(0.31, 0.42, "false_alarm", false_alarm_rate=0.01, pixel_false_alarm_rate=1e-3,
+                   n_good=21, n_defects=40, source="held-out good images", synthetic_recall=0.9,
+                   synthetic_pixel_f1=0.7)
+    meta = json.loads(json.dumps(t.to_meta()))  # what a checkpoint stores
+    assert meta["threshold"] == 0.31 and Thresholds.from_meta(meta) == t
+    legacy = Thresholds.from_meta({"threshold": 0.6})
+    assert (legacy.image, legacy.pixel, legacy.method) == (0.6, 0.6, "legacy")
+    with pytest.raises(CalibrationError, match="pfadseg calibrate"):
+        Thresholds.from_meta({"threshold": None})
+    with pytest.raises(CalibrationError):
+        Thresholds(float("nan"), 0.5, "broken")
+
+
+def test_false_alarm_threshold_flags_the_asked_fraction_of_good_images() -> None:
+    rng = np.random.default_rng(0)
+    scores = 1 / (1 + np.exp(-rng.normal(-2.0, 0.5, 20_000)))  # logit-normal good scores
+    for rate in (0.01, 0.05, 0.2):
+        t = false_alarm_threshold(scores, rate)
+        assert np.mean(scores >= t) == pytest.approx(rate, abs=0.005)
+    assert false_alarm_threshold(scores[:1], 0.01) >= scores[0]  # one image: just above it
+    with pytest.raises(CalibrationError):
+        false_alarm_threshold(scores, 1.5)
+    maps = rng.random((4, 50, 50))
+    assert np.mean(maps >= pixel_false_alarm_threshold(maps, 0.1)) == pytest.approx(0.1, abs=0.002)
+
+
+def test_f1_threshold_is_the_best_one_with_a_margin_when_classes_are_apart() -> None:
+    scores, labels = np.array([0.1, 0.2, 0.6, 0.8]), np.array([0, 0, 1, 1])
+    t = f1_threshold(scores, labels)
+    assert 0.2 < t < 0.6  # between the classes, not touching the lowest defect
+    rng = np.random.default_rng(1)
+    scores = np.r_[rng.beta(2, 5, 300), rng.beta(5, 2, 100)]
+    labels = np.r_[np.zeros(300), np.ones(100)].astype(bool)
+    t = f1_threshold(scores, labels)
+
+    def f1(thr: float) -> float:
+        p = scores >= thr
+        return 2 * (p & labels).sum() / (p.sum() + labels.sum())
+    assert f1(t) == pytest.approx(max(f1(s) for s in scores))
+
+
+def test_calibrate_outputs_rates_on_good_images_and_f1_on_real_defects() -> None:
+    rng = np.random.default_rng(2)
+    good = rng.uniform(0.0, 0.2, (6, 32, 32))
+    defect = rng.uniform(0.0, 0.2, (6, 32, 32))
+    masks = np.zeros((6, 32, 32), dtype=bool)
+    masks[:, 8:16, 8:16] = True
+    defect[masks] = rng.uniform(0.6, 0.9, masks.sum())
+    scores = good.max(axis=(1, 2)), defect.max(axis=(1, 2))
+    t = calibrate_outputs(scores[0], good, scores[1], defect, masks)
+    assert t.method == "false_alarm" and (t.n_good, t.n_defects) == (6, 6)
+    assert np.mean(good >= t.pixel) == pytest.approx(1e-3, abs=5e-4)  # 0.1% of good pixels
+    assert t.synthetic_recall == 1.0 and t.synthetic_pixel_f1 > 0.95  # the planted squares
+    real = calibrate_outputs(scores[0], good, scores[1], defect, masks, synthetic=False)
+    assert real.method == "f1" and 0.2 < real.image < 0.6 and 0.2 < real.pixel < 0.6
+    none = calibrate_outputs(scores[0], good, pixel_false_alarm_rate=0.01)
+    assert none.method == "false_alarm" and none.n_defects == 0 and none.synthetic_recall is None
+    assert np.mean(good >= none.pixel) == pytest.approx(0.01, abs=2e-3)
+
+
+def test_held_out_split_is_seeded_disjoint_and_bounded() -> None:
+    train, held = held_out_split(209, seed=0)  # MVTec bottle
+    assert len(held) == 21 and len(train) == 188
+    assert not set(train.tolist()) & set(held.tolist())
+    assert torch.equal(held, held_out_split(209, seed=0)[1])
+    assert not torch.equal(held, held_out_split(209, seed=1)[1])
+    assert len(held_out_split(1000, 0)[1]) == 30 and len(held_out_split(40, 0)[1]) == 4
+    assert len(held_out_split(7, 0)[1]) == 0 and len(held_out_split(7, 0)[0]) == 7
+
+
+def test_synthetic_defects_are_seeded_and_never_empty() -> None:
+    images = torch.randint(0, 256, (4, 3, SIZE, SIZE), dtype=torch.uint8)
+    synth = DefectSynthesizer(procedural_textures(4, SIZE))
+    a_img, a_mask = synthetic_defects(images, synth, seed=3)
+    b_img, b_mask = synthetic_defects(images, synth, seed=3)
+    assert torch.equal(a_img, b_img) and np.array_equal(a_mask, b_mask)
+    assert a_img.dtype == torch.uint8 and len(a_img) == len(a_mask) > 0
+    assert all(m.any() for m in a_mask)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, one_thread: None) -> Path:
+    """A tiny run on 8 good images: 4 trained on, 4 held out for calibration."""
+    base = tmp_path_factory.mktemp("calib")
+    root = write_dataset(base / "mvtec", n_train=8)
+    assert main(["train", "--data", str(root), "--category", CATEGORY, "--preset", "tiny",
+                 "--image-size", str(SIZE), "--teacher", "efficientnet_lite0",
+                 "--out", str(base / "run"), "--device", "cpu"]) == 0
+    return base
+
+
+def test_training_calibrates_on_held_out_images(trained: Path) -> None:
+    meta = read_meta(trained / "run" / "checkpoint.safetensors")
+    t = Thresholds.from_meta(meta)
+    assert meta["threshold"] == t.image and t.method == "false_alarm"
+    assert t.n_good == 4 and t.n_defects > 0 and t.source == "held-out good images"
+    assert 0.0 <= t.synthetic_recall <= 1.0
+    assert 0.0 < t.image < 1.0 and 0.0 < t.pixel < 1.0
+
+
+def test_calibrate_runs_the_model_and_writes_a_new_checkpoint(trained: Path) -> None:
+    src = trained / "run" / "checkpoint.safetensors"
+    model, before = load_checkpoint(src)
+    good = torch.randint(0, 256, (3, 3, SIZE, SIZE), dtype=torch.uint8)
+    t = calibrate(model, good, DefectSynthesizer(procedural_textures(4, SIZE)), seed=0,
+                  bf16=False, source="unit test")
+    assert t.n_good == 3 and t.source == "unit test"
+    out = write_calibrated_checkpoint(src, trained / "new.safetensors", t)
+    assert Thresholds.from_meta(read_meta(out)) == t
+    assert read_meta(src) == before  # the source checkpoint is never rewritten
+    with pytest.raises(CalibrationError, match="another --out"):
+        write_calibrated_checkpoint(src, src, t)
+
+
+def test_cli_calibrate_with_real_defects_uses_f1(trained: Path, tmp_path: Path) -> None:
+    base = trained / "mvtec" / CATEGORY
+    # masks named like their images, in a nested folder: matched by stem
+    masks = tmp_path / "masks" / "deep"
+    masks.mkdir(parents=True)
+    for mask in (base / "ground_truth" / "crack").iterdir():
+        Image.open(mask).save(masks / mask.name.replace("_mask", ""))
+    out = tmp_path / "calibrated.safetensors"
+    assert main(["calibrate", "--checkpoint", str(trained / "run" / "checkpoint.safetensors"),
+                 "--good", str(base / "test" / "good"), "--defects", str(base / "test" / "crack"),
+                 "--masks", str(tmp_path / "masks"), "--out", str(out), "--device", "cpu",
+                 "--no-bf16"]) == 0
+    t = Thresholds.from_meta(read_meta(out))
+    assert t.method == "f1" and (t.n_good, t.n_defects) == (2, 2)
+    assert "pfadseg calibrate on" in t.source
+
+
+def test_cli_calibrate_refuses_half_of_the_defect_options(trained: Path, capsys) -> None:
+    base = trained / "mvtec" / CATEGORY
+    code = main(["calibrate", "--checkpoint", str(trained / "run" / "checkpoint.safetensors"),
+                 "--good", str(base / "test" / "good"), "--defects", str(base / "test" / "crack"),
+                 "--device", "cpu"])
+    assert code == 2 and "--defects and --masks go together" in capsys.readouterr().err

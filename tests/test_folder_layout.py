@@ -1,0 +1,187 @@
+"""`pfadseg test --test-dir`: any folder of good/ and defect-type folders, masks optional."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pfadseg.calibration import Thresholds
+from pfadseg.checkpoint import save_checkpoint
+from pfadseg.cli import main
+from pfadseg.data import DataError, load_defect_set, load_folder_test_set
+from pfadseg.models import AnomalyModel, ModelConfig
+from pfadseg.models.teacher import RANDOM
+
+SIZE = 64
+SRC = 48  # source images are 48x48
+
+
+def _image(seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (SRC, SRC, 3), dtype=np.uint8)
+
+
+def _mask(row: int) -> Image.Image:
+    """A mask with a 12-pixel-high band starting at `row`: each image's mask is told apart."""
+    mask = np.zeros((SRC, SRC), dtype=np.uint8)
+    mask[row:row + 12] = 255
+    return Image.fromarray(mask)
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> tuple[Path, Path]:
+    """test/ with nested folders and mixed image types, masks/ with mixed naming:
+
+    good/a.png, good/line2/b.jpg, scratch/x/001.bmp, scratch/002.tif, dent/001.jpeg;
+    masks: scratch/x/001_mask.png, scratch/002.png, dent/001_mask.png (row 0, 12, 24)."""
+    test, masks = tmp_path / "test", tmp_path / "masks"
+    files = {"good/a.png": 0, "good/line2/b.jpg": 1, "scratch/x/001.bmp": 2,
+             "scratch/002.tif": 3, "dent/001.jpeg": 4}
+    for name, seed in files.items():
+        (test / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(_image(seed)).save(test / name)
+    for name, row in {"scratch/x/001_mask.png": 0, "scratch/002.png": 12,
+                      "dent/001_mask.png": 24}.items():
+        (masks / name).parent.mkdir(parents=True, exist_ok=True)
+        _mask(row).save(masks / name)
+    return test, masks
+
+
+def _band_start(mask: np.ndarray) -> int:
+    return int(np.flatnonzero(mask.any(axis=1))[0])
+
+
+def test_nested_folders_mixed_types_and_mask_names(folder: tuple[Path, Path]) -> None:
+    test, masks = folder
+    ts = load_folder_test_set(test, SIZE, masks, mask_size=None)
+    names = [p.relative_to(test).as_posix() for p in ts.paths]
+    assert names == ["dent/001.jpeg", "good/a.png", "good/line2/b.jpg", "scratch/002.tif",
+                     "scratch/x/001.bmp"]
+    assert ts.defects == ["dent", "good", "good", "scratch", "scratch"]
+    assert list(ts.labels) == [1, 0, 0, 1, 1] and ts.images.shape == (5, 3, SIZE, SIZE)
+    assert ts.masks.shape == (5, SRC, SRC)  # original resolution
+    # each defect got its own mask (dent/001 and scratch/x/001 share a stem)
+    assert [_band_start(ts.masks[i]) for i in (0, 3, 4)] == [24, 12, 0]
+    assert not ts.masks[1:3].any()
+
+
+def test_without_masks_there_are_none(folder: tuple[Path, Path]) -> None:
+    ts = load_folder_test_set(folder[0], SIZE)
+    assert ts.masks is None and not ts.has_masks and list(ts.labels) == [1, 0, 0, 1, 1]
+
+
+def test_flat_mask_folder_is_matched_by_stem(tmp_path: Path, folder: tuple[Path, Path]) -> None:
+    test, _ = folder
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    (test / "dent" / "001.jpeg").rename(test / "dent" / "007.jpeg")  # stems now unique
+    _mask(24).save(flat / "007_mask.png")
+    _mask(12).save(flat / "002.png")
+    _mask(0).save(flat / "001_mask.png")
+    ts = load_folder_test_set(test, SIZE, flat)
+    assert ts.masks is not None and all(ts.masks[ts.labels == 1].any(axis=(1, 2)))
+
+
+def test_missing_good_folder_is_a_clear_error(folder: tuple[Path, Path]) -> None:
+    test, _ = folder
+    (test / "good").rename(test / "ok")
+    with pytest.raises(DataError) as err:
+        load_folder_test_set(test, SIZE)
+    assert "no good/ folder" in str(err.value) and str(test) in str(err.value)
+    assert "Fix:" in str(err.value)
+
+
+def test_mask_without_an_image_is_named(folder: tuple[Path, Path]) -> None:
+    test, masks = folder
+    orphan = masks / "scratch" / "003_mask.png"
+    _mask(0).save(orphan)
+    with pytest.raises(DataError) as err:
+        load_folder_test_set(test, SIZE, masks)
+    assert str(orphan) in str(err.value) and "mask without an image" in str(err.value)
+    assert "Fix:" in str(err.value)
+
+
+def test_defect_image_without_a_mask_is_named(folder: tuple[Path, Path]) -> None:
+    test, masks = folder
+    (masks / "dent" / "001_mask.png").unlink()
+    with pytest.raises(DataError) as err:
+        load_folder_test_set(test, SIZE, masks)
+    assert str(test / "dent" / "001.jpeg") in str(err.value) and "missing" in str(err.value)
+
+
+def test_ambiguous_and_duplicate_masks_are_refused(tmp_path: Path, folder: tuple[Path, Path]) -> None:
+    test, masks = folder
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    _mask(0).save(flat / "001_mask.png")  # dent/001 and scratch/x/001 both want it
+    _mask(0).save(flat / "001.png")
+    with pytest.raises(DataError, match="two masks for one image"):
+        load_folder_test_set(test, SIZE, flat)
+    (flat / "001.png").unlink()
+    (flat / "other").mkdir()
+    _mask(0).save(flat / "other" / "001_mask.png")
+    _mask(12).save(flat / "002.png")
+    with pytest.raises(DataError, match="masks share its name"):
+        load_folder_test_set(test, SIZE, flat)
+
+
+def test_images_loose_in_the_test_folder_are_refused(folder: tuple[Path, Path]) -> None:
+    test, _ = folder
+    Image.fromarray(_image(9)).save(test / "loose.png")
+    with pytest.raises(DataError, match="directly in the test folder"):
+        load_folder_test_set(test, SIZE)
+
+
+def test_load_defect_set_pairs_images_and_masks(folder: tuple[Path, Path]) -> None:
+    test, masks = folder
+    images, found = load_defect_set(test / "scratch", masks / "scratch", SIZE)
+    assert images.shape == (2, 3, SIZE, SIZE) and found.shape == (2, SIZE, SIZE)
+    assert found.any(axis=(1, 2)).all()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained 64-pixel model: enough to exercise evaluation and the report."""
+    torch.manual_seed(0)
+    model = AnomalyModel.build(ModelConfig.named("pfadseg", teacher="efficientnet_lite0",
+                                                 image_size=SIZE), teacher_weights=RANDOM)
+    path = tmp_path_factory.mktemp("ckpt") / "checkpoint.safetensors"
+    save_checkpoint(model, path, {}, Thresholds(0.5, 0.5, "test"))
+    return path
+
+
+def test_cli_test_dir_without_masks_gives_image_metrics_only(
+        checkpoint: Path, folder: tuple[Path, Path], tmp_path: Path, one_thread: None) -> None:
+    out = tmp_path / "out"
+    assert main(["test", "--checkpoint", str(checkpoint), "--test-dir", str(folder[0]),
+                 "--out", str(out), "--device", "cpu", "--no-bf16"]) == 0
+    result = json.loads((out / "metrics.json").read_text())
+    assert result["pixel_metrics"] is False and "pixel_ap" not in result
+    assert 0.0 <= result["image_auroc"] <= 1.0 and set(result["per_defect"]) == {"dent", "scratch"}
+    assert "No ground-truth masks were given" in (out / "report.html").read_text()
+
+
+def test_cli_test_dir_with_masks_gives_all_metrics(
+        checkpoint: Path, folder: tuple[Path, Path], tmp_path: Path, one_thread: None) -> None:
+    out = tmp_path / "out"
+    assert main(["test", "--checkpoint", str(checkpoint), "--test-dir", str(folder[0]),
+                 "--mask-dir", str(folder[1]), "--out", str(out), "--device", "cpu",
+                 "--no-bf16", "--no-report"]) == 0
+    result = json.loads((out / "metrics.json").read_text())
+    assert result["pixel_metrics"] is True and result["n_images"] == 5
+    for key in ("pixel_auroc", "pixel_ap", "iap", "iap90", "aupro"):
+        assert 0.0 <= result[key] <= 1.0 and 0.0 <= result["dest"][key] <= 1.0
+    assert "pixel_f1" in result["calibrated"] and not (out / "report.html").exists()
+
+
+def test_cli_test_needs_one_way_to_name_the_data(checkpoint: Path, folder: tuple[Path, Path],
+                                                 tmp_path: Path, capsys) -> None:
+    code = main(["test", "--checkpoint", str(checkpoint), "--test-dir", str(folder[0]),
+                 "--data", str(tmp_path), "--category", "x", "--out", str(tmp_path / "o")])
+    assert code == 2 and "--test-dir" in capsys.readouterr().err
+    code = main(["test", "--checkpoint", str(checkpoint), "--test-dir", str(folder[0] / "good"),
+                 "--out", str(tmp_path / "o"), "--device", "cpu"])
+    assert code == 2 and "no good/ folder" in capsys.readouterr().err

@@ -1,0 +1,124 @@
+"""report.html: self-contained, with the metrics, curves, histogram and a gallery
+sorted worst error first; the predict gallery without ground truth."""
+from __future__ import annotations
+
+import base64
+import io
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pfadseg import metrics
+from pfadseg.calibration import Thresholds
+from pfadseg.data import load_test_set
+from pfadseg.evaluation import model_outputs, summarize, write_results
+from pfadseg.html_report import MAX_CURVE_POINTS, THUMB, curve_points, write_gallery_report
+from pfadseg.models import AnomalyModel, ModelConfig
+from pfadseg.models.teacher import RANDOM
+
+from conftest import CATEGORY
+
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def model() -> AnomalyModel:
+    """Untrained: the report only needs outputs, not good ones."""
+    torch.manual_seed(0)
+    return AnomalyModel.build(ModelConfig.named("pfadseg", teacher="efficientnet_lite0",
+                                                image_size=SIZE), teacher_weights=RANDOM)
+
+
+def _rows(page: str) -> list[str]:
+    """Image names of the gallery's rows, top to bottom."""
+    return re.findall(r'<td class="cap"><b>([^<]+)</b>', page)
+
+
+def test_test_report_is_complete_and_self_contained(model: AnomalyModel, dataset: Path,
+                                                    tmp_path: Path, one_thread: None) -> None:
+    test = load_test_set(dataset, CATEGORY, SIZE)
+    outputs = model_outputs(model, test, bf16=False, progress=False)
+    # a threshold between the scores, so the gallery has right and wrong verdicts
+    thresholds = Thresholds(float(np.median(outputs.scores)), float(np.median(outputs.seg)), "test")
+    meta = {"variant": "pfadseg", **thresholds.to_meta()}
+    result = write_results(model, test, CATEGORY, tmp_path, meta, bf16=False, progress=False)
+    page = (tmp_path / "report.html").read_text()
+    for name in ("image AUROC", "pixel AUROC", "pixel AP", "IAP", "IAP@90", "AUPRO"):
+        assert f">{name}<" in page
+    assert "<th>crack</th>" in page and "DeST" in page  # per defect type, both maps
+    assert "Thresholds of the checkpoint" in page and "pixel F1 at it" in page
+    sources = re.findall(r'src="([^"]*)"', page)
+    assert sources and all(s.startswith("data:image/") for s in sources)
+    assert "url(data:image/png;base64," in page  # the colour bar, embedded once
+    assert len(re.findall(r'alt="curves"', page)) == 1 and 'alt="histogram"' in page
+    # every image, four panels each, worst error first
+    names = _rows(page)
+    assert sorted(names) == sorted(p.relative_to(dataset / CATEGORY / "test").as_posix()
+                                   for p in test.paths)
+    assert page.count('alt="ground truth"') == page.count('alt="predicted mask"') == len(names)
+    norm = thresholds.normalize_image(outputs.scores)
+    error = np.where(test.labels == 1, 1 - norm, norm)
+    by_name = {p.relative_to(dataset / CATEGORY / "test").as_posix(): e
+               for p, e in zip(test.paths, error)}
+    assert [by_name[n] for n in names] == sorted(by_name.values(), reverse=True)
+    assert result["calibrated"]["image_threshold"] == thresholds.image
+
+
+def test_report_without_masks_says_so(model: AnomalyModel, dataset: Path, tmp_path: Path,
+                                      one_thread: None) -> None:
+    test = load_test_set(dataset, CATEGORY, SIZE)
+    test.masks = None
+    write_results(model, test, CATEGORY, tmp_path, {"threshold": 0.5}, bf16=False, progress=False)
+    page = (tmp_path / "report.html").read_text()
+    assert "No ground-truth masks were given" in page and 'alt="ground truth"' not in page
+    assert ">pixel AP<" not in page and len(_rows(page)) == 4
+
+
+def test_report_without_thresholds_uses_the_test_sets_best(model: AnomalyModel, dataset: Path,
+                                                           tmp_path: Path, one_thread: None) -> None:
+    test = load_test_set(dataset, CATEGORY, SIZE)
+    write_results(model, test, CATEGORY, tmp_path, {}, bf16=False, progress=False)
+    assert "stores no threshold" in (tmp_path / "report.html").read_text()
+
+
+def test_predict_gallery_is_sorted_most_anomalous_first(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (300, 200, 3), dtype=np.uint8) for _ in range(3)]
+    maps = [rng.random((64, 64), dtype=np.float32) for _ in range(3)]
+    scores = [0.2, 0.9, 0.5]
+    path = write_gallery_report(tmp_path / "report.html", ["a.png", "b.png", "c.png"], images,
+                                maps, scores, Thresholds(0.6, 0.5, "test"))
+    page = path.read_text()
+    assert _rows(page) == ["b.png", "c.png", "a.png"]
+    assert "1 anomalous" in page and 'alt="ground truth"' not in page
+    assert page.count('alt="predicted mask"') == 3
+    # thumbnails are downscaled: the 300-pixel side becomes THUMB
+    first = re.search(r'src="data:image/jpeg;base64,([^"]+)"', page).group(1)
+    assert max(Image.open(io.BytesIO(base64.b64decode(first))).size) == THUMB
+
+
+def test_curve_points_match_the_metrics() -> None:
+    rng = np.random.default_rng(3)
+    labels = rng.random(5000) < 0.3
+    scores = rng.normal(labels.astype(float), 1.0)
+    pts = curve_points(scores, labels)
+    assert len(pts["fpr"]) <= MAX_CURVE_POINTS + 1
+    assert np.all(np.diff(pts["fpr"]) >= 0) and pts["fpr"][-1] == pts["tpr"][-1] == 1.0
+    area = np.sum(np.diff(pts["fpr"]) * (pts["tpr"][1:] + pts["tpr"][:-1]) / 2)
+    assert area == pytest.approx(metrics.image_auroc(scores, labels), abs=2e-3)
+    small = curve_points(np.array([0.1, 0.4, 0.35, 0.8]), np.array([0, 0, 1, 1]))
+    assert small["precision"].tolist() == [1.0, 0.5, 2 / 3, 0.5]
+    assert small["recall"].tolist() == [0.5, 0.5, 1.0, 1.0]
+
+
+def test_summarize_refuses_a_test_set_of_one_class(model: AnomalyModel, dataset: Path,
+                                                   one_thread: None) -> None:
+    test = load_test_set(dataset, CATEGORY, SIZE)
+    outputs = model_outputs(model, test, bf16=False, progress=False)
+    test.labels = np.zeros_like(test.labels)
+    with pytest.raises(ValueError, match="no defect images"):
+        summarize(outputs, test, None)
