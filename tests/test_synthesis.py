@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 
 import numpy as np
@@ -281,19 +280,3 @@ def test_load_textures_errors_name_folder_and_file(tmp_path: Path) -> None:
     (bad_dir / "broken_texture.jpg").write_bytes(b"this is not a jpeg")
     with pytest.raises(ValueError, match="broken_texture.jpg"):
         load_textures(bad_dir, 16)
-
-
-# ---------------------------------------------------------------- timing (informational only)
-
-
-def test_timing_report() -> None:
-    images = torch.rand(16, 3, 256, 256)
-    syn = DefectSynthesizer(torch.rand(4, 3, 256, 256))
-    g = gen(0)
-    for _ in range(2):
-        syn(images, g)
-    start = time.perf_counter()
-    for _ in range(3):
-        syn(images, g)
-    per_batch = (time.perf_counter() - start) / 3
-    print(f"\nsynthesis: {per_batch * 1e3:.1f} ms per 16x3x256x256 batch")
