@@ -233,10 +233,14 @@ class Trainer:
         self.model.load_state_dict(ckpt.model_tensors(self.model, weights))
         for name, opt in self._optimizers().items():
             sd = opt.state_dict()
+            params = [p for group in opt.param_groups for p in group["params"]]
             state: dict[int, dict[str, torch.Tensor]] = {}
             for key, value in tensors.items():
                 if key.startswith(f"opt.{name}."):
                     idx, field = key[len(name) + 5:].split(".", 1)
+                    param = params[int(idx)]
+                    if value.shape == param.shape:  # the file holds NCHW; fused SGD reads the
+                        value = torch.empty_like(param).copy_(value)  # buffer in the weight's layout
                     state.setdefault(int(idx), {})[field] = value
             opt.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
         key = _rng_key(dist.rank())
