@@ -1,4 +1,4 @@
-"""`pfadseg predict`: scores, anomaly maps, overlays and masks for new images."""
+"""`pfadseg predict`: scores, anomaly maps, overlays and masks for new images, written to a folder."""
 from __future__ import annotations
 
 import csv
@@ -6,18 +6,21 @@ import json
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image
 from tqdm import tqdm
 
 from .data import DataError, list_images, load_rgb
-from .visualize import mask_image, overlay
+from .visualize import mask_image
+
+if TYPE_CHECKING:  # detector imports this module (MapFn)
+    from .detector import Detector
 
 MapFn = Callable[[torch.Tensor], tuple[np.ndarray, np.ndarray]]  # uint8 batch -> (maps, scores)
-MAX_OUTPUT_SIDE = 1024  # overlays of huge images are written downscaled to this side
+SUMMARY_FIELDS = ["image", "name", "score", "normalized_score", "anomalous", "threshold",
+                  "defect_area", "error"]
 
 
 def collect_inputs(inputs: list[Path]) -> list[Path]:
@@ -51,51 +54,45 @@ def output_names(paths: list[Path]) -> list[str]:
     return names
 
 
-def predict_images(paths: list[Path], map_fn: MapFn, size: int, threshold: float, out_dir: Path,
-                   batch_size: int = 8, skip_bad: bool = False, progress: bool = True) -> list[dict]:
+def predict_files(detector: Detector, paths: list[Path], out_dir: Path, batch_size: int = 8,
+                  skip_bad: bool = False, progress: bool = True) -> list[dict]:
     """Write <name>_overlay.png, <name>_mask.png and <name>_map.npy per image and
-    summary.csv / summary.json; return the summary rows."""
+    summary.csv / summary.json; return the summary rows. An unreadable file
+    stops the run with its name, unless `skip_bad` (then its row holds the error).
+    report.html shows every image, most anomalous first."""
+    from .html_report import Gallery, write_gallery_page  # here: it imports inference, which imports this
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows: list[dict] = []
     names = dict(zip(paths, output_names(paths)))
+    rows: list[dict] = []
+    gallery = Gallery(detector.thresholds)  # report.html: every image, most anomalous first
     bar = tqdm(total=len(paths), desc="predict", unit="img", disable=not progress, leave=False)
     for start in range(0, len(paths), batch_size):
-        batch_paths, originals = [], []
+        batch, images = [], []
         for path in paths[start:start + batch_size]:
             try:
-                originals.append(load_rgb(path, None))
-                batch_paths.append(path)
+                images.append(load_rgb(path, None))
+                batch.append(path)
             except DataError as exc:
                 if not skip_bad:
                     raise
                 rows.append({"image": str(path), "error": str(exc)})
-        if not originals:
-            continue
-        small = np.stack([np.asarray(Image.fromarray(o).resize((size, size), Image.BILINEAR))
-                          for o in originals])
-        maps, scores = map_fn(torch.from_numpy(small).permute(0, 3, 1, 2).contiguous())
-        for path, original, amap, score in zip(batch_paths, originals, maps, scores):
-            name = names[path]
-            h, w = original.shape[:2]
-            scale = min(1.0, MAX_OUTPUT_SIDE / max(h, w))
-            oh, ow = max(1, round(h * scale)), max(1, round(w * scale))
-            big = F.interpolate(torch.from_numpy(amap)[None, None], size=(oh, ow), mode="bilinear",
-                                align_corners=False)[0, 0].numpy()
-            shown = original if scale == 1.0 else np.asarray(Image.fromarray(original).resize((ow, oh)))
-            mask = big >= threshold
-            overlay(shown, big, mask).save(out_dir / f"{name}_overlay.png")
-            mask_image(mask).save(out_dir / f"{name}_mask.png")
-            np.save(out_dir / f"{name}_map.npy", amap.astype(np.float32))
-            rows.append({"image": str(path), "name": name, "score": float(score),
-                         "anomalous": bool(score >= threshold), "threshold": threshold,
-                         "defect_area": float(mask.mean())})
-        bar.update(len(batch_paths))
+        for path, p in zip(batch, detector.predict(images, batch_size, [names[q] for q in batch])):
+            gallery.add(p.name, p.image, p.anomaly_map, p.score)
+            mask = p.mask_at(p.output_size())
+            p.overlay().save(out_dir / f"{p.name}_overlay.png")
+            mask_image(mask).save(out_dir / f"{p.name}_mask.png")
+            np.save(out_dir / f"{p.name}_map.npy", p.anomaly_map)
+            rows.append({"image": str(path), "name": p.name, "score": p.score,
+                         "normalized_score": p.normalized_score, "anomalous": p.anomalous,
+                         "threshold": detector.thresholds.image, "defect_area": float(mask.mean())})
+        bar.update(len(paths[start:start + batch_size]))
     bar.close()
+    write_gallery_page(out_dir / "report.html", gallery)
     (out_dir / "summary.json").write_text(json.dumps(rows, indent=2))
-    fields = ["image", "name", "score", "anomalous", "threshold", "defect_area", "error"]
     with open(out_dir / "summary.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=fields)
+        writer = csv.DictWriter(fh, fieldnames=SUMMARY_FIELDS)
         writer.writeheader()
         writer.writerows(rows)
     return rows

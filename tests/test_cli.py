@@ -60,13 +60,29 @@ def test_predict_writes_maps_overlays_masks_and_summary(trained: Path, tmp_path:
     rows = json.loads((tmp_path / "summary.json").read_text())
     assert len(rows) == 4
     for row in rows:
-        assert 0.0 <= row["score"] <= 1.0
-        assert row["anomalous"] == (row["score"] >= 0.5)
+        assert 0.0 <= row["score"] <= 1.0 and 0.0 <= row["normalized_score"] <= 1.0
+        assert row["anomalous"] == (row["score"] >= 0.5) == (row["normalized_score"] >= 0.5)
+        assert row["threshold"] == 0.5  # --threshold replaces the image threshold
         overlay = Image.open(tmp_path / f"{row['name']}_overlay.png")
         mask = Image.open(tmp_path / f"{row['name']}_mask.png")
         assert overlay.size == mask.size == (256, 256)  # the original image's size
         assert (tmp_path / f"{row['name']}_map.npy").is_file()
     assert len(list(csv.DictReader(open(tmp_path / "summary.csv")))) == 4
+
+
+def test_predict_skips_bad_images_when_asked(trained: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    good = demo_root() / "bottle" / "test" / "good" / "000.jpg"
+    (folder / "good.jpg").write_bytes(good.read_bytes())
+    (folder / "broken.png").write_bytes(b"not a png")
+    args = ["predict", "--checkpoint", str(trained / "checkpoint.safetensors"),
+            "--out", str(tmp_path / "out"), str(folder)]
+    assert main(args) == 2  # without --skip-bad-images the bad file stops the run
+    assert main(args + ["--skip-bad-images"]) == 0
+    rows = {Path(r["image"]).name: r for r in json.loads((tmp_path / "out" / "summary.json").read_text())}
+    assert "broken.png" in rows["broken.png"]["error"] and "score" in rows["good.jpg"]
+    assert (tmp_path / "out" / "good_overlay.png").is_file()
 
 
 def test_predict_refuses_missing_input(trained: Path, tmp_path: Path, capsys) -> None:

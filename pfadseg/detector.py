@@ -1,0 +1,236 @@
+"""`Detector`: a trained model and its thresholds behind one object.
+
+    detector = Detector.load("run/checkpoint.safetensors", device="auto")
+    for p in detector.predict(["a.png", "b.png"]):
+        print(p.name, p.score, p.normalized_score, p.anomalous)
+        p.overlay().save(f"{p.name}_overlay.png")
+
+`pfadseg predict`, `pfadseg demo` and `pfadseg serve` all score images through
+`Detector.predict`, so the command line, the demo and the web server give the
+same numbers for the same image.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .calibration import Thresholds
+from .checkpoint import load_checkpoint
+from .config import preset
+from .data import DataError, _to_rgb, load_rgb, load_textures, load_train_images
+from .models import AnomalyModel, ModelConfig
+from .predict import MapFn
+from .runtime import place, resolve_device
+from .synthesis import DefectSynthesizer, procedural_textures, rotation_policy_for
+from .trainer import TrainData, train
+from .visualize import mask_image, overlay
+
+log = logging.getLogger(__name__)
+ImageInput = Union[str, Path, Image.Image, np.ndarray]
+MAX_OUTPUT_SIDE = 1024  # overlays and masks of huge images come out downscaled to this side
+BACKENDS = ("torch", "onnx")
+
+
+@dataclass
+class Prediction:
+    """What the model says about one image.
+
+    `anomaly_map` is the raw segmentation map (float32, the model's input size);
+    `mask` is where it reaches the pixel threshold; `anomalous` is whether
+    `score` (the image score) reaches the image threshold.
+    """
+
+    name: str
+    score: float
+    normalized_score: float  # in [0, 1]; 0.5 at the image threshold
+    anomalous: bool
+    anomaly_map: np.ndarray
+    mask: np.ndarray
+    image: np.ndarray = field(repr=False)  # the input, uint8 RGB (H, W, 3) at its own size
+    thresholds: Thresholds = field(repr=False)
+
+    def output_size(self, max_side: int = MAX_OUTPUT_SIDE) -> tuple[int, int]:
+        """(height, width) of the input, scaled down to fit `max_side`."""
+        h, w = self.image.shape[:2]
+        scale = min(1.0, max_side / max(h, w))
+        return max(1, round(h * scale)), max(1, round(w * scale))
+
+    def map_at(self, size: tuple[int, int]) -> np.ndarray:
+        """The raw anomaly map resized bilinearly to (height, width)."""
+        if tuple(self.anomaly_map.shape) == tuple(size):
+            return self.anomaly_map
+        t = torch.from_numpy(self.anomaly_map)[None, None]
+        return F.interpolate(t, size=size, mode="bilinear", align_corners=False)[0, 0].numpy()
+
+    def mask_at(self, size: tuple[int, int]) -> np.ndarray:
+        """The defect mask at (height, width): the resized map against the pixel threshold."""
+        return self.map_at(size) >= self.thresholds.pixel
+
+    def overlay(self, max_side: int = MAX_OUTPUT_SIDE, outline: bool = True) -> Image.Image:
+        """The normalised anomaly map as a heat map over the input image (at its own
+        size, at most `max_side`), with the mask's outline in white when `outline`."""
+        size = self.output_size(max_side)
+        shown = self.image
+        if shown.shape[:2] != size:
+            shown = np.asarray(Image.fromarray(shown).resize(size[::-1], Image.BILINEAR))
+        big = self.map_at(size)
+        mask = big >= self.thresholds.pixel if outline else None
+        return overlay(shown, self.thresholds.normalize_map(big), mask)
+
+    def mask_image(self, max_side: int = MAX_OUTPUT_SIDE) -> Image.Image:
+        """The mask as a black/white image at the overlay's size."""
+        return mask_image(self.mask_at(self.output_size(max_side)))
+
+    def map_image(self) -> Image.Image:
+        """The normalised anomaly map as an 8-bit grayscale image (the model's input
+        size): 128 and up is in the mask at the calibrated threshold."""
+        norm = self.thresholds.normalize_map(self.anomaly_map)
+        return Image.fromarray((np.clip(norm, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8), mode="L")
+
+
+def _rgb(item: ImageInput, index: int) -> np.ndarray:
+    """One input as uint8 RGB (H, W, 3); a clear error for anything else."""
+    if isinstance(item, (str, Path)):
+        return load_rgb(Path(item), None)
+    if isinstance(item, Image.Image):
+        return np.asarray(_to_rgb(item), dtype=np.uint8)
+    if isinstance(item, np.ndarray):
+        if item.dtype != np.uint8 or item.ndim != 3 or item.shape[2] != 3:
+            raise DataError(f"image {index}: an array must be uint8 (H, W, 3) RGB, got "
+                            f"{item.dtype} {item.shape}. Fix: convert it, e.g. np.asarray(pil_image.convert('RGB')).")
+        return item
+    raise DataError(f"image {index}: {type(item).__name__} is not an image. Fix: pass a path, "
+                    "a PIL image or a uint8 (H, W, 3) array.")
+
+
+def _name(item: ImageInput, index: int) -> str:
+    if isinstance(item, (str, Path)):
+        return Path(item).name
+    filename = getattr(item, "filename", "")  # PIL images opened from a file know it
+    return Path(filename).name if filename else f"image_{index}"
+
+
+class Detector:
+    """A model with its thresholds, on a device, ready to score images."""
+
+    def __init__(self, checkpoint: Path, model: AnomalyModel, meta: dict, thresholds: Thresholds,
+                 map_fn: MapFn, device: torch.device, backend: str = "torch") -> None:
+        self.checkpoint, self.model, self.meta, self.thresholds = checkpoint, model, meta, thresholds
+        self.device, self.backend = device, backend
+        self._map_fn = map_fn
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "auto", threshold: float | None = None,
+             bf16: bool = True, compile: bool = False, backend: str = "torch",
+             onnx: str | Path | None = None, batch_size: int = 8) -> "Detector":
+        """A checkpoint on `device`. `threshold` replaces its image threshold;
+        `backend="onnx"` runs the exported model `onnx` (default: the checkpoint's
+        path with .onnx) in onnxruntime on the CPU instead; `batch_size` is what a
+        compiled forward is built for."""
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; choose from {BACKENDS}")
+        path = Path(path)
+        model, meta = load_checkpoint(path)
+        if threshold is not None and meta.get("threshold") is None and "thresholds" not in meta:
+            thresholds = Thresholds(image=threshold, pixel=threshold, method="given")
+        else:
+            thresholds = Thresholds.from_meta(meta)
+            if threshold is not None:
+                thresholds = dataclasses.replace(thresholds, image=float(threshold))
+        if backend == "onnx":
+            from .export import onnx_map_fn
+
+            map_fn = onnx_map_fn(Path(onnx) if onnx else path.with_suffix(".onnx"))
+            return cls(path, model, meta, thresholds, map_fn, torch.device("cpu"), backend)
+        from .inference import torch_map_fn
+
+        target = resolve_device(device)
+        place(model, target)
+        map_fn = torch_map_fn(model, bf16=bf16, compile=compile, batch_size=batch_size)
+        return cls(path, model, meta, thresholds, map_fn, target)
+
+    @property
+    def image_size(self) -> int:
+        """Side of the square the model sees; inputs are resized to it."""
+        return self.model.config.image_size
+
+    def info(self) -> dict:
+        """What the model is: variant, teacher, input size, thresholds, versions."""
+        from . import __version__
+
+        return {"variant": self.model.config.variant, "teacher": self.model.config.teacher,
+                "image_size": self.image_size, "category": self.meta.get("category"),
+                "threshold": self.thresholds.image, "pixel_threshold": self.thresholds.pixel,
+                "threshold_method": self.thresholds.method, "backend": self.backend,
+                "device": str(self.device), "version": __version__,
+                "checkpoint_version": self.meta.get("pfadseg_version")}
+
+    def predict(self, images: Sequence[ImageInput], batch_size: int = 8,
+                names: Sequence[str] | None = None) -> list[Prediction]:
+        """Score images given as paths, PIL images or uint8 (H, W, 3) arrays, in
+        order; `batch_size` of them are decoded and run at a time. An unreadable
+        file raises DataError naming it."""
+        if names is not None and len(names) != len(images):
+            raise ValueError(f"{len(names)} names for {len(images)} images")
+        size = self.image_size
+        out: list[Prediction] = []
+        for start in range(0, len(images), batch_size):
+            chunk = list(images[start:start + batch_size])
+            rgb = [_rgb(item, start + i) for i, item in enumerate(chunk)]
+            small = np.stack([np.asarray(Image.fromarray(a).resize((size, size), Image.BILINEAR))
+                              for a in rgb])
+            maps, scores = self._map_fn(torch.from_numpy(small).permute(0, 3, 1, 2).contiguous())
+            for i, (item, image, amap, score) in enumerate(zip(chunk, rgb, maps, scores)):
+                index = start + i
+                score = float(score)
+                amap = np.asarray(amap, dtype=np.float32)
+                out.append(Prediction(
+                    name=names[index] if names is not None else _name(item, index), score=score,
+                    normalized_score=float(self.thresholds.normalize_image(score)),
+                    anomalous=score >= self.thresholds.image, anomaly_map=amap,
+                    mask=amap >= self.thresholds.pixel, image=image, thresholds=self.thresholds))
+        return out
+
+    @classmethod
+    def train(cls, train_dir: str | Path, out_dir: str | Path, *, model: str | ModelConfig = "pfadseg",
+              teacher: str = "resnet18", image_size: int = 256, preset_name: str = "cpu",
+              textures: str | Path | None = None, texture_limit: int | None = None,
+              rotation: str = "auto", category: str | None = None, teacher_weights: str | None = None,
+              device: str | torch.device = "auto", resume: bool = False, progress: bool = True,
+              **schedule: object) -> "Detector":
+        """Train on a folder of defect-free images and load the result.
+
+        `model` is "pfadseg", "destseg" or a ModelConfig (then `teacher` and
+        `image_size` are its own); `schedule` overrides fields of the preset's
+        TrainConfig (batch_size, stage1_steps, ...). Without `textures` (a folder
+        of texture images such as DTD's) synthetic defects use built-in
+        procedural textures. Writes out_dir/checkpoint.safetensors.
+        """
+        train_dir = Path(train_dir)
+        category = category or train_dir.name
+        model_cfg = model if isinstance(model, ModelConfig) else ModelConfig.named(
+            model, teacher=teacher, image_size=image_size)
+        size = model_cfg.image_size
+        images = load_train_images(train_dir, size)
+        if textures is not None:
+            texture_images = load_textures(Path(textures), size, texture_limit)
+        else:
+            log.warning("no textures given: using built-in procedural textures "
+                        "(DTD textures give the paper's results)")
+            texture_images = procedural_textures(texture_limit or 64, size)
+        rotation = rotation_policy_for(category) if rotation == "auto" else rotation
+        path = train(model_cfg, preset(preset_name, **schedule),
+                     TrainData(images, DefectSynthesizer(texture_images), rotation), Path(out_dir),
+                     teacher_weights=teacher_weights, resume=resume, progress=progress, device=device,
+                     extra_meta={"category": category, "train_dir": str(train_dir),
+                                 "preset": preset_name, "rotation": rotation})
+        return cls.load(path, device=device)
