@@ -53,7 +53,8 @@ def model_outputs(model: AnomalyModel, test: TestSet, batch_size: int = 16, bf16
                               progress=progress)
     dest_scores = image_scores(torch.from_numpy(dest)[:, None]).numpy()
     if test.masks is not None:
-        seg, dest = _to_mask_size(seg, test.masks.shape[1:]), _to_mask_size(dest, test.masks.shape[1:])
+        shape = test.masks.shape[1:]
+        seg, dest = _to_mask_size(seg, shape), _to_mask_size(dest, shape)
     return TestOutputs(seg, dest, scores, dest_scores)
 
 
@@ -176,10 +177,10 @@ def write_results(model: AnomalyModel, test: TestSet, name: str, out_dir: Path, 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics.json").write_text(json.dumps(result, indent=2))
-    (out_dir / "metrics.md").write_text(
-        f"# {name}: {result['variant']} ({result['teacher']} teacher)\n\n```\n{format_table(result)}\n```\n")
+    title = f"# {name}: {result['variant']} ({result['teacher']} teacher)"
+    (out_dir / "metrics.md").write_text(f"{title}\n\n```\n{format_table(result)}\n```\n")
     if report:
-        from .html_report import write_test_report  # matplotlib loads only for the report
+        from .html_report import write_test_report  # here: it imports this module, and matplotlib
 
         write_test_report(out_dir / "report.html", test, outputs, result, thresholds)
     return result

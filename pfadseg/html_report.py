@@ -17,18 +17,17 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 from PIL import Image
 from scipy import ndimage
 
 from .calibration import Thresholds
+from .data import TestSet
+from .evaluation import TestOutputs
 from .visualize import colorize
-
-if TYPE_CHECKING:  # evaluation imports this module; only its types are needed here
-    from .data import TestSet
-    from .evaluation import TestOutputs
 
 THUMB = 192  # longest side of a gallery thumbnail, in pixels
 MAX_CURVE_POINTS = 2000  # points drawn per curve (pixel curves have millions of thresholds)
@@ -48,10 +47,8 @@ def _data_uri(img: Image.Image, fmt: str = "JPEG") -> str:
     return f"data:image/{fmt.lower()};base64,{base64.b64encode(buf.getvalue()).decode('ascii')}"
 
 
-def _figure_uri(fig: object) -> str:
+def _figure_uri(fig: Figure) -> str:
     """A matplotlib Figure rendered to a PNG data URI by the Agg canvas."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
     buf = io.BytesIO()
     FigureCanvasAgg(fig).print_png(buf)
     return f"data:image/png;base64,{base64.b64encode(buf.getvalue()).decode('ascii')}"
@@ -151,6 +148,7 @@ class Gallery:
         if not self.entries:
             return "<p>No images.</p>"
         with_truth = any(len(e.panels) == 4 for e in self.entries)
+        labelled = any(e.label is not None for e in self.entries)
         rows = []
         for e in sorted(self.entries, key=lambda e: -e.error):
             wrong = e.verdict.startswith("WRONG")
@@ -166,7 +164,7 @@ class Gallery:
         return (f"<p>Anomaly maps are normalised so that the pixel threshold ({t.pixel:.4f} raw) "
                 "is 0.5 on the colour bar; the predicted mask is the map at or above it. "
                 f"Image verdicts: raw score at or above the image threshold ({t.image:.4f}, "
-                f"normalised 0.5). {'Worst errors first.' if with_truth else 'Most anomalous first.'}"
+                f"normalised 0.5). {'Worst errors first.' if labelled else 'Most anomalous first.'}"
                 f'</p><table class="gallery"><tr>{head}</tr>{"".join(rows)}</table>')
 
 
@@ -202,8 +200,6 @@ def _step_area(points: dict[str, np.ndarray]) -> float:
 
 def _curves_figure(curves: list[tuple[str, str, dict, float]]) -> str:
     """Side-by-side panels: (title, kind "roc"/"pr", points, area) each."""
-    from matplotlib.figure import Figure
-
     fig = Figure(figsize=(4.2 * len(curves), 3.8), dpi=90, layout="constrained")
     for ax, (title, kind, pts, area) in zip(fig.subplots(1, len(curves), squeeze=False)[0], curves):
         if kind == "roc":
@@ -220,8 +216,6 @@ def _curves_figure(curves: list[tuple[str, str, dict, float]]) -> str:
 
 def _histogram_figure(scores: np.ndarray, labels: np.ndarray, threshold: float | None) -> str:
     """Image scores of good and defective images, with the threshold as a line."""
-    from matplotlib.figure import Figure
-
     fig = Figure(figsize=(7.5, 3.4), dpi=90, layout="constrained")
     ax = fig.subplots()
     edges = np.histogram_bin_edges(np.r_[scores, threshold if threshold is not None else []], 40)
@@ -336,9 +330,9 @@ def write_test_report(path: Path, test: TestSet, outputs: TestOutputs, result: d
     if has_masks:
         curves.append(("pixel precision-recall", "pr", curve_points(outputs.seg, test.masks),
                        result["pixel_ap"]))
+    histogram = _histogram_figure(outputs.scores, labels, thresholds.image)
     parts += ["<h2>Curves (segmentation map)</h2>", f'<img src="{_curves_figure(curves)}" alt="curves">',
-              "<h2>Image scores</h2>",
-              f'<img src="{_histogram_figure(outputs.scores, labels, thresholds.image)}" alt="histogram">']
+              "<h2>Image scores</h2>", f'<img src="{histogram}" alt="histogram">']
     gallery = Gallery(thresholds)
     for i, name in enumerate(_shown_names(test.paths)):
         image = test.images[i].permute(1, 2, 0).numpy()

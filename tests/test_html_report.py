@@ -75,7 +75,7 @@ def test_report_without_masks_says_so(model: AnomalyModel, dataset: Path, tmp_pa
     write_results(model, test, CATEGORY, tmp_path, {"threshold": 0.5}, bf16=False, progress=False)
     page = (tmp_path / "report.html").read_text()
     assert "No ground-truth masks were given" in page and 'alt="ground truth"' not in page
-    assert ">pixel AP<" not in page and len(_rows(page)) == 4
+    assert ">pixel AP<" not in page and len(_rows(page)) == 4 and "Worst errors first" in page
 
 
 def test_report_without_thresholds_uses_the_test_sets_best(model: AnomalyModel, dataset: Path,
@@ -95,6 +95,7 @@ def test_predict_gallery_is_sorted_most_anomalous_first(tmp_path: Path) -> None:
     page = path.read_text()
     assert _rows(page) == ["b.png", "c.png", "a.png"]
     assert "1 anomalous" in page and 'alt="ground truth"' not in page
+    assert "Most anomalous first" in page
     assert page.count('alt="predicted mask"') == 3
     # thumbnails are downscaled: the 300-pixel side becomes THUMB
     first = re.search(r'src="data:image/jpeg;base64,([^"]+)"', page).group(1)
