@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from .models import AnomalyModel, image_scores
 from .predict import MapFn
-from .runtime import autocast, compiled, device_of, place
+from .runtime import autocast, compiled, device_of, place, step_begin
 
 Forward = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # input -> (seg, dest)
 
@@ -31,6 +31,7 @@ def forward_fn(model: AnomalyModel, bf16: bool = True, compile: bool = False) ->
 
     @torch.no_grad()
     def run(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        step_begin(device)
         with autocast(device, bf16):
             return fn(x)
     return run

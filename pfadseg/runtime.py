@@ -107,8 +107,11 @@ def compiler_available(device: torch.device) -> bool:
 def compiled(fn: Fn, device: torch.device, frozen: bool = False) -> Fn:
     """`fn` compiled by torch.compile (Inductor) for fixed input shapes.
 
-    On CUDA the kernels are replayed as CUDA graphs ("reduce-overhead"): PFADSeg's
-    many small ops are otherwise bound by launch time. On the CPU `frozen` treats
+    On CUDA the graph is captured and replayed as a CUDA graph (dynamo's
+    "cudagraphs" backend, without Inductor: it compiles in seconds): PFADSeg's
+    many small ops are otherwise bound by launch time. Several processes
+    (torchrun) use Inductor without CUDA graphs, which DDP's gradient hooks
+    break. Call `step_begin` once per training step or inference batch. On the CPU `frozen` treats
     the weights as constants (batch norm folded into the convolutions, oneDNN
     weights packed once): only for weights that no longer change. Without a
     compiler, or where compiling fails at the first call, `fn` runs eagerly, with
@@ -121,14 +124,14 @@ def compiled(fn: Fn, device: torch.device, frozen: bool = False) -> Fn:
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime" noise
     from torch._inductor import config as inductor_config
 
-    compiled_fn = torch.compile(fn, dynamic=False, mode="reduce-overhead" if device.type == "cuda" else None)
+    graphs = device.type == "cuda" and not (torch.distributed.is_initialized()
+                                            and torch.distributed.get_world_size() > 1)
+    compiled_fn = torch.compile(fn, dynamic=False, backend="cudagraphs" if graphs else "inductor")
     patch = {"freezing": frozen} if device.type == "cpu" else {}
     state = {"fn": compiled_fn, "first": True}
 
     @functools.wraps(fn)
     def run(*args: object, **kwargs: object) -> object:
-        if device.type == "cuda":
-            torch.compiler.cudagraph_mark_step_begin()
         if not state["first"]:
             with inductor_config.patch(patch):
                 return state["fn"](*args, **kwargs)
@@ -142,6 +145,13 @@ def compiled(fn: Fn, device: torch.device, frozen: bool = False) -> Fn:
             state["fn"] = fn
             return fn(*args, **kwargs)
     return run  # type: ignore[return-value]
+
+
+def step_begin(device: torch.device) -> None:
+    """Mark a new training step or inference batch: CUDA graphs may then reuse the
+    memory of the previous one's outputs."""
+    if device.type == "cuda":
+        torch.compiler.cudagraph_mark_step_begin()
 
 
 # --- CPU-only workarounds and memory settings -----------------------------------------

@@ -28,7 +28,7 @@ from .inference import to_input
 from .models import AnomalyModel, ModelConfig
 from .models.losses import segmentation_loss, student_loss
 from .runtime import (autocast, bf16_supported, compiled, cpu_training_fixes, place, release_free_memory,
-                      resolve_device)
+                      resolve_device, step_begin)
 from .synthesis import DefectSynthesizer, rotate_images
 
 log = logging.getLogger(__name__)
@@ -144,6 +144,7 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         """One optimiser step of the current stage; returns its losses."""
         stage = 1 if self.step < self.config.stage1_steps else 2
+        step_begin(self.device)
         idx, clean, augmented, mask = self._batch()
         if stage == 1:
             self.model.student.train()
@@ -285,9 +286,10 @@ class Trainer:
 
     def calibrate_threshold(self, good_images: torch.Tensor, source: str,
                             batch_size: int = 16) -> Thresholds:
-        """Image and pixel thresholds from good images (uint8, ideally never trained
-        on) and the run's synthetic defects on them; see pfadseg.calibration. (The
-        highest training-image score, used before, sat far above real defects.)"""
+        """Image and pixel thresholds at false-alarm rates on good images (uint8,
+        ideally never trained on), checked against the run's synthetic defects on
+        them; see pfadseg.calibration. (The highest training-image score, used
+        before, sat far above the scores of real defects.)"""
         return calibrate(self.model, good_images, self.synthesizer, self.config.seed,
                          batch_size=batch_size, bf16=self.use_bf16, source=source)
 

@@ -1,0 +1,46 @@
+"""Run by torchrun in tests/test_distributed.py: trains the tiny preset on two CPU
+processes (gloo), then every rank saves its own final weights for comparison.
+With PFADSEG_TEST_DIE_AT=K, rank 1 dies at step K (a crashed GPU, a killed process)."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from pfadseg import distributed as dist
+from pfadseg.config import preset
+from pfadseg.models import ModelConfig
+from pfadseg.synthesis import DefectSynthesizer, procedural_textures
+from pfadseg.trainer import TrainData, Trainer, train
+
+out, resume = Path(sys.argv[1]), "--resume" in sys.argv
+die_at = int(os.environ.get("PFADSEG_TEST_DIE_AT", "0"))
+if die_at:
+    step = Trainer.train_step
+
+    def dying_step(self: Trainer) -> dict:
+        if self.step + 1 == die_at and dist.rank() == 1:
+            os._exit(3)
+        return step(self)
+    Trainer.train_step = dying_step  # type: ignore[method-assign]
+
+trainers: list[Trainer] = []
+run = Trainer.run
+
+
+def recording_run(self: Trainer, progress: bool = True) -> None:
+    trainers.append(self)
+    run(self, progress)
+
+
+Trainer.run = recording_run  # type: ignore[method-assign]
+gen = torch.Generator().manual_seed(0)
+images = torch.randint(0, 256, (6, 3, 64, 64), dtype=torch.uint8, generator=gen)
+data = TrainData(images, DefectSynthesizer(procedural_textures(2, 64)), "none")
+cfg = preset("tiny", batch_size=4, stage1_steps=3, stage2_steps=2, bf16=False)
+train(ModelConfig.named("pfadseg", teacher="efficientnet_lite0", image_size=64), cfg, data, out,
+      teacher_weights="random", resume=resume, progress=False, device="cpu")
+weights = {k: v.detach().cpu() for k, v in trainers[0].model.state_dict().items()}
+torch.save(weights, Path(os.environ["PFADSEG_TEST_WEIGHTS"]) / f"rank{dist.rank()}.pt")
