@@ -143,6 +143,18 @@ def test_one_bad_file_among_good_ones_is_named(client: TestClient) -> None:
     assert response.status_code == 415 and "second.gif" in response.json()["detail"]
 
 
+BOUNDARY = "pfadseg-test-boundary"
+
+
+def _chunked_upload(size: int):
+    """A multipart body holding one file of `size` zero bytes, yielded in pieces."""
+    yield (f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="big.png"\r\n'
+           "Content-Type: image/png\r\n\r\n").encode()
+    for _ in range(size // 65536):
+        yield b"\0" * 65536
+    yield f"\r\n--{BOUNDARY}--\r\n".encode()
+
+
 def test_upload_limits(detector: Detector) -> None:
     with TestClient(create_app(detector, max_upload_mb=0.001)) as small:  # 1 KiB a file
         response = small.post("/predict", files=upload(IMAGE))
@@ -150,6 +162,11 @@ def test_upload_limits(detector: Detector) -> None:
         assert IMAGE.name in response.json()["detail"] and "--max-upload-mb" in response.json()["detail"]
         # a body over every file's limit together is refused before it is read
         response = small.post("/predict", files=[("file", ("big.png", b"\0" * (3 << 20)))])
+        assert response.status_code == 413 and "over the limit" in response.json()["detail"]
+        # ... and so is a streamed body without a Content-Length, once it passes the limit
+        response = small.post("/predict", content=_chunked_upload(3 << 20),
+                              headers={"content-type": f"multipart/form-data; boundary={BOUNDARY}"})
+        assert response.request.headers.get("transfer-encoding") == "chunked"
         assert response.status_code == 413 and "over the limit" in response.json()["detail"]
     with TestClient(create_app(detector)) as normal:
         too_many = [("file", (f"{i}.jpg", b"x", "image/jpeg")) for i in range(17)]
@@ -240,5 +257,5 @@ def test_load_test_answers_every_request_correctly(live_server, requests: int) -
     url, proc = live_server
     stats = load_test.run_load(url, TEST_IMAGES[:4], requests=requests, concurrency=8)
     print(f"\n{requests} requests from 8 clients: p50 {stats['p50_ms']:.0f} ms, "
-          f"p95 {stats['p95_ms']:.0f} ms, server peak memory {load_test.peak_rss_mb(proc.pid)} MiB")
+          f"p95 {stats['p95_ms']:.0f} ms, server peak memory {load_test.peak_rss_mb(proc.pid) or 0:.0f} MiB")
     assert stats["errors"] == [] and stats["correct"] == requests
