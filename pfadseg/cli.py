@@ -269,8 +269,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from .detector import Detector
-    from .serve import serve
+    from .serve import check_bind, serve
 
+    check_bind(args.host, args.token)  # before the minute a model can take to load
     detector = Detector.load(args.checkpoint, device=_device(args), threshold=args.threshold,
                              bf16=not args.no_bf16)
     serve(detector, args.host, args.port, args.token, args.max_upload_mb, args.max_megapixels)

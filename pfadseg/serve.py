@@ -64,6 +64,13 @@ def is_local(host: str) -> bool:
         return False
 
 
+def check_bind(host: str, token: str | None) -> None:
+    """Refuse to bind a non-local `host` without a token."""
+    if not is_local(host) and not token:
+        raise ValueError(f"--host {host} makes the server reachable from other machines: give "
+                         "--token T as well (every API call then needs it)")
+
+
 def decode_upload(name: str, data: bytes, max_pixels: int) -> Image.Image:
     """Decode one uploaded file, refusing empty, non-image, corrupt and oversized ones.
 
@@ -262,9 +269,7 @@ def serve(detector: Detector, host: str = "127.0.0.1", port: int = 8000, token: 
           max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
           max_megapixels: float = DEFAULT_MAX_MEGAPIXELS) -> None:
     """Run the server until interrupted. A non-local `host` needs a `token`."""
-    if not is_local(host) and not token:
-        raise ValueError(f"--host {host} makes the server reachable from other machines: give "
-                         "--token T as well (every API call then needs it)")
+    check_bind(host, token)
     import uvicorn
 
     app = create_app(detector, token, max_upload_mb, max_megapixels)

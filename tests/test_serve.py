@@ -21,6 +21,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from pfadseg.calibration import Thresholds  # noqa: E402
 from pfadseg.checkpoint import save_checkpoint  # noqa: E402
+from pfadseg.cli import main  # noqa: E402
 from pfadseg.config import preset  # noqa: E402
 from pfadseg.demo import demo_root  # noqa: E402
 from pfadseg.detector import Detector  # noqa: E402
@@ -192,6 +193,8 @@ def test_non_local_bind_needs_a_token(detector: Detector) -> None:
     assert not is_local("0.0.0.0") and not is_local("192.168.1.5") and not is_local("example.org")
     with pytest.raises(ValueError, match="--token"):
         serve(detector, host="0.0.0.0", port=1)
+    # the command refuses before loading the model (the checkpoint need not exist)
+    assert main(["serve", "--checkpoint", "missing.safetensors", "--host", "0.0.0.0"]) == 2
 
 
 class _GatedDetector:
