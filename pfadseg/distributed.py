@@ -73,6 +73,14 @@ def gather(obj: object) -> list[object]:
     return out
 
 
+def sync_buffers(module: nn.Module) -> None:
+    """Give every rank rank 0's buffers (batch-norm running statistics, which each
+    rank otherwise takes from its own share of the batch)."""
+    if world_size() > 1:
+        for buffer in module.buffers():
+            torch_dist.broadcast(buffer, src=0)
+
+
 def barrier() -> None:
     if world_size() > 1:
         torch_dist.barrier()

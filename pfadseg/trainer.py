@@ -122,6 +122,7 @@ class Trainer:
         """Free what only stage 1 uses: the student's gradients and momentum, the
         clean-image teacher features and its loss function (stage 2's state files
         then hold no student momentum; nothing steps the student again)."""
+        dist.sync_buffers(self.model.student)  # stage 2 runs the frozen student on every rank
         self.opt_student.zero_grad(set_to_none=True)
         self.opt_student.state.clear()
         self._teacher_cache = []
@@ -281,6 +282,7 @@ class Trainer:
                 if self.step % cfg.save_every == 0 or self.step == cfg.stage1_steps:
                     self.save_state()
             bar.close()
+        dist.sync_buffers(self.model)
         if self.saved_step != self.step:
             self.save_state()
 
