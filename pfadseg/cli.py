@@ -33,27 +33,40 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     src.add_argument("--textures", type=Path,
                      help="folder of texture images for synthetic defects (DTD images/); "
                           "default: built-in procedural textures")
-    src.add_argument("--texture-limit", type=int, help="use at most this many texture images")
+    src.add_argument("--texture-limit", type=int,
+                     help="use at most this many texture images, evenly spaced (default: all)")
     src.add_argument("--rotation", choices=ROTATIONS, default="auto",
                      help="rotation augmentation of the good images; auto = the official "
-                          "per-category choice (none for custom data)")
+                          "per-category choice (none for custom data) (default: %(default)s)")
     src.add_argument("--skip-bad-images", action="store_true", help="log and skip unreadable images")
     m = p.add_argument_group("model")
-    m.add_argument("--model", choices=("destseg", "pfadseg"), default="pfadseg")
+    m.add_argument("--model", choices=("destseg", "pfadseg"), default="pfadseg",
+                   help="pfadseg (AFF, PCAR and RCM on) or the destseg baseline "
+                        "(default: %(default)s)")
     for mod in ("aff", "pcar", "rcm"):
         m.add_argument(f"--{mod}", action=argparse.BooleanOptionalAction, default=None,
                        help=f"turn {mod.upper()} on/off (default: per --model)")
-    m.add_argument("--teacher", choices=sorted(TEACHERS), default="resnet18")
+    m.add_argument("--teacher", choices=sorted(TEACHERS), default="resnet18",
+                   help="frozen ImageNet teacher: resnet18 (the paper's; its weights are "
+                        "downloaded once) or efficientnet_lite0 (weights installed with "
+                        "pfadseg, works offline) (default: %(default)s)")
     m.add_argument("--teacher-weights", help="local teacher weights file (no download needed)")
-    m.add_argument("--image-size", type=int, default=256)
+    m.add_argument("--image-size", type=int, default=256,
+                   help="input size in pixels: images are resized to N x N (default: %(default)s)")
     t = p.add_argument_group("schedule")
-    t.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
-    t.add_argument("--batch-size", type=int)
-    t.add_argument("--stage1-steps", type=int)
-    t.add_argument("--stage2-steps", type=int)
-    t.add_argument("--lr-student", type=float)
-    t.add_argument("--seed", type=int)
-    t.add_argument("--save-every", type=int, help="steps between resumable state files")
+    t.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
+                   help="training schedule: paper (PFADSeg paper, 3000 + 4000 steps), official "
+                        "(DeSTSeg code, 1000 + 4000), cpu (fits a 2-core CPU), demo (the bundled "
+                        "sample), tiny (seconds; smoke tests) (default: %(default)s)")
+    t.add_argument("--batch-size", type=int, help="training batch size (default: the preset's)")
+    t.add_argument("--stage1-steps", type=int,
+                   help="student (denoising) steps (default: the preset's)")
+    t.add_argument("--stage2-steps", type=int,
+                   help="segmentation-net steps (default: the preset's)")
+    t.add_argument("--lr-student", type=float, help="student learning rate (default: the preset's)")
+    t.add_argument("--seed", type=int, help="random seed (default: the preset's)")
+    t.add_argument("--save-every", type=int,
+                   help="steps between resumable state files (default: the preset's)")
     t.add_argument("--no-bf16", action="store_true", help="train in plain fp32")
     t.add_argument("--no-compile", action="store_true",
                    help="run eagerly instead of compiled by torch.compile (Inductor): stage 2, "
@@ -282,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pfadseg", description=__doc__)
     parser.add_argument("--version", action="version", version=f"pfadseg {__version__}")
     parser.add_argument("--threads", type=int, help="CPU threads for torch (default: all cores)")
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train on a folder of defect-free images")
@@ -291,7 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("test", help="evaluate a checkpoint on a labelled test set (MVTec "
                        "layout or any folder of good/ and defect-type folders)")
-    p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument("--checkpoint", type=Path, required=True,
+                   help="checkpoint.safetensors of a `pfadseg train` run")
     p.add_argument("--data", type=Path, help="MVTec-layout root holding <category>/test and "
                    "<category>/ground_truth")
     p.add_argument("--category", help="category folder under --data (e.g. bottle)")
@@ -304,27 +318,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True,
                    help="folder for metrics.json, metrics.md and report.html")
     p.add_argument("--no-report", action="store_true", help="skip report.html")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=16,
+                   help="images per inference batch (default: %(default)s)")
     p.add_argument("--eval-size", default="input", type=_eval_size,
-                   help="pixel metrics at the model's input size (default, the official 256x256 "
-                        "protocol), at N x N, or 'original' (each image's own resolution)")
-    p.add_argument("--no-bf16", action="store_true")
+                   help="pixel metrics at the model's input size ('input', the official 256x256 "
+                        "protocol), at N x N, or 'original' (each image's own resolution) "
+                        "(default: %(default)s)")
+    p.add_argument("--no-bf16", action="store_true", help="run inference in plain fp32")
     p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
-    p.add_argument("--skip-bad-images", action="store_true")
+    p.add_argument("--skip-bad-images", action="store_true", help="log and skip unreadable images")
     _add_device_arg(p)
     p.set_defaults(func=cmd_test)
 
     p = sub.add_parser("predict", help="score images and paint their defects")
     p.add_argument("inputs", nargs="+", type=Path, help="image files or folders")
-    p.add_argument("--checkpoint", type=Path, required=True)
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--threshold", type=float, help="default: the checkpoint's calibrated one")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--backend", choices=("torch", "onnx"), default="torch")
+    p.add_argument("--checkpoint", type=Path, required=True,
+                   help="checkpoint.safetensors of a `pfadseg train` run")
+    p.add_argument("--out", type=Path, required=True,
+                   help="folder for the maps, overlays, masks and summary.csv/.json")
+    p.add_argument("--threshold", type=float,
+                   help="image-score threshold (default: the checkpoint's calibrated one)")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="images per inference batch (default: %(default)s)")
+    p.add_argument("--backend", choices=("torch", "onnx"), default="torch",
+                   help="run the checkpoint in PyTorch, or its ONNX export in onnxruntime "
+                        "(default: %(default)s)")
     p.add_argument("--onnx", type=Path, help="exported model (default: checkpoint with .onnx)")
-    p.add_argument("--no-bf16", action="store_true")
+    p.add_argument("--no-bf16", action="store_true", help="run inference in plain fp32")
     p.add_argument("--compile", action="store_true", help=COMPILE_HELP + " (torch backend)")
-    p.add_argument("--skip-bad-images", action="store_true")
+    p.add_argument("--skip-bad-images", action="store_true", help="log and skip unreadable images")
     _add_device_arg(p)
     p.set_defaults(func=cmd_predict)
 
@@ -352,7 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "procedural textures)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic defects "
                    "(default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=16, help="images per inference batch")
+    p.add_argument("--batch-size", type=int, default=16,
+                   help="images per inference batch (default: %(default)s)")
     p.add_argument("--no-bf16", action="store_true", help="run inference in plain fp32")
     p.add_argument("--skip-bad-images", action="store_true",
                    help="log and skip unreadable good images")
@@ -360,8 +383,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("export", help="export a checkpoint to ONNX")
-    p.add_argument("--checkpoint", type=Path, required=True)
-    p.add_argument("--out", type=Path)
+    p.add_argument("--checkpoint", type=Path, required=True,
+                   help="checkpoint.safetensors of a `pfadseg train` run")
+    p.add_argument("--out", type=Path,
+                   help="ONNX file to write (default: the checkpoint's path with .onnx)")
     _add_device_arg(p)
     p.set_defaults(func=cmd_export)
 
@@ -381,7 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_benchmark)
 
     p = sub.add_parser("demo", help="train and evaluate on the bundled bottle sample, offline")
-    p.add_argument("--out", type=Path, default=Path("pfadseg-demo"))
+    p.add_argument("--out", type=Path, default=Path("pfadseg-demo"),
+                   help="folder for the run, test metrics and predictions (default: %(default)s)")
     p.add_argument("--quick", action="store_true", help="a much shorter run (smoke test)")
     _add_device_arg(p)
     p.set_defaults(func=cmd_demo)

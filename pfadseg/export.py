@@ -8,7 +8,11 @@ segmentation map), all float32.
 from __future__ import annotations
 
 import copy
+import os
+import sys
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import numpy as np
@@ -21,37 +25,13 @@ from .predict import MapFn
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("seg_map", "dest_map", "score")
 ONNX_HINT = "pip install pfadseg[onnx]"
+OPSET = 18  # the exporter's own opset: asking for an older one makes it convert down, which fails
+TOLERANCE = 1e-3  # largest |onnxruntime - torch| accepted on the check batch (fp32 both)
 
 
-class _BlockMean(nn.Module):
-    """`AdaptiveAvgPool2d(k)` as slices and means over the same bins (identical
-    numbers), which the TorchScript exporter translates with a dynamic batch axis."""
-
-    def __init__(self, size: int) -> None:
-        super().__init__()
-        self.size = size
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        k = self.size
-        for dim in (2, 3):  # bin i spans [floor(i*n/k), ceil((i+1)*n/k)), as in PyTorch
-            n = x.shape[dim]
-            x = torch.cat([x.narrow(dim, i * n // k, -(-(i + 1) * n // k) - i * n // k)
-                           .mean(dim=dim, keepdim=True) for i in range(k)], dim=dim)
-        return x
-
-
-def _exportable(model: AnomalyModel) -> nn.Module:
-    """An fp32, eval-mode, contiguous-layout copy of `model` whose square
-    adaptive average pools are rewritten as block means."""
-    model = copy.deepcopy(model).float().eval().to(memory_format=torch.contiguous_format)
-    for module in list(model.modules()):
-        for name, child in module.named_children():
-            if isinstance(child, nn.AdaptiveAvgPool2d):
-                size = child.output_size
-                size = size if isinstance(size, int) else (size[0] if size[0] == size[1] else None)
-                if isinstance(size, int):
-                    setattr(module, name, _BlockMean(size))
-    return model
+class ExportError(ValueError):
+    """The model could not be exported, or the file does not compute what the model
+    does; the message says why in one line and names the exporter's log."""
 
 
 class _ExportWrapper(nn.Module):
@@ -83,38 +63,93 @@ def _session(path: Path, threads: int | None = None):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def export_onnx(model: AnomalyModel, path: Path, opset: int = 17) -> Path:
-    """Write `model` (fp32, eval mode) to `path` as ONNX; returns the path.
+def _require_exporter() -> None:
+    """The exporter's optional packages, checked before any work."""
+    for name in ("onnx", "onnxscript", "onnxruntime"):
+        try:
+            __import__(name)
+        except ImportError as exc:
+            raise ExportError(f"ONNX export needs the {name} package: {ONNX_HINT}") from exc
 
-    Tries the TorchScript-based exporter first (`dynamo=False`) and falls back
-    to the dynamo exporter; the result is checked by loading it in onnxruntime.
-    The caller's model is left untouched (a copy is exported).
+
+@contextmanager
+def _output_to(log_path: Path) -> Iterator[None]:
+    """Everything printed meanwhile, by Python or by C++ (the exporter's progress
+    lines, IR dumps, warnings and logged tracebacks), goes to `log_path`."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(log_path, "w") as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        try:
+            with redirect_stdout(log), redirect_stderr(log):
+                yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+
+
+def _first_line(exc: BaseException) -> str:
+    """An exception as one short line (exporter errors run to pages)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = lines[0] if lines else ""
+    return f"{type(exc).__name__}: {text[:300]}"
+
+
+def _largest_difference(path: Path, wrapper: nn.Module, images: torch.Tensor) -> float:
+    """Largest |onnxruntime - torch| over the three outputs for `images`."""
+    session = _session(path, threads=1)
+    got = session.run(list(OUTPUT_NAMES), {INPUT_NAME: images.numpy()})
+    with torch.no_grad():
+        want = wrapper(images)
+    return max(float(np.abs(g - w.numpy()).max()) for g, w in zip(got, want))
+
+
+def export_onnx(model: AnomalyModel, path: Path, opset: int = OPSET) -> Path:
+    """Write `model` (an fp32, eval-mode CPU copy of it) to `path` as ONNX; returns the path.
+
+    Uses torch's torch.export-based exporter (the TorchScript one cannot turn RCM's
+    pooling into ONNX with a dynamic batch axis). Its console output goes to
+    `<path>.log`, which is deleted when the export succeeds and named in the
+    ExportError when it fails. The file is checked before it replaces `path`:
+    onnxruntime must give the model's outputs (to within TOLERANCE) for a batch
+    of a size other than the traced one.
     """
+    _require_exporter()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     size = model.config.image_size
-    wrapper = _ExportWrapper(_exportable(model))
-    example = torch.rand(2, 3, size, size)
-    errors: list[str] = []
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
+    cpu_model = copy.deepcopy(model).float().cpu().to(memory_format=torch.contiguous_format)
+    wrapper = _ExportWrapper(cpu_model).eval()
+    gen = torch.Generator().manual_seed(0)
+    example, check = (torch.rand(n, 3, size, size, generator=gen) for n in (2, 3))
+    tmp = path.with_name(path.name + ".tmp")
+    log_path = path.with_name(path.name + ".log")
+    try:
+        with _output_to(log_path), warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
             torch.onnx.export(
-                wrapper, (example,), str(path), dynamo=False, opset_version=opset,
+                wrapper, (example,), str(tmp), dynamo=True, opset_version=opset,
                 input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
-                dynamic_axes={n: {0: "batch"} for n in (INPUT_NAME, *OUTPUT_NAMES)})
-        except Exception as exc:  # noqa: BLE001 - retry with the other exporter
-            errors.append(f"dynamo=False: {exc}")
-            try:
-                batch = torch.export.Dim("batch", min=1)
-                torch.onnx.export(
-                    wrapper, (example,), str(path), dynamo=True, opset_version=opset,
-                    input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
-                    dynamic_shapes=({0: batch},), external_data=False)
-            except Exception as exc2:  # noqa: BLE001
-                errors.append(f"dynamo=True: {exc2}")
-                raise RuntimeError(f"ONNX export to {path} failed:\n" + "\n".join(errors)) from exc2
-    _session(path)  # fails loudly if onnxruntime cannot load the graph
+                dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
+                external_data=False, verbose=False, report=False)
+            difference = _largest_difference(tmp, wrapper, check)
+    except Exception as exc:  # noqa: BLE001 - any exporter failure, reported in one line
+        tmp.unlink(missing_ok=True)
+        raise ExportError(f"ONNX export to {path} failed: {_first_line(exc)} "
+                          f"(exporter log: {log_path})") from exc
+    if not difference <= TOLERANCE:
+        tmp.unlink(missing_ok=True)
+        raise ExportError(f"ONNX export to {path} failed: onnxruntime's outputs differ from the "
+                          f"model's by up to {difference:.3g} (more than {TOLERANCE}); "
+                          f"exporter log: {log_path}")
+    os.replace(tmp, path)
+    log_path.unlink()
     return path
 
 

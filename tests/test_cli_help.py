@@ -1,0 +1,49 @@
+"""`pfadseg <command> --help` explains every option and shows every default."""
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from pfadseg.cli import build_parser
+
+FLAGS = (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse.BooleanOptionalAction,
+         argparse._HelpAction, argparse._VersionAction)
+
+
+def commands() -> dict[str, argparse.ArgumentParser]:
+    """The top-level parser and each sub-command's parser, by name."""
+    parser = build_parser()
+    found = {"pfadseg": parser}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            found.update(action.choices)
+    return found
+
+
+def options(parser: argparse.ArgumentParser) -> list[argparse.Action]:
+    return [a for a in parser._actions if not isinstance(a, argparse._SubParsersAction)]
+
+
+def test_the_walk_sees_every_command() -> None:
+    assert {"pfadseg", "train", "test", "predict", "export", "report", "demo"} <= set(commands())
+
+
+@pytest.mark.parametrize("name", sorted(commands()))
+def test_every_option_has_help_and_shows_its_default(name: str) -> None:
+    parser = commands()[name]
+    missing, hidden_default = [], []
+    for action in options(parser):
+        label = "/".join(action.option_strings) or action.dest
+        if not action.help or action.help == argparse.SUPPRESS:
+            missing.append(label)
+        elif (not isinstance(action, FLAGS) and action.default is not None
+              and "%(default)s" not in action.help):
+            hidden_default.append(f"{label} (default {action.default!r})")
+    assert not missing, f"pfadseg {name}: options without help: {missing}"
+    assert not hidden_default, (f"pfadseg {name}: add (default: %(default)s) to the help of "
+                                f"{hidden_default}")
+    text = parser.format_help()  # every help string formats (a bare % would raise here)
+    for action in options(parser):
+        if not isinstance(action, FLAGS) and action.default is not None:
+            assert f"default: {action.default}" in " ".join(text.split())
