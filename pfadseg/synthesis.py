@@ -1,7 +1,7 @@
 """Synthetic defects for training (DRAEM-style Perlin masks + texture blending).
 
 Everything works on whole batches in torch and draws its randomness from an explicit
-``torch.Generator`` so that a run is reproducible. See docs/method.md sections 1-2.
+``torch.Generator`` so that a run is reproducible. See docs/paper-to-code.md (Eq. 1).
 
 Choices worth knowing:
 - Perlin noise follows DRAEM: lattice resolution ``2**randint(0, 6)`` per axis and per
