@@ -24,6 +24,8 @@ if TYPE_CHECKING:
     from .calibration import Thresholds
 
 FORMAT = "pfadseg-checkpoint"
+STATE_FORMAT = "pfadseg-train-state"  # a run's resumable state (pfadseg.trainer)
+CHECKPOINT_NAME = "checkpoint.safetensors"  # the checkpoint a training run writes
 FORMAT_VERSION = 1
 
 
@@ -69,6 +71,8 @@ def _check_meta(path: Path, raw: str | None, kind: str) -> dict:
         raise CheckpointError(f"{path}: damaged pfadseg metadata (not JSON: {exc})") from exc
     if not isinstance(meta, dict):
         raise CheckpointError(f"{path}: damaged pfadseg metadata (not a JSON object)")
+    if kind == FORMAT and meta.get("format") == STATE_FORMAT:
+        raise CheckpointError(_state_not_checkpoint(path))
     if meta.get("format") != kind:
         raise CheckpointError(f"{path}: holds {meta.get('format')!r}, expected {kind!r}")
     if meta.get("format_version") != FORMAT_VERSION:
@@ -77,6 +81,17 @@ def _check_meta(path: Path, raw: str | None, kind: str) -> dict:
             f"{meta.get('pfadseg_version')}; this pfadseg {__version__} reads format "
             f"{FORMAT_VERSION}. Fix: retrain, or use the pfadseg version that wrote it.")
     return meta
+
+
+def _state_not_checkpoint(path: Path) -> str:
+    """What to do instead of loading a training-state file as a checkpoint."""
+    checkpoint = path.with_name(CHECKPOINT_NAME)
+    if checkpoint.is_file():
+        return (f"{path}: a run's resumable training state, not a checkpoint. Fix: use "
+                f"{checkpoint}, the checkpoint that run wrote.")
+    return (f"{path}: a run's resumable training state, not a checkpoint; its run has not "
+            f"finished (no {checkpoint}). Fix: finish it with `pfadseg train ... --out "
+            f"{path.parent} --resume`, then use {checkpoint}.")
 
 
 def _unreadable(path: Path, exc: Exception) -> CheckpointError:

@@ -8,15 +8,18 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from . import __version__
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import PRESETS, preset
-from .data import DataError, load_textures, load_train_images, mvtec_category
+from .data import (DataError, load_textures, load_train_images, mvtec_category, texture_paths,
+                   train_image_paths)
 from .models import TEACHERS, ModelConfig, TeacherWeightsError
+from .models.teacher import RANDOM
 from .runtime import DEVICE_HELP, cpu_heap_settings, place, resolve_device
 from .synthesis import DefectSynthesizer, procedural_textures, rotation_policy_for
-from .trainer import TrainData, TrainingError, train
+from .trainer import TrainData, TrainingError, check_out_dir, train
 
 log = logging.getLogger("pfadseg")
 ROTATIONS = ("auto", "none", "small", "right_angle")
@@ -87,6 +90,20 @@ def _device(args: argparse.Namespace) -> torch.device:
     return device
 
 
+def _check_train_paths(args: argparse.Namespace, train_dir: Path) -> None:
+    """Every path `pfadseg train` reads or writes, checked before any image is
+    decoded or a teacher is built, so a typo fails in a second, not minutes in."""
+    check_out_dir(args.out, args.resume)
+    train_image_paths(train_dir)
+    if args.textures is not None:
+        texture_paths(args.textures, args.texture_limit)
+    weights = args.teacher_weights
+    if weights is not None and weights != RANDOM and not Path(weights).is_file():
+        raise TeacherWeightsError(f"--teacher-weights {weights}: file not found. Fix: give a local "
+                                  "weights file (.pth or .safetensors), or leave the option out "
+                                  "for the standard ImageNet weights.")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     device = _device(args)
     if args.train_dir is not None:
@@ -95,6 +112,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         train_dir, category = mvtec_category(args.data, args.category) / "train" / "good", args.category
     else:
         raise DataError("give --data ROOT --category NAME, or --train-dir DIR")
+    _check_train_paths(args, train_dir)
     model_cfg = ModelConfig.named(args.model, aff=args.aff, pcar=args.pcar, rcm=args.rcm,
                                   teacher=args.teacher, image_size=args.image_size)
     train_cfg = preset(args.preset, batch_size=args.batch_size, stage1_steps=args.stage1_steps,
@@ -442,11 +460,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (DataError, CheckpointError, TeacherWeightsError, TrainingError, ValueError) as exc:
-        print(f"pfadseg {args.command}: error: {exc}", file=sys.stderr)
+        # tqdm.write clears a progress bar the error left open, so the message gets its own line
+        tqdm.write(f"pfadseg {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"pfadseg {args.command}: interrupted; a training run continues with --resume",
-              file=sys.stderr)
+        tqdm.write(f"pfadseg {args.command}: interrupted; a training run continues with --resume",
+                   file=sys.stderr)
         return 130
 
 

@@ -128,22 +128,32 @@ def load_images(paths: list[Path], size: int, skip_bad: bool = False,
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous(), kept
 
 
-def load_train_images(folder: Path, size: int, skip_bad: bool = False) -> torch.Tensor:
-    """All good training images of a folder; an empty folder is an error."""
+def train_image_paths(folder: Path) -> list[Path]:
+    """The image files of a training folder, checked before any is decoded: a
+    missing folder or one without images is an error."""
     paths = list_images(folder)
     if not paths:
         raise DataError(f"{folder}: no training images (.png/.jpg/.bmp/.tif). Fix: point "
                         "--data/--category (or --train-dir) at a folder of defect-free images.")
-    images, kept = load_images(paths, size, skip_bad, desc="loading training images")
+    return paths
+
+
+def load_train_images(folder: Path, size: int, skip_bad: bool = False) -> torch.Tensor:
+    """All good training images of a folder; an empty folder is an error."""
+    paths = train_image_paths(folder)
+    try:
+        images, kept = load_images(paths, size, skip_bad, desc="loading training images")
+    except DataError as exc:  # only without skip_bad
+        raise DataError(f"{exc} Or add --skip-bad-images (Python: skip_bad=True) to train "
+                        "without the unreadable images, each logged.") from exc
     if not kept:
         raise DataError(f"{folder}: none of the {len(paths)} images could be read. Fix: see "
                         "the 'skipped' warnings above for each file's problem.")
     return images
 
 
-def load_textures(folder: Path, size: int, limit: int | None = None) -> torch.Tensor:
-    """Texture images for synthetic defects (the DTD `images/` folder or any folder,
-    searched recursively) as float (K, 3, size, size) in [0, 1].
+def texture_paths(folder: Path, limit: int | None = None) -> list[Path]:
+    """The texture files `load_textures` reads, checked before any is decoded.
 
     With `limit`, an evenly spaced subset of the sorted files is kept, so every
     DTD class stays represented.
@@ -162,6 +172,14 @@ def load_textures(folder: Path, size: int, limit: int | None = None) -> torch.Te
             raise ValueError(f"texture limit must be >= 1, got {limit}")
         picks = np.linspace(0, len(paths) - 1, limit).round().astype(int)
         paths = [paths[i] for i in picks]
+    return paths
+
+
+def load_textures(folder: Path, size: int, limit: int | None = None) -> torch.Tensor:
+    """Texture images for synthetic defects (the DTD `images/` folder or any folder,
+    searched recursively) as float (K, 3, size, size) in [0, 1]; `limit` as in
+    `texture_paths`."""
+    paths = texture_paths(folder, limit)
     try:
         images, _ = load_images(paths, size, desc="loading textures")
     except DataError as exc:

@@ -32,8 +32,8 @@ from .runtime import (autocast, bf16_supported, compiled, cpu_training_fixes, pl
 from .synthesis import DefectSynthesizer, rotate_images
 
 log = logging.getLogger(__name__)
-STATE_FORMAT = "pfadseg-train-state"
-CHECKPOINT_NAME = "checkpoint.safetensors"
+STATE_FORMAT = ckpt.STATE_FORMAT
+CHECKPOINT_NAME = ckpt.CHECKPOINT_NAME
 STATE_NAME = "train_state.safetensors"
 
 
@@ -320,6 +320,25 @@ def _unfinished(state_path: Path) -> bool:
         return True
 
 
+def check_out_dir(out_dir: Path, resume: bool) -> None:
+    """Refuse a run folder that would clash with `train`, before any heavy work: a
+    file in its place, --resume without a readable state file, or a new run over
+    an unfinished one."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise TrainingError(f"--out {out_dir} is a file, not a folder. Fix: give a folder for "
+                            "the run (it is created if missing).")
+    state_path = out_dir / STATE_NAME
+    if resume:
+        if not state_path.is_file():
+            raise TrainingError(f"--resume: no state file {state_path} to resume from. Fix: "
+                                "drop --resume to start a new run.")
+        ckpt.read_meta(state_path, kind=STATE_FORMAT)  # unreadable: says why
+    elif state_path.is_file() and _unfinished(state_path):
+        raise TrainingError(f"{out_dir} holds an unfinished run ({state_path}). Fix: add "
+                            "--resume to continue it, or choose another --out.")
+
+
 def train(model_config: ModelConfig, train_config: TrainConfig, data: TrainData, out_dir: Path,
           teacher_weights: str | None = None, resume: bool = False, progress: bool = True,
           extra_meta: dict | None = None, device: str | torch.device = "auto") -> Path:
@@ -329,16 +348,11 @@ def train(model_config: ModelConfig, train_config: TrainConfig, data: TrainData,
     alone writes files; `device` "cuda" then means this rank's GPU."""
     out_dir = Path(out_dir)
     device = dist.setup(resolve_device(device))
+    check_out_dir(out_dir, resume)
     state_path = out_dir / STATE_NAME
     if resume:
-        if not state_path.is_file():
-            raise TrainingError(f"--resume: no state file {state_path} to resume from. Fix: "
-                                "drop --resume to start a new run.")
         meta = ckpt.read_meta(state_path, kind=STATE_FORMAT)
         train_config = TrainConfig.from_dict(meta["train"])
-    elif state_path.is_file() and _unfinished(state_path):
-        raise TrainingError(f"{out_dir} holds an unfinished run ({state_path}). Fix: add "
-                            "--resume to continue it, or choose another --out.")
     torch.manual_seed(train_config.seed)
     train_idx, held_idx = held_out_split(len(data.images), train_config.seed)
     held_out = data.images[held_idx]  # for calibration only: never trained on

@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import pickle
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,8 @@ from pfadseg.data import (DataError, list_images, load_rgb, load_test_set, load_
 from pfadseg.models import AnomalyModel, ModelConfig
 from pfadseg.models.teacher import RANDOM
 from pfadseg.synthesis import DefectSynthesizer, procedural_textures
-from pfadseg.trainer import STATE_FORMAT, STATE_NAME, TrainData, Trainer, TrainingError
+from pfadseg.trainer import (CHECKPOINT_NAME, STATE_FORMAT, STATE_NAME, TrainData, Trainer,
+                             TrainingError)
 
 SIZE = 64
 
@@ -45,6 +47,7 @@ def test_truncated_training_image_is_named_or_skipped(dataset: Path, caplog) -> 
         load_train_images(good, SIZE)
     msg = str(err.value)
     assert str(bad) in msg and "cannot read image" in msg and "Fix:" in msg
+    assert "--skip-bad-images" in msg and "skip_bad=True" in msg
     with caplog.at_level(logging.WARNING, logger="pfadseg.data"):
         images = load_train_images(good, SIZE, skip_bad=True)
     assert images.shape == (3, 3, SIZE, SIZE) and images.dtype == torch.uint8
@@ -281,8 +284,8 @@ def test_damaged_or_foreign_metadata(destseg_ckpt: Path, tmp_path: Path) -> None
     with pytest.raises(CheckpointError) as err:
         load_checkpoint(bad)
     assert "format 99" in str(err.value) and "reads format 1" in str(err.value)
-    rewrite_meta(destseg_ckpt, bad, lambda m: {**m, "format": STATE_FORMAT})
-    with pytest.raises(CheckpointError, match="holds 'pfadseg-train-state', expected"):
+    rewrite_meta(destseg_ckpt, bad, lambda m: {**m, "format": "pfadseg-something"})
+    with pytest.raises(CheckpointError, match="holds 'pfadseg-something', expected"):
         load_checkpoint(bad)
     rewrite_meta(destseg_ckpt, bad, lambda m: {k: v for k, v in m.items() if k != "model"})
     with pytest.raises(CheckpointError, match="metadata does not describe a model"):
@@ -290,6 +293,26 @@ def test_damaged_or_foreign_metadata(destseg_ckpt: Path, tmp_path: Path) -> None
     rewrite_meta(destseg_ckpt, bad, lambda m: {**m, "model": {**m["model"], "teacher": "vgg"}})
     with pytest.raises(CheckpointError, match="metadata does not describe a model"):
         load_checkpoint(bad)
+
+
+def test_train_state_given_as_checkpoint_names_the_checkpoint(destseg_ckpt: Path,
+                                                               tmp_path: Path) -> None:
+    """train_state.safetensors is not a checkpoint: the error names the run's
+    checkpoint.safetensors, or says how to finish the run that has none yet."""
+    run = tmp_path / "run"
+    run.mkdir()
+    state = run / STATE_NAME
+    rewrite_meta(destseg_ckpt, state, lambda m: {**m, "format": STATE_FORMAT})
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(state)
+    msg = str(err.value)
+    assert str(state) in msg and "not a checkpoint" in msg and "has not finished" in msg
+    assert "--resume" in msg and str(run / CHECKPOINT_NAME) in msg
+    (run / CHECKPOINT_NAME).write_bytes(destseg_ckpt.read_bytes())
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(state)
+    assert f"Fix: use {run / CHECKPOINT_NAME}" in str(err.value)
+    assert ckpt.read_meta(state, kind=STATE_FORMAT)["format"] == STATE_FORMAT  # resume reads it
 
 
 def test_weights_that_do_not_fit(destseg_ckpt: Path, tmp_path: Path) -> None:
@@ -401,6 +424,7 @@ def test_cli_bad_images_and_textures(tmp_path: Path, capsys) -> None:
     assert cli.main(_train_argv(tmp_path, "--data", str(root), "--category", CATEGORY)) == 2
     err = capsys.readouterr().err
     assert f"pfadseg train: error: {bad}: cannot read image" in err and "Fix:" in err
+    assert "--skip-bad-images" in err
     empty = tmp_path / "textures"
     empty.mkdir()
     argv = _train_argv(tmp_path, "--data", str(root), "--category", CATEGORY,
@@ -418,3 +442,71 @@ def test_cli_refuses_bad_checkpoint(tmp_path: Path, capsys) -> None:
                      "--category", CATEGORY, "--out", str(tmp_path / "eval")])
     assert code == 2
     assert f"pfadseg test: error: {noise}: not a readable checkpoint" in capsys.readouterr().err
+
+
+def test_cli_train_checks_every_path_before_loading_images(tmp_path: Path, capsys,
+                                                           monkeypatch) -> None:
+    """A wrong --textures, --teacher-weights or --out fails before any image is decoded."""
+    root = write_dataset(tmp_path / "mvtec", n_train=2)
+
+    def no_loading(*args: object, **kwargs: object) -> None:
+        raise AssertionError("images were loaded before every path was checked")
+
+    monkeypatch.setattr(cli, "load_train_images", no_loading)
+    monkeypatch.setattr(cli, "load_textures", no_loading)
+    empty = tmp_path / "empty_textures"
+    empty.mkdir()
+    out_file = tmp_path / "run_file"
+    out_file.write_text("not a folder")
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    ckpt.atomic_save({"rng": torch.zeros(4, dtype=torch.uint8)},
+                     {"format": STATE_FORMAT, "format_version": ckpt.FORMAT_VERSION, "step": 1,
+                      "train": preset("tiny").to_dict()}, unfinished / STATE_NAME)
+    data_args = ("--data", str(root), "--category", CATEGORY)
+    cases = [
+        (("--textures", str(tmp_path / "nowhere")), f"texture folder {tmp_path / 'nowhere'} does not exist"),
+        (("--textures", str(empty)), f"texture folder {empty} holds no images"),
+        (("--textures", str(root / CATEGORY / "test"), "--texture-limit", "0"), "texture limit"),
+        (("--teacher-weights", str(tmp_path / "w.pth")), f"--teacher-weights {tmp_path / 'w.pth'}: file not found"),
+        (("--resume",), f"no state file {tmp_path / 'run' / STATE_NAME}"),
+        (("--out", str(out_file)), f"--out {out_file} is a file, not a folder"),
+        (("--out", str(unfinished)), f"{unfinished} holds an unfinished run"),
+    ]
+    for extra, words in cases:
+        assert cli.main([*_train_argv(tmp_path, *data_args), *extra]) == 2, extra  # last --out wins
+        err = capsys.readouterr().err
+        assert err.startswith("pfadseg train: error: ") and words in err, (extra, err)
+
+
+def _error_line_starts_a_line(err: str, command: str) -> bool:
+    """Whether the CLI's error message begins a line of its own on a terminal."""
+    before = err.split(f"pfadseg {command}: error: ", 1)[0]
+    return before == "" or before.endswith(("\n", "\r"))
+
+
+def test_cli_error_is_not_printed_on_the_progress_bar(tmp_path: Path, capsys) -> None:
+    """A bad image among enough training images for a progress bar: the error
+    starts its own line instead of running on from the bar."""
+    root = write_dataset(tmp_path / "mvtec", n_train=10)
+    truncate(root / CATEGORY / "train" / "good" / "006.png")
+    assert cli.main(_train_argv(tmp_path, "--data", str(root), "--category", CATEGORY)) == 2
+    err = capsys.readouterr().err
+    assert "loading training images" in err  # the bar was drawn
+    assert _error_line_starts_a_line(err, "train"), err[-400:]
+
+
+def test_cli_error_closes_a_bar_left_open(capsys, monkeypatch) -> None:
+    """The error printer itself clears a bar an exception left open (a training loop's)."""
+    from tqdm import tqdm
+
+    def bar_then_error(args: object) -> int:
+        bar = tqdm(total=10, desc="training", file=sys.stderr)
+        bar.update(3)
+        raise TrainingError("non-finite loss (nan) at step 4")
+
+    monkeypatch.setattr(cli, "cmd_export", bar_then_error)
+    assert cli.main(["export", "--checkpoint", "x.safetensors"]) == 2
+    err = capsys.readouterr().err
+    assert "training:  30%" in err and "non-finite loss" in err
+    assert _error_line_starts_a_line(err, "export"), err[-400:]
