@@ -19,7 +19,7 @@ from .evaluation import format_table, run_test
 from .predict import collect_inputs, predict_files
 
 CATEGORY = "bottle"
-DEMO_SIZE = 128  # keeps the demo under 10 minutes on 2 cores
+DEMO_SIZE = 128  # a quarter of the pixels of 256: keeps the demo short on a CPU
 
 
 def demo_root() -> Path:
