@@ -25,7 +25,7 @@ class DataError(ValueError):
     """Bad input data; the message names the file or folder and the fix."""
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
+def to_rgb(img: Image.Image) -> Image.Image:
     """Convert any PIL mode to 8-bit RGB: 16-bit and float grayscale are rescaled
     from their full range, palette and alpha images are composited on black."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
@@ -67,7 +67,7 @@ def open_image(path: Path) -> Image.Image:
 
 def load_rgb(path: Path, size: int | None) -> np.ndarray:
     """Image as uint8 (H, W, 3), resized bilinearly to size x size when size is given."""
-    img = _to_rgb(open_image(path))
+    img = to_rgb(open_image(path))
     if size is not None:
         img = img.resize((size, size), Image.BILINEAR)
     return np.asarray(img, dtype=np.uint8)
@@ -321,7 +321,7 @@ def load_folder_test_set(test_dir: Path, size: int, mask_dir: Path | None = None
                     raise DataError(f"{mask_path}: marks a defect on {path}, which is in "
                                     "good/. Fix: move the image to its defect type's folder.")
             masks.append(mask)
-        rgb = _to_rgb(img).resize((size, size), Image.BILINEAR)
+        rgb = to_rgb(img).resize((size, size), Image.BILINEAR)
         images.append(np.asarray(rgb, dtype=np.uint8))
         labels.append(int(defect != "good"))
         defects.append(defect)
@@ -378,5 +378,5 @@ def load_defect_set(defect_dir: Path, mask_dir: Path, size: int) -> tuple[torch.
     for path in paths:
         img = open_image(path)
         masks.append(load_mask(matched[path], size, expected=img.size))
-        images.append(np.asarray(_to_rgb(img).resize((size, size), Image.BILINEAR), dtype=np.uint8))
+        images.append(np.asarray(to_rgb(img).resize((size, size), Image.BILINEAR), dtype=np.uint8))
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), np.stack(masks)

@@ -26,7 +26,7 @@ from PIL import Image
 from .calibration import Thresholds
 from .checkpoint import load_checkpoint
 from .config import preset
-from .data import DataError, _to_rgb, load_rgb, load_textures, load_train_images
+from .data import DataError, to_rgb, load_rgb, load_textures, load_train_images
 from .models import AnomalyModel, ModelConfig
 from .predict import MapFn
 from .runtime import place, resolve_device
@@ -102,7 +102,7 @@ def _rgb(item: ImageInput, index: int) -> np.ndarray:
     if isinstance(item, (str, Path)):
         return load_rgb(Path(item), None)
     if isinstance(item, Image.Image):
-        return np.asarray(_to_rgb(item), dtype=np.uint8)
+        return np.asarray(to_rgb(item), dtype=np.uint8)
     if isinstance(item, np.ndarray):
         if item.dtype != np.uint8 or item.ndim != 3 or item.shape[2] != 3:
             raise DataError(f"image {index}: an array must be uint8 (H, W, 3) RGB, got "

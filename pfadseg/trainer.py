@@ -263,12 +263,13 @@ class Trainer:
         if main and not new_log:
             _trim_log(log_path, self.step)
         cfg = self.config
-        with open(log_path, "w" if new_log else "a", newline="") as fh:
+        bar = tqdm(total=cfg.total_steps, initial=self.step, desc="training", unit="step",
+                   disable=not (progress and main), dynamic_ncols=True)
+        # the bar closes whatever happens, so an error is printed on a line of its own
+        with open(log_path, "w" if new_log else "a", newline="") as fh, bar:
             writer = csv.writer(fh)
             if new_log:
                 writer.writerow(["step", "stage", "loss", "cosine", "focal", "l1", "seconds"])
-            bar = tqdm(total=cfg.total_steps, initial=self.step, desc="training", unit="step",
-                       disable=not (progress and main), dynamic_ncols=True)
             start = time.perf_counter()
             while self.step < cfg.total_steps:
                 out = self.train_step()
@@ -281,7 +282,6 @@ class Trainer:
                     fh.flush()
                 if self.step % cfg.save_every == 0 or self.step == cfg.stage1_steps:
                     self.save_state()
-            bar.close()
         dist.sync_buffers(self.model)
         if self.saved_step != self.step:
             self.save_state()
