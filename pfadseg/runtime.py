@@ -106,17 +106,17 @@ def compiler_available(device: torch.device) -> bool:
 
 
 def compiled(fn: Fn, device: torch.device, frozen: bool = False) -> Fn:
-    """`fn` compiled by torch.compile (Inductor) for fixed input shapes.
+    """`fn` compiled by torch.compile for fixed input shapes.
 
-    On CUDA the graph is captured and replayed as a CUDA graph (dynamo's
-    "cudagraphs" backend, without Inductor: it compiles in seconds): PFADSeg's
-    many small ops are otherwise bound by launch time. Several processes
-    (torchrun) use Inductor without CUDA graphs, which DDP's gradient hooks
-    break. Call `step_begin` once per training step or inference batch. On the CPU `frozen` treats
-    the weights as constants (batch norm folded into the convolutions, oneDNN
-    weights packed once): only for weights that no longer change. Without a
-    compiler, or where compiling fails at the first call, `fn` runs eagerly, with
-    a warning; nothing is changed process-wide.
+    On one CUDA GPU the traced graph is replayed as a CUDA graph (dynamo's
+    "cudagraphs" backend, no Inductor code generation): PFADSeg's many small ops
+    are otherwise bound by launch time. Under torchrun Inductor compiles without
+    CUDA graphs, which DDP's gradient hooks would break. Call `step_begin` once
+    per training step or inference batch. On the CPU Inductor compiles, and
+    `frozen` treats the weights as constants (batch norm folded into the
+    convolutions, oneDNN weights packed once): only for weights that no longer
+    change. Without a compiler, or where compiling fails at the first call, `fn`
+    runs eagerly, with a warning; nothing is changed process-wide.
     """
     if not compiler_available(device):
         log.warning("torch.compile is not available on %s here (no compiler found): running eagerly",
