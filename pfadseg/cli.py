@@ -13,12 +13,12 @@ from tqdm import tqdm
 from . import __version__
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import PRESETS, preset
-from .data import (DataError, load_textures, load_train_images, mvtec_category, texture_paths,
+from .data import (DataError, load_textures, mvtec_category, texture_paths,
                    train_image_paths)
 from .models import TEACHERS, ModelConfig, TeacherWeightsError
 from .models.teacher import RANDOM
 from .runtime import DEVICE_HELP, cpu_heap_settings, place, resolve_device
-from .synthesis import DefectSynthesizer, procedural_textures, rotation_policy_for
+from .synthesis import DefectSynthesizer, procedural_textures
 from .trainer import TrainData, TrainingError, check_out_dir, train
 
 log = logging.getLogger("pfadseg")
@@ -120,21 +120,15 @@ def cmd_train(args: argparse.Namespace) -> int:
                        save_every=args.save_every, bf16=False if args.no_bf16 else None,
                        compile=False if args.no_compile else None,
                        compile_stage1=False if args.no_compile else None)
-    images = load_train_images(train_dir, args.image_size, skip_bad=args.skip_bad_images)
-    if args.textures is not None:
-        textures = load_textures(args.textures, args.image_size, args.texture_limit)
-    else:
-        log.warning("no --textures given: using built-in procedural textures "
-                    "(DTD textures give the paper's results)")
-        textures = procedural_textures(args.texture_limit or 64, args.image_size)
-    rotation = rotation_policy_for(category) if args.rotation == "auto" else args.rotation
-    print(f"training {model_cfg.variant} ({model_cfg.teacher} teacher) on {len(images)} images "
-          f"from {train_dir}, preset {args.preset}, rotation {rotation}", file=sys.stderr)
+    data = TrainData.from_folder(train_dir, args.image_size, args.textures, args.texture_limit,
+                                 args.rotation, category, skip_bad=args.skip_bad_images)
+    print(f"training {model_cfg.variant} ({model_cfg.teacher} teacher) on {len(data.images)} images "
+          f"from {train_dir}, preset {args.preset}, rotation {data.rotation}", file=sys.stderr)
     start = time.perf_counter()
-    path = train(model_cfg, train_cfg, TrainData(images, DefectSynthesizer(textures), rotation),
-                 args.out, teacher_weights=args.teacher_weights, resume=args.resume, device=device,
+    path = train(model_cfg, train_cfg, data, args.out, teacher_weights=args.teacher_weights,
+                 resume=args.resume, device=device,
                  extra_meta={"category": category, "train_dir": str(train_dir),
-                             "preset": args.preset, "rotation": rotation})
+                             "preset": args.preset, "rotation": data.rotation})
     print(f"checkpoint: {path}  ({time.perf_counter() - start:.0f} s)")
     return 0
 

@@ -12,7 +12,6 @@ same numbers for the same image.
 from __future__ import annotations
 
 import dataclasses
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,15 +25,13 @@ from PIL import Image
 from .calibration import Thresholds
 from .checkpoint import load_checkpoint
 from .config import preset
-from .data import DataError, to_rgb, load_rgb, load_textures, load_train_images
+from .data import DataError, load_rgb, to_rgb
 from .models import AnomalyModel, ModelConfig
 from .predict import MapFn
 from .runtime import place, resolve_device
-from .synthesis import DefectSynthesizer, procedural_textures, rotation_policy_for
 from .trainer import TrainData, train
 from .visualize import mask_image, overlay
 
-log = logging.getLogger(__name__)
 ImageInput = Union[str, Path, Image.Image, np.ndarray]
 MAX_OUTPUT_SIDE = 1024  # overlays and masks of huge images come out downscaled to this side
 BACKENDS = ("torch", "onnx")
@@ -219,18 +216,10 @@ class Detector:
         category = category or train_dir.name
         model_cfg = model if isinstance(model, ModelConfig) else ModelConfig.named(
             model, teacher=teacher, image_size=image_size)
-        size = model_cfg.image_size
-        images = load_train_images(train_dir, size)
-        if textures is not None:
-            texture_images = load_textures(Path(textures), size, texture_limit)
-        else:
-            log.warning("no textures given: using built-in procedural textures "
-                        "(DTD textures give the paper's results)")
-            texture_images = procedural_textures(texture_limit or 64, size)
-        rotation = rotation_policy_for(category) if rotation == "auto" else rotation
-        path = train(model_cfg, preset(preset_name, **schedule),
-                     TrainData(images, DefectSynthesizer(texture_images), rotation), Path(out_dir),
+        data = TrainData.from_folder(train_dir, model_cfg.image_size, textures, texture_limit, rotation,
+                                     category)
+        path = train(model_cfg, preset(preset_name, **schedule), data, Path(out_dir),
                      teacher_weights=teacher_weights, resume=resume, progress=progress, device=device,
                      extra_meta={"category": category, "train_dir": str(train_dir),
-                                 "preset": preset_name, "rotation": rotation})
+                                 "preset": preset_name, "rotation": data.rotation})
         return cls.load(path, device=device)

@@ -29,7 +29,8 @@ from .models import AnomalyModel, ModelConfig
 from .models.losses import segmentation_loss, student_loss
 from .runtime import (autocast, bf16_supported, compiled, cpu_training_fixes, place, release_free_memory,
                       resolve_device, step_begin)
-from .synthesis import DefectSynthesizer, rotate_images
+from .data import load_textures, load_train_images
+from .synthesis import DefectSynthesizer, procedural_textures, rotate_images, rotation_policy_for
 
 log = logging.getLogger(__name__)
 STATE_FORMAT = ckpt.STATE_FORMAT
@@ -48,6 +49,24 @@ class TrainData:
     images: torch.Tensor  # uint8 (N, 3, S, S)
     synthesizer: DefectSynthesizer
     rotation: str = "none"
+
+    @classmethod
+    def from_folder(cls, train_dir: Path, size: int, textures: Path | None = None,
+                    texture_limit: int | None = None, rotation: str = "auto", category: str | None = None,
+                    skip_bad: bool = False) -> "TrainData":
+        """The good images of a folder at size x size, with defects from the texture
+        folder (built-in procedural textures without one) and the rotation policy
+        (`auto`: the official choice for an MVTec `category`, else none)."""
+        images = load_train_images(Path(train_dir), size, skip_bad=skip_bad)
+        if textures is not None:
+            texture_images = load_textures(Path(textures), size, texture_limit)
+        else:
+            log.warning("no textures given: using built-in procedural textures "
+                        "(DTD textures give the paper's results)")
+            texture_images = procedural_textures(texture_limit or 64, size)
+        if rotation == "auto":
+            rotation = rotation_policy_for(category or Path(train_dir).name)
+        return cls(images, DefectSynthesizer(texture_images), rotation)
 
 
 class Trainer:

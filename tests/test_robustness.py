@@ -452,8 +452,8 @@ def test_cli_train_checks_every_path_before_loading_images(tmp_path: Path, capsy
     def no_loading(*args: object, **kwargs: object) -> None:
         raise AssertionError("images were loaded before every path was checked")
 
-    monkeypatch.setattr(cli, "load_train_images", no_loading)
-    monkeypatch.setattr(cli, "load_textures", no_loading)
+    monkeypatch.setattr("pfadseg.trainer.load_train_images", no_loading)  # TrainData.from_folder loads
+    monkeypatch.setattr("pfadseg.trainer.load_textures", no_loading)
     empty = tmp_path / "empty_textures"
     empty.mkdir()
     out_file = tmp_path / "run_file"
