@@ -39,8 +39,8 @@ SETTINGS_NAME = "benchmark.json"
 TRAIN_OPTIONS = (
     ("teacher", True), ("teacher_weights", True), ("textures", True), ("texture_limit", True),
     ("rotation", True), ("preset", True), ("image_size", True), ("batch_size", True),
-    ("stage1_steps", True), ("stage2_steps", True), ("lr_student", True), ("seed", True),
-    ("save_every", True), ("no_bf16", False), ("no_compile", False), ("skip_bad_images", False),
+    ("stage1_steps", True), ("stage2_steps", True), ("lr_student", True), ("lr_schedule", True),
+    ("seed", True), ("save_every", True), ("no_bf16", False), ("no_compile", False), ("skip_bad_images", False),
 )
 TEST_OPTIONS = (("no_bf16", False), ("skip_bad_images", False))
 # the train options that change results: a benchmark folder holds pairs trained alike

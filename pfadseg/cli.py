@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -12,14 +13,14 @@ from tqdm import tqdm
 
 from . import __version__
 from .checkpoint import CheckpointError, load_checkpoint
-from .config import PRESETS, preset
+from .config import LR_SCHEDULES, PRESETS, preset
 from .data import (DataError, load_textures, mvtec_category, texture_paths,
                    train_image_paths)
 from .models import TEACHERS, ModelConfig, TeacherWeightsError
 from .models.teacher import RANDOM
 from .runtime import DEVICE_HELP, cpu_heap_settings, place, resolve_device
 from .synthesis import DefectSynthesizer, procedural_textures
-from .trainer import TrainData, TrainingError, check_out_dir, train
+from .trainer import VALIDATION_JSON, TrainData, TrainingError, check_out_dir, train
 
 log = logging.getLogger("pfadseg")
 ROTATIONS = ("auto", "none", "small", "right_angle")
@@ -67,6 +68,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     t.add_argument("--stage2-steps", type=int,
                    help="segmentation-net steps (default: the preset's)")
     t.add_argument("--lr-student", type=float, help="student learning rate (default: the preset's)")
+    t.add_argument("--lr-schedule", choices=LR_SCHEDULES,
+                   help="learning rates per stage: constant (the papers; paper, official, demo) or "
+                        "cosine (decay to near zero by the stage's end; cpu) (default: the preset's)")
     t.add_argument("--seed", type=int, help="random seed (default: the preset's)")
     t.add_argument("--save-every", type=int,
                    help="steps between resumable state files (default: the preset's)")
@@ -117,7 +121,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                                   teacher=args.teacher, image_size=args.image_size)
     train_cfg = preset(args.preset, batch_size=args.batch_size, stage1_steps=args.stage1_steps,
                        stage2_steps=args.stage2_steps, lr_student=args.lr_student, seed=args.seed,
-                       save_every=args.save_every, bf16=False if args.no_bf16 else None,
+                       lr_schedule=args.lr_schedule, save_every=args.save_every, bf16=False if args.no_bf16 else None,
                        compile=False if args.no_compile else None,
                        compile_stage1=False if args.no_compile else None)
     data = TrainData.from_folder(train_dir, args.image_size, args.textures, args.texture_limit,
@@ -130,7 +134,21 @@ def cmd_train(args: argparse.Namespace) -> int:
                  extra_meta={"category": category, "train_dir": str(train_dir),
                              "preset": args.preset, "rotation": data.rotation})
     print(f"checkpoint: {path}  ({time.perf_counter() - start:.0f} s)")
+    _print_validation(args.out / VALIDATION_JSON)
     return 0
+
+
+def _print_validation(path: Path) -> None:
+    """One line of a finished run's validation figures (see pfadseg.validation)."""
+    if not path.is_file():
+        return
+    report = json.loads(path.read_text())
+    final = report.get("final")
+    if final:
+        print(f"validation on {report['images']} held-out images (good and synthetic defects): "
+              f"pixel AP {final['seg_pixel_ap']:.3f}, image AUROC {final['seg_image_auroc']:.3f} "
+              f"(DeST map {final['dest_pixel_ap']:.3f}); {len(report['warnings'])} warning(s); "
+              f"per point: {path.with_suffix('.csv')}")
 
 
 def _eval_size(text: str) -> int | None | str:
@@ -278,6 +296,8 @@ def _add_benchmark_args(p: argparse.ArgumentParser) -> None:
     m.add_argument("--stage1-steps", type=int, help="student steps (default: the preset's)")
     m.add_argument("--stage2-steps", type=int, help="segmentation steps (default: the preset's)")
     m.add_argument("--lr-student", type=float, help="student learning rate (default: the preset's)")
+    m.add_argument("--lr-schedule", choices=LR_SCHEDULES,
+                   help="constant or cosine learning rates per stage (default: the preset's)")
     m.add_argument("--seed", type=int, help="random seed (default: the preset's)")
     m.add_argument("--save-every", type=int, help="steps between resumable state files")
     m.add_argument("--no-bf16", action="store_true", help="train and test in plain fp32")

@@ -31,11 +31,13 @@ from .runtime import (autocast, bf16_supported, compiled, cpu_training_fixes, pl
                       resolve_device, step_begin)
 from .data import load_textures, load_train_images
 from .synthesis import DefectSynthesizer, procedural_textures, rotate_images, rotation_policy_for
+from .validation import FIGURES, ValidationSet, assess, validation_steps
 
 log = logging.getLogger(__name__)
 STATE_FORMAT = ckpt.STATE_FORMAT
 CHECKPOINT_NAME = ckpt.CHECKPOINT_NAME
 STATE_NAME = "train_state.safetensors"
+VALIDATION_CSV, VALIDATION_JSON = "validation.csv", "validation.json"
 
 
 class TrainingError(RuntimeError):
@@ -74,7 +76,7 @@ class Trainer:
     writing state and a loss log to out_dir."""
 
     def __init__(self, model: AnomalyModel, config: TrainConfig, data: TrainData, out_dir: Path,
-                 device: torch.device = torch.device("cpu")) -> None:
+                 device: torch.device = torch.device("cpu"), held_out: torch.Tensor | None = None) -> None:
         self.model, self.config, self.device = model, config, device
         self.out_dir = Path(out_dir)
         self.use_bf16 = config.bf16 and bf16_supported(device)
@@ -101,6 +103,10 @@ class Trainer:
         self.opt_seg = torch.optim.SGD(
             [{"params": seg.res.parameters(), "lr": config.lr_seg_res},
              {"params": seg.head.parameters(), "lr": config.lr_seg_head}], lr=config.lr_seg_res, **sgd)
+        # synthetic defects on held-out good images, scored at `validation_steps` (rank 0)
+        self.validation_set = (ValidationSet.build(held_out, data.synthesizer, config.seed)
+                               if held_out is not None and len(held_out) and dist.is_main() else None)
+        self.validation: list[dict[str, float]] = []  # the rows of validation.csv
 
     # --- one step ----------------------------------------------------------------
     def _batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -184,6 +190,9 @@ class Trainer:
             loss = focal + l1
             parts = {"focal": focal, "l1": l1}
             optimizer = self.opt_seg
+        factor = self.config.lr_factor(self.step)
+        for group, base in zip(optimizer.param_groups, self._base_lrs(optimizer)):
+            group["lr"] = base * factor
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.config.grad_clip is not None:
@@ -199,6 +208,23 @@ class Trainer:
         optimizer.step()
         self.step += 1
         return {"stage": stage, "loss": value, **{k: v.item() for k, v in parts.items()}}
+
+    def _base_lrs(self, optimizer: torch.optim.Optimizer) -> list[float]:
+        """The configured learning rate of each of the optimiser's parameter groups."""
+        cfg = self.config
+        return [cfg.lr_student] if optimizer is self.opt_student else [cfg.lr_seg_res, cfg.lr_seg_head]
+
+    def validate(self, writer: csv.writer) -> None:
+        """Score the validation set now (rank 0), append a row to validation.csv; others wait."""
+        if self.validation_set is not None:
+            start = time.perf_counter()
+            figures = self.validation_set.score(self.model, self.use_bf16)
+            row = {"step": self.step, "stage": 1 if self.step <= self.config.stage1_steps else 2,
+                   **figures, "seconds": round(time.perf_counter() - start, 1)}
+            self.validation.append(row)
+            writer.writerow([row["step"], row["stage"], *(f"{row[f]:.4f}" for f in FIGURES),
+                             row["seconds"]])
+        dist.barrier()
 
     # --- state -------------------------------------------------------------------
     def _optimizers(self) -> dict[str, torch.optim.Optimizer]:
@@ -281,12 +307,22 @@ class Trainer:
         new_log = not log_path.exists() or self.step == 0
         if main and not new_log:
             _trim_log(log_path, self.step)
+        val_path = self.out_dir / VALIDATION_CSV
+        if self.validation_set is None:
+            val_path = Path(os.devnull)
+        elif val_path.exists() and self.step > 0:
+            self.validation = _trim_log(val_path, self.step)
+        else:
+            with open(val_path, "w", newline="") as fh:
+                csv.writer(fh).writerow(["step", "stage", *FIGURES, "seconds"])
+        checkpoints = set(validation_steps(self.config))
         cfg = self.config
         bar = tqdm(total=cfg.total_steps, initial=self.step, desc="training", unit="step",
                    disable=not (progress and main), dynamic_ncols=True)
         # the bar closes whatever happens, so an error is printed on a line of its own
-        with open(log_path, "w" if new_log else "a", newline="") as fh, bar:
-            writer = csv.writer(fh)
+        with open(log_path, "w" if new_log else "a", newline="") as fh, bar, \
+                open(val_path, "a", newline="") as val_fh:
+            writer, val_writer = csv.writer(fh), csv.writer(val_fh)
             if new_log:
                 writer.writerow(["step", "stage", "loss", "cosine", "focal", "l1", "seconds"])
             start = time.perf_counter()
@@ -299,6 +335,9 @@ class Trainer:
                                      out.get("cosine", ""), out.get("focal", ""), out.get("l1", ""),
                                      f"{time.perf_counter() - start:.1f}"])
                     fh.flush()
+                if self.step in checkpoints:
+                    self.validate(val_writer)
+                    val_fh.flush()
                 if self.step % cfg.save_every == 0 or self.step == cfg.stage1_steps:
                     self.save_state()
         dist.sync_buffers(self.model)
@@ -315,19 +354,36 @@ class Trainer:
                          batch_size=batch_size, bf16=self.use_bf16, source=source)
 
 
+def _report_validation(trainer: Trainer, out_dir: Path) -> dict:
+    """The run's last validation figures and warnings: logged, written to
+    validation.json, returned for the checkpoint's metadata."""
+    rows, cfg = trainer.validation, trainer.config
+    warnings = assess(rows, cfg.stage1_steps)
+    for warning in warnings:
+        log.warning(warning)
+    stage1 = [r for r in rows if r["step"] <= cfg.stage1_steps]
+    report = {"final": rows[-1] if rows else None, "end_of_stage1": stage1[-1] if stage1 else None,
+              "warnings": warnings, "points": len(rows),
+              "images": None if trainer.validation_set is None else len(trainer.validation_set.labels)}
+    (out_dir / VALIDATION_JSON).write_text(json.dumps(report, indent=2))
+    return report
+
+
 def _rng_key(rank: int) -> str:
     """State-file key of a rank's generator state ("rng" for rank 0, as one process writes)."""
     return "rng" if rank == 0 else f"rng.{rank}"
 
 
-def _trim_log(log_path: Path, step: int) -> None:
-    """Drop loss rows after `step`: a killed run may have logged steps it never saved."""
+def _trim_log(log_path: Path, step: int) -> list[dict[str, float]]:
+    """Drop rows after `step` from a CSV log whose first column is the step (a killed
+    run may have logged steps it never saved); returns the rows kept, as numbers."""
     with open(log_path, newline="") as fh:
         rows = list(csv.reader(fh))
     keep = rows[:1] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= step]
     if len(keep) != len(rows):
         with open(log_path, "w", newline="") as fh:
             csv.writer(fh).writerows(keep)
+    return [{k: float(v) if v else float("nan") for k, v in zip(keep[0], r)} for r in keep[1:]]
 
 
 def _unfinished(state_path: Path) -> bool:
@@ -377,7 +433,7 @@ def train(model_config: ModelConfig, train_config: TrainConfig, data: TrainData,
     held_out = data.images[held_idx]  # for calibration only: never trained on
     data = replace(data, images=data.images[train_idx])
     model = AnomalyModel.build(model_config, teacher_weights)
-    trainer = Trainer(model, train_config, data, out_dir, device)
+    trainer = Trainer(model, train_config, data, out_dir, device, held_out)
     if resume:
         trainer.load_state(state_path)
         log.info("resumed at step %d of %d", trainer.step, train_config.total_steps)
@@ -394,6 +450,8 @@ def train(model_config: ModelConfig, train_config: TrainConfig, data: TrainData,
         else:  # too few images to hold any out
             thresholds = trainer.calibrate_threshold(data.images, "training images (too few to "
                                                      "hold any out)")
-        ckpt.save_checkpoint(model.cpu(), path, train_config.to_dict(), thresholds, extra_meta)
+        validation = _report_validation(trainer, out_dir)
+        ckpt.save_checkpoint(model.cpu(), path, train_config.to_dict(), thresholds,
+                             {**(extra_meta or {}), "validation": validation})
     dist.barrier()
     return path

@@ -1,5 +1,7 @@
 """Issue 5: an interrupted run continues with --resume and ends bit-identical to an
-uninterrupted one (same seed, fp32). Small on purpose: 64x64, tiny preset, 2 + 2 steps.
+uninterrupted one (same seed, fp32). Small on purpose: 64x64, tiny preset, 2 + 2 steps,
+with the cosine learning-rate schedule (set per step, so it needs no saved state) and
+validation (8 images, 4 of them held out; its rows of a killed run are trimmed too).
 
 Every run here uses one CPU thread (`--threads 1`), in this process and in the
 child processes: results are bit-exact only between runs with the same thread
@@ -38,12 +40,13 @@ def train_argv(model: str, root: Path, textures: Path, out: Path, *extra: str) -
             "--model", model, "--teacher", "efficientnet_lite0", "--preset", "tiny",
             "--image-size", "64", "--stage1-steps", str(STAGE1), "--stage2-steps", str(STAGE2),
             "--save-every", "1", "--no-bf16", "--device", "cpu", "--textures", str(textures),
+            "--lr-schedule", "cosine",
             "--out", str(out), *extra]
 
 
-def loss_rows(out: Path) -> list[list[str]]:
-    """losses.csv without its wall-clock column."""
-    with open(out / "losses.csv", newline="") as fh:
+def loss_rows(out: Path, name: str = "losses.csv") -> list[list[str]]:
+    """A CSV log of the run (losses.csv, validation.csv) without its wall-clock column."""
+    with open(out / name, newline="") as fh:
         return [row[:-1] for row in csv.reader(fh)]
 
 
@@ -61,13 +64,15 @@ def assert_same_weights(out: Path, ref: Path) -> None:
     meta_got = ckpt.read_meta(out / CHECKPOINT_NAME)
     assert meta_got["threshold"] == ckpt.read_meta(ref / CHECKPOINT_NAME)["threshold"]
     assert loss_rows(out) == loss_rows(ref)
+    assert loss_rows(out, "validation.csv") == loss_rows(ref, "validation.csv")
+    assert [int(r[0]) for r in loss_rows(ref, "validation.csv")[1:]] == [STAGE1, STAGE1 + 1, TOTAL]
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> tuple[Path, Path]:
     """(dataset root, texture folder) shared by the tests of this module."""
     base = tmp_path_factory.mktemp("resume_data")
-    root = write_dataset(base / "mvtec", n_train=3)
+    root = write_dataset(base / "mvtec", n_train=8)
     textures = base / "textures"
     textures.mkdir()
     for p in sorted((root / CATEGORY / "test" / "good").iterdir()):

@@ -1,0 +1,109 @@
+"""Issue 24: the cpu preset's learning-rate decay, validation on synthetic defects
+over held-out good images, and the warning for a run that looks bad."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pfadseg.config import PRESETS, TrainConfig, preset
+from pfadseg.models import AnomalyModel, ModelConfig
+from pfadseg.synthesis import DefectSynthesizer
+from pfadseg.trainer import TrainData, Trainer
+from pfadseg.validation import MIN_SEG_PIXEL_AP, ValidationSet, assess, validation_steps
+
+
+def test_papers_presets_keep_constant_rates() -> None:
+    """Item 3: paper and official are the papers' schedules; only cpu decays."""
+    paper, official = PRESETS["paper"], PRESETS["official"]
+    assert (paper.batch_size, paper.stage1_steps, paper.stage2_steps) == (16, 3000, 4000)
+    assert (paper.lr_student, paper.lr_seg_res, paper.lr_seg_head) == (0.5, 0.1, 0.01)
+    assert (official.batch_size, official.stage1_steps, official.stage2_steps) == (32, 1000, 4000)
+    assert official.lr_student == 0.4
+    for name in ("paper", "official", "demo", "tiny"):
+        cfg = PRESETS[name]
+        assert cfg.lr_schedule == "constant"
+        assert {cfg.lr_factor(s) for s in range(0, cfg.total_steps, 97)} == {1.0}
+    assert PRESETS["cpu"].lr_schedule == "cosine"
+
+
+def test_cosine_factor_restarts_each_stage() -> None:
+    cfg = TrainConfig(stage1_steps=4, stage2_steps=2, lr_schedule="cosine")
+    got = [cfg.lr_factor(s) for s in range(cfg.total_steps)]
+    want = [1.0, 0.5 * (1 + math.cos(math.pi / 4)), 0.5, 0.5 * (1 + math.cos(3 * math.pi / 4)), 1.0, 0.5]
+    np.testing.assert_allclose(got, want, atol=1e-12)
+    with pytest.raises(ValueError, match="lr_schedule"):
+        TrainConfig(lr_schedule="linear")
+
+
+def test_trainer_steps_with_the_decayed_rates(tmp_path: Path) -> None:
+    """The optimiser's rates at each step are the set rates times the factor."""
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8, generator=gen)
+    data = TrainData(images, DefectSynthesizer(torch.rand(2, 3, 64, 64, generator=gen)), "none")
+    torch.manual_seed(0)
+    model = AnomalyModel.build(ModelConfig.named("destseg", image_size=64), "random")
+    cfg = preset("tiny", stage1_steps=2, stage2_steps=2, lr_schedule="cosine", compile=False)
+    trainer = Trainer(model, cfg, data, tmp_path)
+    seen = []
+    for _ in range(cfg.total_steps):
+        opt = trainer.opt_student if trainer.step < cfg.stage1_steps else trainer.opt_seg
+        trainer.train_step()
+        seen.append([g["lr"] for g in opt.param_groups])
+    half = 0.5 * (1 + math.cos(math.pi / 2))
+    assert seen == [[cfg.lr_student], [cfg.lr_student * half],
+                    [cfg.lr_seg_res, cfg.lr_seg_head], [cfg.lr_seg_res * half, cfg.lr_seg_head * half]]
+
+
+def test_validation_points() -> None:
+    assert validation_steps(PRESETS["cpu"]) == [700, 825, 950, 1075, 1200]
+    assert validation_steps(preset("tiny")) == [2, 3, 4]
+    assert validation_steps(preset("cpu", validations=0)) == []
+    assert validation_steps(preset("tiny", stage1_steps=0, stage2_steps=3, validations=1)) == [3]
+
+
+def _row(step: int, seg: float, dest: float = 0.3) -> dict[str, float]:
+    return {"step": step, "seg_pixel_ap": seg, "seg_image_auroc": 0.99, "dest_pixel_ap": dest}
+
+
+def test_warnings_name_the_signal_and_the_fix() -> None:
+    good = [_row(10, 0.0, 0.3), _row(12, 0.70), _row(14, 0.80)]
+    assert assess(good, stage1_steps=10) == []
+    assert assess(good[:1], stage1_steps=10) == []  # stage 2 never validated: nothing to judge
+
+    (low,) = assess([_row(10, 0.0), _row(14, MIN_SEG_PIXEL_AP - 0.01, 0.2)], stage1_steps=10)
+    assert "poorly" in low and "--seed" in low
+    (flat,) = assess([_row(10, 0.0), _row(14, 0.6, 0.65)], stage1_steps=10)
+    assert "no better than the raw" in flat
+    (drop,) = assess([_row(10, 0.0), _row(12, 0.85), _row(14, 0.70)], stage1_steps=10)
+    assert "fell from 0.850 to 0.700" in drop
+
+
+def test_validation_figures_see_a_model_that_finds_the_defects() -> None:
+    """The figures are real metrics: a map equal to the mask scores 1, an inverted one low."""
+    gen = torch.Generator().manual_seed(0)
+    good = torch.randint(100, 156, (4, 3, 32, 32), dtype=torch.uint8, generator=gen)
+    vset = ValidationSet.build(good, DefectSynthesizer(torch.rand(3, 3, 32, 32, generator=gen)), seed=0)
+    assert vset.labels.sum() > 0 and vset.masks[vset.labels == 0].sum() == 0
+    assert len(vset.images) == len(vset.masks) == len(vset.labels)
+
+    class Oracle(torch.nn.Module):
+        """Segmentation map = the true mask (or its inverse); DeST map = noise."""
+
+        def __init__(self, invert: bool) -> None:
+            super().__init__()
+            self.invert, self.weight = invert, torch.nn.Parameter(torch.zeros(1))
+            self.lookup = {img.numpy().tobytes(): m for img, m in zip(vset.images, vset.masks)}
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            keys = [(xi * 255).round().to(torch.uint8).numpy().tobytes() for xi in x]
+            seg = torch.stack([torch.from_numpy(self.lookup[k]).float() for k in keys])[:, None]
+            return (1 - seg if self.invert else seg), torch.rand_like(seg)
+
+    right = vset.score(Oracle(False), bf16=False)
+    wrong = vset.score(Oracle(True), bf16=False)
+    assert right["seg_pixel_ap"] == pytest.approx(1.0) and right["seg_image_auroc"] == pytest.approx(1.0)
+    assert wrong["seg_pixel_ap"] < 0.5 and right["dest_pixel_ap"] < 0.5
