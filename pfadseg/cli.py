@@ -473,7 +473,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         return args.func(args)
-    except (DataError, CheckpointError, TeacherWeightsError, TrainingError, ValueError) as exc:
+    except (DataError, CheckpointError, TeacherWeightsError, TrainingError, ValueError,
+            ImportError) as exc:  # ImportError: an optional extra (onnx, serve) is missing
         # tqdm.write clears a progress bar the error left open, so the message gets its own line
         tqdm.write(f"pfadseg {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -17,7 +17,7 @@ METRICS = ("image_auroc", "pixel_auroc", "pixel_ap", "iap", "iap90", "aupro")
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("run")
-    code = main(["--threads", "2", "train", "--data", str(demo_root()), "--category", "bottle",
+    code = main(["train", "--data", str(demo_root()), "--category", "bottle",
                  "--model", "pfadseg", "--teacher", "efficientnet_lite0", "--preset", "tiny",
                  "--image-size", "64", "--out", str(out)])
     assert code == 0
@@ -68,6 +68,25 @@ def test_predict_writes_maps_overlays_masks_and_summary(trained: Path, tmp_path:
         assert overlay.size == mask.size == (256, 256)  # the original image's size
         assert (tmp_path / f"{row['name']}_map.npy").is_file()
     assert len(list(csv.DictReader(open(tmp_path / "summary.csv")))) == 4
+
+
+def test_missing_optional_package_is_a_clear_error(trained: Path, tmp_path: Path, monkeypatch,
+                                                  capsys) -> None:
+    """`predict --backend onnx` without onnxruntime says what to install, no traceback."""
+    from pfadseg import export
+
+    def no_onnxruntime():
+        raise ImportError(f"ONNX support needs onnxruntime: {export.ONNX_HINT}")
+
+    monkeypatch.setattr(export, "_ort", no_onnxruntime)
+    onnx = tmp_path / "model.onnx"
+    onnx.write_bytes(b"stand-in: the session is never opened")
+    code = main(["predict", "--checkpoint", str(trained / "checkpoint.safetensors"), "--backend",
+                 "onnx", "--onnx", str(onnx), "--out", str(tmp_path / "out"),
+                 str(demo_root() / "bottle" / "test" / "good")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "pfadseg predict: error: ONNX support needs onnxruntime" in err and "pip install" in err
 
 
 def test_predict_skips_bad_images_when_asked(trained: Path, tmp_path: Path) -> None:
