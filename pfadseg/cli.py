@@ -69,8 +69,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="segmentation-net steps (default: the preset's)")
     t.add_argument("--lr-student", type=float, help="student learning rate (default: the preset's)")
     t.add_argument("--lr-schedule", choices=LR_SCHEDULES,
-                   help="learning rates per stage: constant (the papers; paper, official, demo) or "
-                        "cosine (decay to near zero by the stage's end; cpu) (default: the preset's)")
+                   help="learning rates per stage: constant (the papers; every preset) or cosine "
+                        "(decay to near zero by the stage's end) (default: the preset's)")
     t.add_argument("--seed", type=int, help="random seed (default: the preset's)")
     t.add_argument("--save-every", type=int,
                    help="steps between resumable state files (default: the preset's)")

@@ -354,17 +354,19 @@ class Trainer:
                          batch_size=batch_size, bf16=self.use_bf16, source=source)
 
 
-def _report_validation(trainer: Trainer, out_dir: Path) -> dict:
+def _report_validation(trainer: Trainer, out_dir: Path) -> dict | None:
     """The run's last validation figures and warnings: logged, written to
-    validation.json, returned for the checkpoint's metadata."""
+    validation.json, returned for the checkpoint's metadata (None: nothing validated,
+    as when too few images were given to hold any out)."""
     rows, cfg = trainer.validation, trainer.config
+    if not rows:
+        return None
     warnings = assess(rows, cfg.stage1_steps)
     for warning in warnings:
         log.warning(warning)
     stage1 = [r for r in rows if r["step"] <= cfg.stage1_steps]
-    report = {"final": rows[-1] if rows else None, "end_of_stage1": stage1[-1] if stage1 else None,
-              "warnings": warnings, "points": len(rows),
-              "images": None if trainer.validation_set is None else len(trainer.validation_set.labels)}
+    report = {"final": rows[-1], "end_of_stage1": stage1[-1] if stage1 else None,
+              "warnings": warnings, "points": len(rows), "images": len(trainer.validation_set.labels)}
     (out_dir / VALIDATION_JSON).write_text(json.dumps(report, indent=2))
     return report
 
@@ -450,8 +452,10 @@ def train(model_config: ModelConfig, train_config: TrainConfig, data: TrainData,
         else:  # too few images to hold any out
             thresholds = trainer.calibrate_threshold(data.images, "training images (too few to "
                                                      "hold any out)")
+        meta = dict(extra_meta or {})
         validation = _report_validation(trainer, out_dir)
-        ckpt.save_checkpoint(model.cpu(), path, train_config.to_dict(), thresholds,
-                             {**(extra_meta or {}), "validation": validation})
+        if validation is not None:
+            meta["validation"] = validation
+        ckpt.save_checkpoint(model.cpu(), path, train_config.to_dict(), thresholds, meta)
     dist.barrier()
     return path

@@ -63,6 +63,8 @@ def assert_same_weights(out: Path, ref: Path) -> None:
     assert not differ, f"{len(differ)} tensors differ, e.g. {differ[:3]}"
     meta_got = ckpt.read_meta(out / CHECKPOINT_NAME)
     assert meta_got["threshold"] == ckpt.read_meta(ref / CHECKPOINT_NAME)["threshold"]
+    assert meta_got["validation"]["points"] == 3  # the last point's figures travel with the model
+    assert json.loads((out / "validation.json").read_text())["final"]["step"] == TOTAL
     assert loss_rows(out) == loss_rows(ref)
     assert loss_rows(out, "validation.csv") == loss_rows(ref, "validation.csv")
     assert [int(r[0]) for r in loss_rows(ref, "validation.csv")[1:]] == [STAGE1, STAGE1 + 1, TOTAL]
