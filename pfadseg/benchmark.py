@@ -40,7 +40,7 @@ TRAIN_OPTIONS = (
     ("teacher", True), ("teacher_weights", True), ("textures", True), ("texture_limit", True),
     ("rotation", True), ("preset", True), ("image_size", True), ("batch_size", True),
     ("stage1_steps", True), ("stage2_steps", True), ("lr_student", True), ("lr_schedule", True),
-    ("seed", True), ("save_every", True), ("no_bf16", False), ("no_compile", False), ("skip_bad_images", False),
+    ("student_checks", True), ("seed", True), ("save_every", True), ("no_bf16", False), ("no_compile", False), ("skip_bad_images", False),
 )
 TEST_OPTIONS = (("no_bf16", False), ("skip_bad_images", False))
 # the train options that change results: a benchmark folder holds pairs trained alike

@@ -71,6 +71,10 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     t.add_argument("--lr-schedule", choices=LR_SCHEDULES,
                    help="learning rates per stage: constant (the papers; every preset) or cosine "
                         "(decay to near zero by the stage's end) (default: the preset's)")
+    t.add_argument("--student-checks", type=int,
+                   help="validate the student this many times over stage 1's second half and "
+                        "train stage 2 on the best one; 0 or 1: the last one (default: the "
+                        "preset's: 4 for cpu and demo, 0 for paper and official)")
     t.add_argument("--seed", type=int, help="random seed (default: the preset's)")
     t.add_argument("--save-every", type=int,
                    help="steps between resumable state files (default: the preset's)")
@@ -121,7 +125,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                                   teacher=args.teacher, image_size=args.image_size)
     train_cfg = preset(args.preset, batch_size=args.batch_size, stage1_steps=args.stage1_steps,
                        stage2_steps=args.stage2_steps, lr_student=args.lr_student, seed=args.seed,
-                       lr_schedule=args.lr_schedule, save_every=args.save_every, bf16=False if args.no_bf16 else None,
+                       lr_schedule=args.lr_schedule, student_checks=args.student_checks,
+                       save_every=args.save_every, bf16=False if args.no_bf16 else None,
                        compile=False if args.no_compile else None,
                        compile_stage1=False if args.no_compile else None)
     data = TrainData.from_folder(train_dir, args.image_size, args.textures, args.texture_limit,
@@ -147,7 +152,8 @@ def _print_validation(path: Path) -> None:
     if final:
         print(f"validation on {report['images']} held-out images (good and synthetic defects): "
               f"pixel AP {final['seg_pixel_ap']:.3f}, image AUROC {final['seg_image_auroc']:.3f} "
-              f"(DeST map {final['dest_pixel_ap']:.3f}); {len(report['warnings'])} warning(s); "
+              f"(DeST map {final['dest_pixel_ap']:.3f}, student of step {report['student_step']}); "
+              f"{len(report['warnings'])} warning(s); "
               f"per point: {path.with_suffix('.csv')}")
 
 
@@ -298,6 +304,8 @@ def _add_benchmark_args(p: argparse.ArgumentParser) -> None:
     m.add_argument("--lr-student", type=float, help="student learning rate (default: the preset's)")
     m.add_argument("--lr-schedule", choices=LR_SCHEDULES,
                    help="constant or cosine learning rates per stage (default: the preset's)")
+    m.add_argument("--student-checks", type=int,
+                   help="stage-1 student checks to choose the best student from (default: the preset's)")
     m.add_argument("--seed", type=int, help="random seed (default: the preset's)")
     m.add_argument("--save-every", type=int, help="steps between resumable state files")
     m.add_argument("--no-bf16", action="store_true", help="train and test in plain fp32")

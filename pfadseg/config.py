@@ -24,7 +24,10 @@ class TrainConfig:
     # "constant" (the papers; every preset) or "cosine": each stage's rates fall from the
     # set value to near zero by its last step (an option: it did not steady bottle runs)
     lr_schedule: str = "constant"
-    validations: int = 4  # validation points in stage 2 (plus one at the end of stage 1)
+    validations: int = 4  # validation points in stage 2 (0: no validation at all)
+    # student checks over stage 1's second half: stage 2 reads the student that found the
+    # validation set's synthetic defects best (pfadseg.validation); 0 or 1: the last one
+    student_checks: int = 0
     seed: int = 0
     bf16: bool = True  # bf16 autocast where the device supports it
     compile: bool = True  # Inductor for stage 2 (segmentation net, frozen teacher+student)
@@ -69,10 +72,10 @@ PRESETS: dict[str, TrainConfig] = {
                             compile_stage1=True),
     # fits a 2-core CPU: see README "Presets" for how it was chosen
     "cpu": TrainConfig(batch_size=8, stage1_steps=700, stage2_steps=500, lr_student=0.25,
-                       save_every=50),
+                       student_checks=4, save_every=50),
     # `pfadseg demo`: the bundled 128x128 sample in a few minutes
     "demo": TrainConfig(batch_size=8, stage1_steps=400, stage2_steps=300, lr_student=0.25,
-                        save_every=50, compile=False),
+                        student_checks=4, save_every=50, compile=False),
     # seconds; for tests and smoke checks only
     # (AFF's BN on pooled features makes batch-2 gradients explode: clip them)
     "tiny": TrainConfig(batch_size=2, stage1_steps=2, stage2_steps=2, save_every=1, log_every=1,

@@ -81,6 +81,13 @@ def sync_buffers(module: nn.Module) -> None:
             torch_dist.broadcast(buffer, src=0)
 
 
+def sync_state(module: nn.Module) -> None:
+    """Give every rank rank 0's parameters and buffers (after rank 0 alone changed them)."""
+    if world_size() > 1:
+        for tensor in module.state_dict().values():
+            torch_dist.broadcast(tensor, src=0)
+
+
 def barrier() -> None:
     if world_size() > 1:
         torch_dist.barrier()

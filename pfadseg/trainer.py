@@ -31,7 +31,7 @@ from .runtime import (autocast, bf16_supported, compiled, cpu_training_fixes, pl
                       resolve_device, step_begin)
 from .data import load_textures, load_train_images
 from .synthesis import DefectSynthesizer, procedural_textures, rotate_images, rotation_policy_for
-from .validation import FIGURES, ValidationSet, assess, validation_steps
+from .validation import FIGURES, StudentPick, ValidationSet, assess, student_check_steps, validation_steps
 
 log = logging.getLogger(__name__)
 STATE_FORMAT = ckpt.STATE_FORMAT
@@ -107,6 +107,10 @@ class Trainer:
         self.validation_set = (ValidationSet.build(held_out, data.synthesizer, config.seed)
                                if held_out is not None and len(held_out) and dist.is_main() else None)
         self.validation: list[dict[str, float]] = []  # the rows of validation.csv
+        # the stage-1 points whose best student goes on to stage 2 (none: the last one does)
+        checks = student_check_steps(config) if self.validation_set is not None else []
+        self.student_checks = set(checks) if len(checks) > 1 else set()
+        self.pick = StudentPick()
 
     # --- one step ----------------------------------------------------------------
     def _batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -147,7 +151,7 @@ class Trainer:
         """Free what only stage 1 uses: the student's gradients and momentum, the
         clean-image teacher features and its loss function (stage 2's state files
         then hold no student momentum; nothing steps the student again)."""
-        dist.sync_buffers(self.model.student)  # stage 2 runs the frozen student on every rank
+        dist.sync_state(self.model.student)  # stage 2 runs rank 0's frozen student on every rank
         self.opt_student.zero_grad(set_to_none=True)
         self.opt_student.state.clear()
         self._teacher_cache = []
@@ -224,7 +228,18 @@ class Trainer:
             self.validation.append(row)
             writer.writerow([row["step"], row["stage"], *(f"{row[f]:.4f}" for f in FIGURES),
                              row["seconds"]])
+            if self.step in self.student_checks:
+                self._pick_student(figures["dest_pixel_ap"])
         dist.barrier()
+
+    def _pick_student(self, score: float) -> None:
+        """Offer the student just validated; when stage 1 ends, put back the best one."""
+        student = self.model.student
+        self.pick.offer(self.step, score, student)
+        if self.step == self.config.stage1_steps and self.pick.step not in (None, self.step):
+            self.pick.restore(student)
+            log.info("stage 2 reads the student of step %d (DeST pixel AP %.3f on the validation "
+                     "set), not the last one (%.3f)", self.pick.step, self.pick.score, score)
 
     # --- state -------------------------------------------------------------------
     def _optimizers(self) -> dict[str, torch.optim.Optimizer]:
@@ -263,9 +278,13 @@ class Trainer:
                         if torch.is_tensor(value):
                             tensors[f"opt.{name}.{idx}.{key}"] = value.detach().cpu()
             tensors.update({_rng_key(r): state for r, state in enumerate(rngs)})
+            if self.step < self.config.stage1_steps:  # the best student so far, to put back later
+                tensors.update({f"pick.{k}": v for k, v in self.pick.weights.items()})
             meta = {"format": STATE_FORMAT, "format_version": ckpt.FORMAT_VERSION, "step": self.step,
                     "world_size": dist.world_size(), "model": self.model.config.to_dict(),
-                    "train": self.config.to_dict()}
+                    "train": self.config.to_dict(),
+                    "student_pick": ({"step": self.pick.step, "score": self.pick.score}
+                                     if self.pick.step is not None else None)}
             ckpt.atomic_save(tensors, meta, self.out_dir / STATE_NAME)
         dist.barrier()
         self.saved_step = self.step
@@ -297,6 +316,10 @@ class Trainer:
                                 "number of processes (torchrun --nproc-per-node).")
         self.generator.set_state(tensors[key])
         self.step = self.saved_step = int(meta["step"])
+        pick = meta.get("student_pick") or {}
+        if pick.get("step") is not None:
+            self.pick = StudentPick(int(pick["step"]), float(pick["score"]),
+                                    {k[5:]: v for k, v in tensors.items() if k.startswith("pick.")})
 
     # --- the whole run -----------------------------------------------------------
     def run(self, progress: bool = True) -> None:
@@ -366,6 +389,7 @@ def _report_validation(trainer: Trainer, out_dir: Path) -> dict | None:
         log.warning(warning)
     stage1 = [r for r in rows if r["step"] <= cfg.stage1_steps]
     report = {"final": rows[-1], "end_of_stage1": stage1[-1] if stage1 else None,
+              "student_step": trainer.pick.step or cfg.stage1_steps,
               "warnings": warnings, "points": len(rows), "images": len(trainer.validation_set.labels)}
     (out_dir / VALIDATION_JSON).write_text(json.dumps(report, indent=2))
     return report

@@ -3,6 +3,7 @@ rank 0 alone writes the run's files, and a run whose rank dies resumes."""
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -38,6 +39,17 @@ def test_two_ranks_train_identical_weights_and_rank0_writes(tmp_path: Path) -> N
     tensors, meta = ckpt.read(out / STATE_NAME, kind=STATE_FORMAT)
     assert meta["world_size"] == 2 and meta["step"] == 5
     assert not torch.equal(tensors["rng"], tensors["rng.1"])  # each rank draws its own defects
+
+
+def test_the_student_rank0_picks_goes_on_on_every_rank(tmp_path: Path) -> None:
+    """Rank 0 alone validates; the student it puts back at the end of stage 1 (step 3's,
+    not the last) reaches the other rank, and the ranks end with identical weights."""
+    out = tmp_path / "run"
+    result = torchrun(WORKER, out, env={"PFADSEG_TEST_WEIGHTS": str(tmp_path), "PFADSEG_TEST_PICK": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    w0, w1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert all(torch.equal(w0[k], w1[k]) for k in w0), "the ranks' students differ"
+    assert json.loads((out / "validation.json").read_text())["student_step"] == 3
 
 
 def test_a_dying_rank_stops_the_run_and_it_resumes(tmp_path: Path) -> None:

@@ -1,5 +1,6 @@
-"""Issue 24: the cpu preset's learning-rate decay, validation on synthetic defects
-over held-out good images, and the warning for a run that looks bad."""
+"""Issue 24: the learning-rate decay option, validation on synthetic defects over
+held-out good images, the best of several stage-1 students going on to stage 2, and
+the warning for a run that looks bad."""
 from __future__ import annotations
 
 import math
@@ -9,12 +10,13 @@ import numpy as np
 import pytest
 import torch
 
+from pfadseg import checkpoint as ckpt
 from pfadseg.config import PRESETS, TrainConfig, preset
 from pfadseg.models import AnomalyModel, ModelConfig
 from pfadseg.synthesis import DefectSynthesizer
-from pfadseg.trainer import TrainData, Trainer
+from pfadseg.trainer import STATE_FORMAT, STATE_NAME, TrainData, Trainer
 from pfadseg.validation import (MIN_SEG_PIXEL_AP, MIN_STUDENT_DEST_AP, ValidationSet, assess,
-                                validation_steps)
+                                student_check_steps, validation_steps)
 
 
 def test_papers_presets_keep_constant_rates() -> None:
@@ -59,8 +61,13 @@ def test_trainer_steps_with_the_decayed_rates(tmp_path: Path) -> None:
 
 
 def test_validation_points() -> None:
-    assert validation_steps(PRESETS["cpu"]) == [700, 825, 950, 1075, 1200]
+    assert student_check_steps(PRESETS["cpu"]) == [438, 525, 613, 700]
+    assert student_check_steps(PRESETS["demo"]) == [250, 300, 350, 400]
+    assert student_check_steps(PRESETS["paper"]) == [3000]  # the papers: the last student
+    assert student_check_steps(PRESETS["official"]) == [1000]
+    assert validation_steps(PRESETS["cpu"]) == [438, 525, 613, 700, 825, 950, 1075, 1200]
     assert validation_steps(preset("tiny")) == [2, 3, 4]
+    assert student_check_steps(preset("tiny", student_checks=4)) == [2]  # too short for more
     assert validation_steps(preset("cpu", validations=0)) == []
     assert validation_steps(preset("tiny", stage1_steps=0, stage2_steps=3, validations=1)) == [3]
 
@@ -109,3 +116,82 @@ def test_validation_figures_see_a_model_that_finds_the_defects() -> None:
     wrong = vset.score(Oracle(True), bf16=False)
     assert right["seg_pixel_ap"] == pytest.approx(1.0) and right["seg_image_auroc"] == pytest.approx(1.0)
     assert wrong["seg_pixel_ap"] < 0.5 and right["dest_pixel_ap"] < 0.5
+
+
+def _tiny_trainer(out: Path, **overrides: object) -> Trainer:
+    """destseg at 64 px on random images, 4 + 2 steps, 4 held-out images."""
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (8, 3, 64, 64), dtype=torch.uint8, generator=gen)
+    data = TrainData(images[:4], DefectSynthesizer(torch.rand(2, 3, 64, 64, generator=gen)), "none")
+    torch.manual_seed(0)
+    model = AnomalyModel.build(ModelConfig.named("destseg", image_size=64), "random")
+    cfg = preset("tiny", stage1_steps=4, stage2_steps=2, bf16=False, **overrides)
+    return Trainer(model, cfg, data, out, held_out=images[4:])
+
+
+def _student(trainer: Trainer) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in trainer.model.student.state_dict().items()}
+
+
+def test_stage2_reads_the_best_checked_student(tmp_path: Path, monkeypatch) -> None:
+    """Checks at steps 3 and 4 score 0.6 and 0.2: the student of step 3 goes on, in a
+    straight run and in one stopped after step 3 and resumed from its state file."""
+    scripted = {3: 0.6, 4: 0.2}
+    current: dict[str, Trainer] = {}
+    seen: dict[int, dict[str, torch.Tensor]] = {}
+
+    def score(self, model, bf16, batch_size=16):
+        step = current["t"].step
+        seen.setdefault(step, _student(current["t"]))
+        return {"seg_pixel_ap": 0.5, "seg_image_auroc": 0.9, "dest_pixel_ap": scripted.get(step, 0.3)}
+
+    monkeypatch.setattr(ValidationSet, "score", score)
+    straight = current["t"] = _tiny_trainer(tmp_path / "a", student_checks=2)
+    assert straight.student_checks == {3, 4}
+    straight.run(progress=False)
+    final = _student(straight)
+    assert all(torch.equal(final[k], seen[3][k]) for k in final)
+    assert not all(torch.equal(final[k], seen[4][k]) for k in final)
+    assert straight.pick.step == 3
+
+    stopped = current["t"] = _tiny_trainer(tmp_path / "b", student_checks=2)
+    real_step = Trainer.train_step
+
+    def stop_after_3(self: Trainer) -> dict:
+        if self.step == 3:
+            raise KeyboardInterrupt
+        return real_step(self)
+
+    monkeypatch.setattr(Trainer, "train_step", stop_after_3)
+    with pytest.raises(KeyboardInterrupt):
+        stopped.run(progress=False)
+    monkeypatch.setattr(Trainer, "train_step", real_step)
+    tensors, meta = ckpt.read(tmp_path / "b" / STATE_NAME, kind=STATE_FORMAT)
+    assert meta["step"] == 3 and meta["student_pick"]["step"] == 3
+    assert any(k.startswith("pick.") for k in tensors)
+
+    resumed = current["t"] = _tiny_trainer(tmp_path / "b", student_checks=2)
+    resumed.load_state(tmp_path / "b" / STATE_NAME)
+    resumed.run(progress=False)
+    assert resumed.pick.step == 3
+    got = _student(resumed)
+    assert all(torch.equal(got[k], final[k]) for k in final)
+
+
+def test_without_checks_the_last_student_goes_on(tmp_path: Path, monkeypatch) -> None:
+    """student_checks 0 (the papers' presets): one stage-1 point, at its end, and that
+    student goes on whatever it scores."""
+    at_end: dict[str, torch.Tensor] = {}
+
+    def score(self, model, bf16, batch_size=16):
+        if not at_end:
+            at_end.update(_student(trainer))
+        return {"seg_pixel_ap": 0.5, "seg_image_auroc": 0.9, "dest_pixel_ap": 0.0}
+
+    monkeypatch.setattr(ValidationSet, "score", score)
+    trainer = _tiny_trainer(tmp_path, student_checks=0)
+    assert trainer.student_checks == set()
+    trainer.run(progress=False)
+    assert trainer.pick.step is None
+    final = _student(trainer)
+    assert all(torch.equal(final[k], at_end[k]) for k in final)
