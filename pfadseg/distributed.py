@@ -73,16 +73,10 @@ def gather(obj: object) -> list[object]:
     return out
 
 
-def sync_buffers(module: nn.Module) -> None:
-    """Give every rank rank 0's buffers (batch-norm running statistics, which each
-    rank otherwise takes from its own share of the batch)."""
-    if world_size() > 1:
-        for buffer in module.buffers():
-            torch_dist.broadcast(buffer, src=0)
-
-
 def sync_state(module: nn.Module) -> None:
-    """Give every rank rank 0's parameters and buffers (after rank 0 alone changed them)."""
+    """Give every rank rank 0's parameters and buffers: the batch-norm running
+    statistics, which each rank takes from its own share of the batch, and weights
+    rank 0 alone changed (the student it picked at the end of stage 1)."""
     if world_size() > 1:
         for tensor in module.state_dict().values():
             torch_dist.broadcast(tensor, src=0)

@@ -363,7 +363,7 @@ class Trainer:
                     val_fh.flush()
                 if self.step % cfg.save_every == 0 or self.step == cfg.stage1_steps:
                     self.save_state()
-        dist.sync_buffers(self.model)
+        dist.sync_state(self.model)
         if self.saved_step != self.step:
             self.save_state()
 

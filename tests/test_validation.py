@@ -41,15 +41,21 @@ def test_cosine_factor_restarts_each_stage() -> None:
         TrainConfig(lr_schedule="linear")
 
 
-def test_trainer_steps_with_the_decayed_rates(tmp_path: Path) -> None:
-    """The optimiser's rates at each step are the set rates times the factor."""
+def _tiny_trainer(out: Path, **overrides: object) -> Trainer:
+    """destseg at 64 px on random images, 4 + 2 steps unless overridden, 4 held-out images."""
     gen = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8, generator=gen)
-    data = TrainData(images, DefectSynthesizer(torch.rand(2, 3, 64, 64, generator=gen)), "none")
+    images = torch.randint(0, 256, (8, 3, 64, 64), dtype=torch.uint8, generator=gen)
+    data = TrainData(images[:4], DefectSynthesizer(torch.rand(2, 3, 64, 64, generator=gen)), "none")
     torch.manual_seed(0)
     model = AnomalyModel.build(ModelConfig.named("destseg", image_size=64), "random")
-    cfg = preset("tiny", stage1_steps=2, stage2_steps=2, lr_schedule="cosine", compile=False)
-    trainer = Trainer(model, cfg, data, tmp_path)
+    cfg = preset("tiny", **{"stage1_steps": 4, "stage2_steps": 2, "bf16": False, **overrides})
+    return Trainer(model, cfg, data, out, held_out=images[4:])
+
+
+def test_trainer_steps_with_the_decayed_rates(tmp_path: Path) -> None:
+    """The optimiser's rates at each step are the set rates times the factor."""
+    trainer = _tiny_trainer(tmp_path, stage1_steps=2, lr_schedule="cosine")
+    cfg = trainer.config
     seen = []
     for _ in range(cfg.total_steps):
         opt = trainer.opt_student if trainer.step < cfg.stage1_steps else trainer.opt_seg
@@ -118,15 +124,6 @@ def test_validation_figures_see_a_model_that_finds_the_defects() -> None:
     assert wrong["seg_pixel_ap"] < 0.5 and right["dest_pixel_ap"] < 0.5
 
 
-def _tiny_trainer(out: Path, **overrides: object) -> Trainer:
-    """destseg at 64 px on random images, 4 + 2 steps, 4 held-out images."""
-    gen = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (8, 3, 64, 64), dtype=torch.uint8, generator=gen)
-    data = TrainData(images[:4], DefectSynthesizer(torch.rand(2, 3, 64, 64, generator=gen)), "none")
-    torch.manual_seed(0)
-    model = AnomalyModel.build(ModelConfig.named("destseg", image_size=64), "random")
-    cfg = preset("tiny", stage1_steps=4, stage2_steps=2, bf16=False, **overrides)
-    return Trainer(model, cfg, data, out, held_out=images[4:])
 
 
 def _student(trainer: Trainer) -> dict[str, torch.Tensor]:
