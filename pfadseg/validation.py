@@ -117,6 +117,7 @@ class StudentPick:
         """Load the kept weights into `student` (in place, on its device)."""
         student.load_state_dict(self.weights)
 
+
 def assess(rows: list[dict[str, float]], stage1_steps: int) -> list[str]:
     """Warnings (with what to do) for a finished run's validation rows; empty when it looks fine."""
     stage2 = [r for r in rows if r["step"] > stage1_steps]
