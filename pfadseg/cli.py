@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -12,6 +13,7 @@ import torch
 from tqdm import tqdm
 
 from . import __version__
+from . import distributed as dist
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import LR_SCHEDULES, PRESETS, preset
 from .data import (DataError, load_textures, mvtec_category, texture_paths,
@@ -131,13 +133,15 @@ def cmd_train(args: argparse.Namespace) -> int:
                        compile_stage1=False if args.no_compile else None)
     data = TrainData.from_folder(train_dir, args.image_size, args.textures, args.texture_limit,
                                  args.rotation, category, skip_bad=args.skip_bad_images)
-    print(f"training {model_cfg.variant} ({model_cfg.teacher} teacher) on {len(data.images)} images "
-          f"from {train_dir}, preset {args.preset}, rotation {data.rotation}", file=sys.stderr)
+    if dist.is_main():
+        print(f"training {model_cfg.variant} ({model_cfg.teacher} teacher) on {len(data.images)} "
+              f"images from {train_dir}, preset {args.preset}, rotation {data.rotation}", file=sys.stderr)
     start = time.perf_counter()
     path = train(model_cfg, train_cfg, data, args.out, teacher_weights=args.teacher_weights,
                  resume=args.resume, device=device,
                  extra_meta={"category": category, "train_dir": str(train_dir),
                              "preset": args.preset, "rotation": data.rotation})
+    dist.teardown()
     print(f"checkpoint: {path}  ({time.perf_counter() - start:.0f} s)")
     _print_validation(args.out / VALIDATION_JSON)
     return 0
@@ -477,6 +481,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    if dist.rank() > 0:  # torchrun's other ranks would repeat rank 0's output: errors only
+        logging.getLogger().setLevel(logging.ERROR)
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
     if args.threads:
         torch.set_num_threads(args.threads)
     try:

@@ -76,9 +76,10 @@ PRESETS: dict[str, TrainConfig] = {
     # `pfadseg demo`: the bundled 128x128 sample in a few minutes
     "demo": TrainConfig(batch_size=8, stage1_steps=400, stage2_steps=300, lr_student=0.25,
                         student_checks=4, save_every=50, compile=False),
-    # seconds; for tests and smoke checks only
-    # (AFF's BN on pooled features makes batch-2 gradients explode: clip them)
-    "tiny": TrainConfig(batch_size=2, stage1_steps=2, stage2_steps=2, save_every=1, log_every=1,
+    # seconds; for tests and smoke checks only. Batch 4 splits over two processes (torchrun)
+    # with two images each for AFF's BN on pooled features, whose small-batch gradients explode:
+    # clip them
+    "tiny": TrainConfig(batch_size=4, stage1_steps=2, stage2_steps=2, save_every=1, log_every=1,
                         grad_clip=1.0, compile=False),
 }
 

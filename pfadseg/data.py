@@ -15,6 +15,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from . import distributed as dist
+
 
 log = logging.getLogger(__name__)
 MAX_PIXELS = 20_000 * 20_000  # decompression-bomb guard: 400 megapixels
@@ -115,7 +117,8 @@ def load_images(paths: list[Path], size: int, skip_bad: bool = False,
     and left out.
     """
     arrays, kept = [], []
-    for p in tqdm(paths, desc=desc, unit="img", leave=False, disable=len(paths) < 8):
+    quiet = len(paths) < 8 or not dist.is_main()  # torchrun: rank 0's bar only
+    for p in tqdm(paths, desc=desc, unit="img", leave=False, disable=quiet):
         try:
             arrays.append(load_rgb(p, size))
             kept.append(p)

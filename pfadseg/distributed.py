@@ -17,7 +17,10 @@ def launched() -> bool:
 
 
 def rank() -> int:
-    return torch_dist.get_rank() if torch_dist.is_initialized() else 0
+    """This process's rank (torchrun's RANK before the group is joined; 0 for one process)."""
+    if torch_dist.is_initialized():
+        return torch_dist.get_rank()
+    return int(os.environ.get("RANK", "0")) if launched() else 0
 
 
 def world_size() -> int:
@@ -43,6 +46,7 @@ def setup(device: torch.device) -> torch.device:
 
 
 def teardown() -> None:
+    """Leave the process group before the process exits (NCCL warns otherwise)."""
     if torch_dist.is_initialized():
         torch_dist.destroy_process_group()
 

@@ -87,6 +87,10 @@ class Trainer:
         self.synthesizer = DefectSynthesizer(data.synthesizer.textures.to(device), data.synthesizer.p_anomaly)
         self.rotation = data.rotation
         self.batch_size = dist.split_batch(config.batch_size)
+        if model.config.aff and self.batch_size < 2:  # batch norm of one value per channel
+            raise ValueError(f"batch size {config.batch_size} leaves one image per process, and AFF's "
+                             "batch norm on pooled features needs two or more. Fix: --batch-size "
+                             f"{2 * dist.world_size()} or more")
         # each rank draws its own batches and defects (CPU generator: same draws on any device)
         self.generator = torch.Generator().manual_seed(config.seed + 1_000_003 * dist.rank())
         self.student = dist.wrap(model.student, device)

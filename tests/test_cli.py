@@ -104,6 +104,17 @@ def test_predict_skips_bad_images_when_asked(trained: Path, tmp_path: Path) -> N
     assert (tmp_path / "out" / "good_overlay.png").is_file()
 
 
+def test_a_batch_of_one_per_process_is_a_clear_error(tmp_path: Path, capsys) -> None:
+    """AFF's batch norm on pooled features cannot train on one image (torch's own
+    error names neither the cause nor the fix); nothing is written."""
+    code = main(["train", "--data", str(demo_root()), "--category", "bottle", "--teacher",
+                 "efficientnet_lite0", "--preset", "tiny", "--batch-size", "1", "--image-size", "64",
+                 "--out", str(tmp_path / "run")])
+    assert code == 2
+    assert "needs two or more. Fix: --batch-size 2 or more" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "config.json").exists()
+
+
 def test_predict_refuses_missing_input(trained: Path, tmp_path: Path, capsys) -> None:
     code = main(["predict", "--checkpoint", str(trained / "checkpoint.safetensors"),
                  "--out", str(tmp_path), str(tmp_path / "nope.png")])

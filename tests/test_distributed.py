@@ -65,11 +65,16 @@ def test_a_dying_rank_stops_the_run_and_it_resumes(tmp_path: Path) -> None:
 
 
 def test_cli_under_torchrun_writes_a_checkpoint(tmp_path: Path) -> None:
-    """The README's command: `torchrun --nproc-per-node 2 -m pfadseg train ...`."""
+    """The README's command: `torchrun --nproc-per-node 2 -m pfadseg train ...`, with the
+    tiny preset's own batch (two images per process)."""
     demo = Path(__file__).parents[1] / "pfadseg" / "demo_data" / "bottle" / "train" / "good"
     out = tmp_path / "run"
     result = torchrun("-m", "pfadseg", "train", "--train-dir", demo, "--teacher", "efficientnet_lite0",
-                      "--preset", "tiny", "--batch-size", "4", "--image-size", "64", "--device", "cpu",
+                      "--preset", "tiny", "--image-size", "64", "--device", "cpu",
                       "--out", out)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (out / "checkpoint.safetensors").is_file()
+    # rank 1 prints errors only: every line shows once
+    assert result.stdout.count("checkpoint: ") == 1, result.stdout
+    for line in ("training pfadseg", "no textures given", "loading training images"):
+        assert result.stderr.count(line) == 1, result.stderr[-3000:]
