@@ -19,7 +19,6 @@ from .models import AnomalyModel, image_scores
 
 log = logging.getLogger(__name__)
 METRIC_KEYS = ("image_auroc", "pixel_auroc", "pixel_ap", "iap", "iap90", "aupro")
-IMAGE_KEYS = ("image_auroc",)  # what can be measured without masks
 
 
 @dataclass
@@ -125,14 +124,6 @@ def summarize(outputs: TestOutputs, test: TestSet, thresholds: Thresholds | None
     result["n_images"] = int(len(test.labels))
     result["n_anomalous"] = int(test.labels.sum())
     return result
-
-
-def evaluate_model(model: AnomalyModel, test: TestSet, batch_size: int = 16, bf16: bool = True,
-                   progress: bool = True, compile: bool = False,
-                   thresholds: Thresholds | None = None) -> dict:
-    """Run the model over the test set and summarise (see `summarize`)."""
-    outputs = model_outputs(model, test, batch_size, bf16, progress, compile)
-    return summarize(outputs, test, thresholds)
 
 
 def format_table(result: dict) -> str:

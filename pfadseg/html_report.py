@@ -34,7 +34,6 @@ MAX_CURVE_POINTS = 2000  # points drawn per curve (pixel curves have millions of
 METRIC_NAMES = {"image_auroc": "image AUROC", "pixel_auroc": "pixel AUROC", "pixel_ap": "pixel AP",
                 "iap": "IAP", "iap90": "IAP@90", "aupro": "AUPRO"}
 GT_COLOUR = (0, 230, 0)  # ground-truth outline
-PRED_COLOUR = (255, 0, 255)  # predicted-mask outline
 
 
 # --- images as data URIs -------------------------------------------------------------
@@ -351,18 +350,6 @@ def _shown_names(paths: Sequence[Path]) -> list[str]:
         return [Path(p).name for p in paths]
     root = Path(os.path.commonpath([str(Path(p).absolute()) for p in paths]))
     return [Path(p).absolute().relative_to(root).as_posix() for p in paths]
-
-
-def write_gallery_report(path: Path, names: Sequence[str], images: Sequence[np.ndarray],
-                         maps: Sequence[np.ndarray], scores: Sequence[float],
-                         thresholds: Thresholds, title: str = "pfadseg predict") -> Path:
-    """report.html for images without ground truth (`pfadseg predict`): the gallery
-    of uint8 RGB images (H, W, 3) with their raw maps and scores, most anomalous
-    first. To stream many images, fill a `Gallery` and call `write_gallery_page`."""
-    gallery = Gallery(thresholds)
-    for name, image, amap, score in zip(names, images, maps, scores, strict=True):
-        gallery.add(name, image, amap, float(score))
-    return write_gallery_page(path, gallery, title)
 
 
 def write_gallery_page(path: Path, gallery: Gallery, title: str = "pfadseg predict") -> Path:

@@ -16,7 +16,7 @@ from pfadseg import metrics
 from pfadseg.calibration import Thresholds
 from pfadseg.data import load_test_set
 from pfadseg.evaluation import model_outputs, summarize, write_results
-from pfadseg.html_report import MAX_CURVE_POINTS, THUMB, curve_points, write_gallery_report
+from pfadseg.html_report import MAX_CURVE_POINTS, THUMB, Gallery, curve_points, write_gallery_page
 from pfadseg.models import AnomalyModel, ModelConfig
 from pfadseg.models.teacher import RANDOM
 
@@ -90,8 +90,10 @@ def test_predict_gallery_is_sorted_most_anomalous_first(tmp_path: Path) -> None:
     images = [rng.integers(0, 256, (300, 200, 3), dtype=np.uint8) for _ in range(3)]
     maps = [rng.random((64, 64), dtype=np.float32) for _ in range(3)]
     scores = [0.2, 0.9, 0.5]
-    path = write_gallery_report(tmp_path / "report.html", ["a.png", "b.png", "c.png"], images,
-                                maps, scores, Thresholds(0.6, 0.5, "test"))
+    gallery = Gallery(Thresholds(0.6, 0.5, "test"))
+    for name, image, amap, score in zip(["a.png", "b.png", "c.png"], images, maps, scores, strict=True):
+        gallery.add(name, image, amap, score)
+    path = write_gallery_page(tmp_path / "report.html", gallery)
     page = path.read_text()
     assert _rows(page) == ["b.png", "c.png", "a.png"]
     assert "1 anomalous" in page and 'alt="ground truth"' not in page
