@@ -7,8 +7,12 @@ optimiser) and of inference (`inference.forward_fn`), with the paper preset's
 compile settings (`--no-compile` for eager), the peak memory, and the minutes
 the paper schedule (3000 + 4000 steps at batch 16) would take. Warm-up steps,
 compilation included, are not timed. Random weights: speed does not depend on them.
+`--profile N` also prints, per measured function, torch.profiler's N costliest
+ops and how much of the wall time the GPU was busy (launch-bound when low).
 
     python benchmarks/speed.py --device cuda > benchmarks/results/speed_h200.json
+    python benchmarks/speed.py --device cuda --models pfadseg --precisions bf16 \
+        --cuda-compile reduce-overhead --profile 25
     python benchmarks/speed.py --device cpu --quick      # smoke check: 64x64, a step or two
 """
 from __future__ import annotations
@@ -29,6 +33,7 @@ from pfadseg import __version__
 from pfadseg.config import preset
 from pfadseg.inference import forward_fn, to_input
 from pfadseg.models import AnomalyModel, ModelConfig
+from pfadseg import runtime
 from pfadseg.runtime import bf16_supported, resolve_device
 from pfadseg.synthesis import DefectSynthesizer
 from pfadseg.trainer import TrainData, Trainer
@@ -54,6 +59,30 @@ def images_per_second(step: Callable[[], object], images: int, warmup: int, iter
     return images * iters / (time.perf_counter() - start)
 
 
+def profile(step: Callable[[], object], label: str, rows: int, device: torch.device) -> None:
+    """Print the `rows` ops of three calls of `step` that took longest (GPU time on a
+    GPU, else CPU time) and the GPU's busy share of the wall time, to stderr."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as profiler
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sync(device)
+    start = time.perf_counter()
+    with profiler(activities=activities) as prof:
+        for _ in range(3):
+            step()
+        sync(device)
+    wall_us = (time.perf_counter() - start) * 1e6
+    events = prof.key_averages()
+    sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    print(f"--- {label}: {wall_us / 3e3:.1f} ms per call under the profiler", file=sys.stderr)
+    if cuda:
+        busy = sum(e.self_device_time_total for e in events) / wall_us
+        print(f"GPU kernels busy {busy:.0%} of the wall time", file=sys.stderr)
+    print(events.table(sort_by=sort, row_limit=rows), file=sys.stderr, flush=True)
+
+
 def peak_memory_mib(device: torch.device) -> float:
     """Peak GPU memory allocated since the last reset, or the process's peak RSS on the CPU."""
     if device.type == "cuda":
@@ -73,15 +102,22 @@ def measure(variant: str, bf16: bool, args: argparse.Namespace, device: torch.de
     cfg = preset("paper", batch_size=batch, bf16=bf16, compile=compile, compile_stage1=compile)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    label = f"{variant} {'bf16' if bf16 else 'fp32'}"
+
+    def speed(step: Callable[[], object], what: str) -> float:
+        rate = images_per_second(step, batch, args.warmup, args.iters, device)
+        if args.profile:
+            profile(step, f"{label} {what}", args.profile, device)
+        return rate
+
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(model, cfg, data, Path(tmp), device)
-        warm, iters = args.warmup, args.iters
-        stage1 = images_per_second(trainer.train_step, batch, warm, iters, device)
+        stage1 = speed(trainer.train_step, "stage 1")
         trainer.step = cfg.stage1_steps
-        stage2 = images_per_second(trainer.train_step, batch, warm, iters, device)
+        stage2 = speed(trainer.train_step, "stage 2")
     forward = forward_fn(model, bf16, compile)
     x = to_input(images[:batch], device)
-    inference = images_per_second(lambda: forward(x), batch, warm, iters, device)
+    inference = speed(lambda: forward(x), "inference")
     s1, s2 = PAPER_STEPS
     minutes = (s1 * batch / stage1 + s2 * batch / stage2) / 60
     return {"stage1_images_per_s": round(stage1, 1), "stage2_images_per_s": round(stage2, 1),
@@ -99,21 +135,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first, compiling included "
                                                          "(default: %(default)s)")
     p.add_argument("--iters", type=int, default=20, help="timed steps (default: %(default)s)")
+    p.add_argument("--precisions", default="bf16,fp32", help="comma-separated (default: %(default)s)")
     p.add_argument("--no-compile", action="store_true", help="eager PyTorch instead of torch.compile")
+    p.add_argument("--cuda-compile", choices=runtime.CUDA_COMPILE_MODES, default=runtime.CUDA_COMPILE,
+                   help="how one CUDA GPU compiles: dynamo's cudagraphs backend or Inductor's "
+                        "reduce-overhead mode (default: %(default)s)")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="also print the N costliest ops of each measured function (default: off)")
     p.add_argument("--quick", action="store_true", help="smoke check: 64x64, batch 2, one step each")
     args = p.parse_args(argv)
     if args.quick:
         args.image_size, args.batch_size, args.warmup, args.iters = 64, 2, 1, 1
     device = resolve_device(args.device)
+    runtime.CUDA_COMPILE = args.cuda_compile
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     result: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
                     or platform.machine(), "torch": torch.__version__, "pfadseg": __version__,
                     "image_size": args.image_size, "batch_size": args.batch_size, "compiled": not args.no_compile,
+                    "cuda_compile": args.cuda_compile if device.type == "cuda" else None,
                     "teacher": args.teacher, "bf16_supported": bf16_supported(device), "models": {}}
     for variant in args.models.split(","):
         result["models"][variant] = {}
-        for precision in ("bf16", "fp32"):
+        for precision in args.precisions.split(","):
             figures = measure(variant, precision == "bf16", args, device)
             result["models"][variant][precision] = figures
             print(variant, precision, figures, file=sys.stderr, flush=True)

@@ -91,6 +91,14 @@ def place(model: nn.Module, device: torch.device) -> nn.Module:
 
 
 # --- compilation -------------------------------------------------------------------
+# How one CUDA GPU compiles: "cudagraphs" (dynamo's backend: the traced ops replayed as
+# a CUDA graph, compiled in seconds) or "reduce-overhead" (Inductor's fused kernels
+# replayed as CUDA graphs, minutes of compiling). `benchmarks/speed.py --cuda-compile`
+# measures both; the faster one becomes the only one.
+CUDA_COMPILE = "cudagraphs"
+CUDA_COMPILE_MODES = ("cudagraphs", "reduce-overhead")
+
+
 def compiler_available(device: torch.device) -> bool:
     """Inductor writes C++ on the CPU (a compiler must be found) and Triton on CUDA."""
     if device.type == "cuda":
@@ -108,9 +116,9 @@ def compiler_available(device: torch.device) -> bool:
 def compiled(fn: Fn, device: torch.device, frozen: bool = False) -> Fn:
     """`fn` compiled by torch.compile for fixed input shapes.
 
-    On one CUDA GPU the traced graph is replayed as a CUDA graph (dynamo's
-    "cudagraphs" backend, no Inductor code generation): PFADSeg's many small ops
-    are otherwise bound by launch time. Under torchrun Inductor compiles without
+    On one CUDA GPU the step is replayed as a CUDA graph (`CUDA_COMPILE` says
+    whether Inductor fuses its kernels first): PFADSeg's many small ops are
+    otherwise bound by launch time. Under torchrun Inductor compiles without
     CUDA graphs, which DDP's gradient hooks would break. Call `step_begin` once
     per training step or inference batch. On the CPU Inductor compiles, and
     `frozen` treats the weights as constants (batch norm folded into the
@@ -127,7 +135,10 @@ def compiled(fn: Fn, device: torch.device, frozen: bool = False) -> Fn:
 
     graphs = device.type == "cuda" and not (torch.distributed.is_initialized()
                                             and torch.distributed.get_world_size() > 1)
-    compiled_fn = torch.compile(fn, dynamic=False, backend="cudagraphs" if graphs else "inductor")
+    if graphs and CUDA_COMPILE == "reduce-overhead":
+        compiled_fn = torch.compile(fn, dynamic=False, mode="reduce-overhead")
+    else:
+        compiled_fn = torch.compile(fn, dynamic=False, backend="cudagraphs" if graphs else "inductor")
     patch = {"freezing": frozen} if device.type == "cpu" else {}
     state = {"fn": compiled_fn, "first": True}
 

@@ -159,3 +159,17 @@ def test_stage2_features_run_without_autograd(tmp_path: Path) -> None:
     trainer = Trainer(model, preset("tiny", stage1_steps=0, stage2_steps=1), _tiny_data(4), tmp_path)
     trainer.train_step()
     assert grad_modes == [False]
+
+
+@pytest.mark.parametrize("mode, expected", [("cudagraphs", {"backend": "cudagraphs"}),
+                                            ("reduce-overhead", {"mode": "reduce-overhead"})])
+def test_one_cuda_gpu_compiles_as_cuda_compile_says(monkeypatch: pytest.MonkeyPatch, mode: str,
+                                                    expected: dict) -> None:
+    """The CUDA setting reaches torch.compile (stubbed: CI has no GPU); the CPU keeps Inductor."""
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: calls.append(kwargs) or fn)
+    monkeypatch.setattr(runtime, "compiler_available", lambda device: True)
+    monkeypatch.setattr(runtime, "CUDA_COMPILE", mode)
+    runtime.compiled(torch.neg, torch.device("cuda"))
+    runtime.compiled(torch.neg, CPU)
+    assert calls == [{"dynamic": False, **expected}, {"dynamic": False, "backend": "inductor"}]
