@@ -3,7 +3,7 @@
 # repository root there. Each PART runs under its own time limit and leaves its JSON and
 # log in OUT (at most 8 files, so that all of them come back):
 #   speed     benchmarks/speed.py as it stands: DeSTSeg and PFADSeg, bf16 and fp32,
-#             compiled as CUDA graphs, PFADSeg profiled (speed.json, speed.log)
+#             compiled as CUDA graphs, each profiled (speed.json, speed.log)
 #   inductor  PFADSeg bf16 with Inductor's reduce-overhead mode instead, profiled:
 #             the comparison that decides runtime.CUDA_COMPILE (inductor.json, inductor.log)
 #   bottle    the paper preset on bottle (EfficientNet-Lite0 teacher, 300 DTD textures),

@@ -29,11 +29,10 @@ from pathlib import Path
 
 import torch
 
-from pfadseg import __version__
+from pfadseg import __version__, runtime
 from pfadseg.config import preset
 from pfadseg.inference import forward_fn, to_input
 from pfadseg.models import AnomalyModel, ModelConfig
-from pfadseg import runtime
 from pfadseg.runtime import bf16_supported, resolve_device
 from pfadseg.synthesis import DefectSynthesizer
 from pfadseg.trainer import TrainData, Trainer
