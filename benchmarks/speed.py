@@ -13,7 +13,7 @@ ops and how much of the wall time the GPU was busy (launch-bound when low).
     python benchmarks/speed.py --device cuda > benchmarks/results/speed_h200.json
     python benchmarks/speed.py --device cuda --models pfadseg --precisions bf16 \
         --cuda-compile reduce-overhead --profile 25
-    python benchmarks/speed.py --device cpu --quick      # smoke check: 64x64, a step or two
+    python benchmarks/speed.py --device cpu --quick --no-compile  # smoke check: 64x64, seconds
 """
 from __future__ import annotations
 

@@ -43,7 +43,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                      help="use at most this many texture images, evenly spaced (default: all)")
     src.add_argument("--rotation", choices=ROTATIONS, default="auto",
                      help="rotation augmentation of the good images; auto = the official "
-                          "per-category choice (none for custom data) (default: %(default)s)")
+                          "per-category choice by the category name, none for other names (default: %(default)s)")
     src.add_argument("--skip-bad-images", action="store_true", help="log and skip unreadable images")
     m = p.add_argument_group("model")
     m.add_argument("--model", choices=("destseg", "pfadseg"), default="pfadseg",
@@ -285,8 +285,8 @@ def _add_benchmark_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True,
                    help="benchmark folder: <category>/<variant>/ per pair, report/ for the "
                         "tables; rerunning continues it (finished pairs are skipped)")
-    p.add_argument("--devices", type=int,
-                   help="GPUs to use, one job on each at a time (default: all visible CUDA "
+    p.add_argument("--devices", type=int, metavar="N",
+                   help="how many GPUs to use (the first N), one job on each at a time (default: all visible CUDA "
                         "devices; without a GPU, one job at a time)")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     m = p.add_argument_group("model and schedule (passed to every `pfadseg train`)")
@@ -439,9 +439,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True,
                    help="folder for results.md, results.csv and (several variants) variants.csv")
     p.add_argument("--label", action="append",
-                   help="run label of each file, in order (one per file), to compare runs of "
-                        "the same category and variant; default: the parts of their paths "
-                        "that differ")
+                   help="run label of each file, in order (repeat it: --label a --label b), to "
+                        "compare runs of the same category and variant; default: the parts "
+                        "of their paths that differ")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("benchmark", help="train and test every (category, variant) pair, "

@@ -73,7 +73,7 @@ PRESETS: dict[str, TrainConfig] = {
     # fits a 2-core CPU: see README "Presets" for how it was chosen
     "cpu": TrainConfig(batch_size=8, stage1_steps=700, stage2_steps=500, lr_student=0.25,
                        student_checks=4, save_every=50),
-    # `pfadseg demo`: the bundled 128x128 sample in a few minutes
+    # `pfadseg demo`: the bundled 128x128 sample (about 20 minutes on 2 cores without bf16)
     "demo": TrainConfig(batch_size=8, stage1_steps=400, stage2_steps=300, lr_student=0.25,
                         student_checks=4, save_every=50, compile=False),
     # seconds; for tests and smoke checks only. Batch 4 splits over two processes (torchrun)

@@ -28,7 +28,9 @@ def demo_root() -> Path:
 
 
 def run_demo(out_dir: Path, quick: bool = False, device: str | torch.device = "auto") -> dict:
-    """Train (or reuse the finished run in out_dir/run), test and predict; returns the test metrics."""
+    """Train (or reuse the finished run in out_dir/run, or out_dir/run-quick for a smoke
+    test, so that one never stands in for the other), test and predict; returns the test
+    metrics."""
     out_dir = Path(out_dir)
     start = time.perf_counter()
     root = demo_root()
@@ -37,7 +39,7 @@ def run_demo(out_dir: Path, quick: bool = False, device: str | torch.device = "a
     schedule = preset(preset_name)
     print(f"[1/3] training PFADSeg on {len(list_images(train_dir))} bundled bottle images "
           f"({size}x{size}, {schedule.stage1_steps}+{schedule.stage2_steps} steps)")
-    run_dir = out_dir / "run"
+    run_dir = out_dir / ("run-quick" if quick else "run")
     ckpt_path = run_dir / "checkpoint.safetensors"
     if ckpt_path.is_file():
         print(f"      reusing {ckpt_path}")

@@ -110,10 +110,12 @@ def _rgb(item: ImageInput, index: int) -> np.ndarray:
 
 
 def _name(item: ImageInput, index: int) -> str:
+    """The input's file name; image_<index>.png for images in memory (still a file
+    name, so that e.g. f"overlay_{name}" saves as a PNG)."""
     if isinstance(item, (str, Path)):
         return Path(item).name
     filename = getattr(item, "filename", "")  # PIL images opened from a file know it
-    return Path(filename).name if filename else f"image_{index}"
+    return Path(filename).name if filename else f"image_{index}.png"
 
 
 class Detector:

@@ -387,6 +387,7 @@ def _report_validation(trainer: Trainer, out_dir: Path) -> dict | None:
     as when too few images were given to hold any out)."""
     rows, cfg = trainer.validation, trainer.config
     if not rows:
+        (out_dir / VALIDATION_JSON).unlink(missing_ok=True)  # an earlier run's, in the same folder
         return None
     warnings = assess(rows, cfg.stage1_steps)
     for warning in warnings:

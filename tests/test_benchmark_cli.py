@@ -94,9 +94,9 @@ def test_ablation_writes_table4_from_finished_pairs(tmp_path: Path, capsys: pyte
     assert main(args + ["--out", str(out)]) == 0
     assert "8 finished, 0 to run" in capsys.readouterr().out
     table4 = list(csv.reader(open(out / "report" / "variants.csv")))
-    assert table4[0] == ["Variant", "AFF", "PCAR", "RCM", "I-AUROC", "P-AP"]
+    assert table4[0] == ["Variant", "RCM", "AFF", "PCAR", "I-AUROC", "P-AP"]
     assert [row[0] for row in table4[1:]] == list(ABLATION)
-    assert table4[5] == ["destseg+aff+pcar", "✓", "✓", "", "70.0", "14.0"]
+    assert table4[6] == ["destseg+aff+pcar", "", "✓", "✓", "75.0", "15.0"]
     markdown = (out / "report" / "results.md").read_text()
     assert "## Table 4: variants (bottle only)" in markdown
     assert "| pfadseg | ✓ | ✓ | ✓ | 85.0 | 17.0 |" in markdown

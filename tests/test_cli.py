@@ -137,3 +137,5 @@ def test_demo_quick_writes_metrics_and_overlays(tmp_path: Path, capsys) -> None:
     assert json.loads((tmp_path / "test" / "metrics.json").read_text())["n_images"] == 16
     assert len(list((tmp_path / "predictions").glob("*_overlay.png"))) == 16
     assert str(tmp_path.resolve()) in capsys.readouterr().out
+    assert (tmp_path / "run-quick" / "checkpoint.safetensors").is_file()
+    assert not (tmp_path / "run").exists()  # a full demo in the same folder trains its own model

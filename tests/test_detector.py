@@ -51,7 +51,7 @@ def test_paths_pil_images_and_arrays_score_alike(trained: Detector) -> None:
     by_path, by_pil, by_array = trained.predict([path, pil, array])
     assert by_pil.score == pytest.approx(by_path.score, abs=1e-4)
     assert by_array.score == pytest.approx(by_path.score, abs=1e-4)
-    assert (by_pil.name, by_array.name) == ("000.jpg", "image_2")
+    assert (by_pil.name, by_array.name) == ("000.jpg", "image_2.png")
     assert [p.name for p in trained.predict([array], names=["mine"])] == ["mine"]
 
 

@@ -14,7 +14,7 @@ from pfadseg import checkpoint as ckpt
 from pfadseg.config import PRESETS, TrainConfig, preset
 from pfadseg.models import AnomalyModel, ModelConfig
 from pfadseg.synthesis import DefectSynthesizer
-from pfadseg.trainer import STATE_FORMAT, STATE_NAME, TrainData, Trainer
+from pfadseg.trainer import STATE_FORMAT, STATE_NAME, TrainData, Trainer, train
 from pfadseg.validation import (MIN_SEG_PIXEL_AP, MIN_STUDENT_DEST_AP, ValidationSet, assess,
                                 student_check_steps, validation_steps)
 
@@ -192,3 +192,16 @@ def test_without_checks_the_last_student_goes_on(tmp_path: Path, monkeypatch) ->
     assert trainer.pick.step is None
     final = _student(trainer)
     assert all(torch.equal(final[k], at_end[k]) for k in final)
+
+
+def test_a_run_without_validation_leaves_no_earlier_figures(tmp_path: Path) -> None:
+    """Too few images to hold any out: nothing is validated, and the validation.json of
+    an earlier run in the same folder goes (`pfadseg train` prints that file)."""
+    (tmp_path / "validation.json").write_text('{"final": {"seg_pixel_ap": 0.9}}')
+    images = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8)
+    data = TrainData(images, DefectSynthesizer(torch.rand(2, 3, 64, 64)), "none")
+    cfg = preset("tiny", stage1_steps=1, stage2_steps=1, bf16=False, compile=False)
+    path = train(ModelConfig.named("destseg", image_size=64), cfg, data, tmp_path,
+                 teacher_weights="random", progress=False, device="cpu")
+    assert path.is_file() and "validation" not in ckpt.read_meta(path)
+    assert not (tmp_path / "validation.json").exists()
