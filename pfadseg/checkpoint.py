@@ -7,6 +7,7 @@ Writes are atomic (write a temporary file, then rename).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -27,6 +28,9 @@ FORMAT = "pfadseg-checkpoint"
 STATE_FORMAT = "pfadseg-train-state"  # a run's resumable state (pfadseg.trainer)
 CHECKPOINT_NAME = "checkpoint.safetensors"  # the checkpoint a training run writes
 FORMAT_VERSION = 1
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # read once, at import: os.umask can only be read by setting it
+FILE_MODE = 0o666 & ~_UMASK  # what open() gives; safetensors' own writer gives 0o600
 
 
 class CheckpointError(ValueError):
@@ -39,10 +43,15 @@ def atomic_save(tensors: dict[str, torch.Tensor], meta: dict, path: Path) -> Non
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    save_file(tensors, str(tmp), metadata={"pfadseg": json.dumps(meta)})
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        save_file(tensors, str(tmp), metadata={"pfadseg": json.dumps(meta)})
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.chmod(tmp, FILE_MODE)  # readable by a team's shared folder, as other files are
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, a folder at `path`, an interrupt: no stray copy
+        tmp.unlink(missing_ok=True)
+        raise
     _fsync_dir(path.parent)
 
 
@@ -141,6 +150,18 @@ def save_checkpoint(model: AnomalyModel, path: Path, train_config: dict,
         **(extra or {}),
     }
     atomic_save(model.state_dict(), meta, path)
+
+
+def weights_fingerprint(model: AnomalyModel) -> str:
+    """SHA-256 of the model's weights (names, shapes and fp32 values): the same for
+    a checkpoint and its calibrated copy, on any device or memory layout. An ONNX
+    export records it, so that a stale export is never run with another model."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        values = tensor.detach().float().cpu().contiguous()
+        digest.update(f"{name}:{tuple(values.shape)};".encode())
+        digest.update(values.numpy().tobytes())
+    return digest.hexdigest()
 
 
 def model_tensors(model: AnomalyModel, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

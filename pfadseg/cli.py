@@ -31,6 +31,51 @@ COMPILE_HELP = ("compile the model with torch.compile (Inductor, needs a C++ com
                 "hundreds of images")
 
 
+def positive_int(text: str) -> int:
+    """argparse type: a whole number of 1 or more (a batch size, a count)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of 1 or more")
+    return value
+
+
+def probability(text: str) -> float:
+    """argparse type: a number strictly between 0 and 1 (a threshold on probabilities)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number between 0 and 1 (scores are "
+                                         "probabilities: it would flag every image or none)")
+    return value
+
+
+def out_folder(path: Path) -> Path:
+    """--out of a command that writes a folder: created now, before any work, so a
+    path that cannot be one fails at once rather than after the work is done."""
+    if path.exists() and not path.is_dir():
+        raise DataError(f"--out {path} is a file, not a folder. Fix: give a folder (created if "
+                        "missing).")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataError(f"--out {path}: cannot create it ({exc.strerror}). Fix: give a folder "
+                        "you can write to.") from exc
+    return path
+
+
+def out_file(path: Path, example: str) -> Path:
+    """--out of a command that writes one file: checked before any work."""
+    if path.is_dir():
+        raise DataError(f"--out {path} is a folder. Fix: give a file name, e.g. {path / example}.")
+    out_folder(path.parent)
+    return path
+
+
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     src = p.add_argument_group("data")
     src.add_argument("--data", type=Path, help="MVTec-layout root holding <category>/train/good")
@@ -39,11 +84,12 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     src.add_argument("--textures", type=Path,
                      help="folder of texture images for synthetic defects (DTD images/); "
                           "default: built-in procedural textures")
-    src.add_argument("--texture-limit", type=int,
+    src.add_argument("--texture-limit", type=positive_int,
                      help="use at most this many texture images, evenly spaced (default: all)")
     src.add_argument("--rotation", choices=ROTATIONS, default="auto",
                      help="rotation augmentation of the good images; auto = the official "
-                          "per-category choice by the category name, none for other names (default: %(default)s)")
+                          "per-category choice by the category name, none for other names "
+                          "(default: %(default)s)")
     src.add_argument("--skip-bad-images", action="store_true", help="log and skip unreadable images")
     m = p.add_argument_group("model")
     m.add_argument("--model", choices=("destseg", "pfadseg"), default="pfadseg",
@@ -64,7 +110,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="training schedule: paper (PFADSeg paper, 3000 + 4000 steps), official "
                         "(DeSTSeg code, 1000 + 4000), cpu (fits a 2-core CPU), demo (the bundled "
                         "sample), tiny (seconds; smoke tests) (default: %(default)s)")
-    t.add_argument("--batch-size", type=int, help="training batch size (default: the preset's)")
+    t.add_argument("--batch-size", type=positive_int,
+                   help="training batch size (default: the preset's)")
     t.add_argument("--stage1-steps", type=int,
                    help="student (denoising) steps (default: the preset's)")
     t.add_argument("--stage2-steps", type=int,
@@ -78,7 +125,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                         "train stage 2 on the best one; 0 or 1: the last one (default: the "
                         "preset's: 4 for cpu and demo, 0 for paper and official)")
     t.add_argument("--seed", type=int, help="random seed (default: the preset's)")
-    t.add_argument("--save-every", type=int,
+    t.add_argument("--save-every", type=positive_int,
                    help="steps between resumable state files (default: the preset's)")
     t.add_argument("--no-bf16", action="store_true", help="train in plain fp32")
     t.add_argument("--no-compile", action="store_true",
@@ -178,6 +225,7 @@ def cmd_test(args: argparse.Namespace) -> int:
         raise DataError("give --data ROOT --category NAME (MVTec layout), or --test-dir DIR")
     if args.mask_dir is not None and args.test_dir is None:
         raise DataError("--mask-dir goes with --test-dir (the MVTec layout has its ground_truth/)")
+    out_folder(args.out)
     device = _device(args)
     model, meta = load_checkpoint(args.checkpoint)
     place(model, device)
@@ -197,14 +245,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .detector import Detector
     from .predict import collect_inputs, predict_files
 
+    out_folder(args.out)
     detector = Detector.load(args.checkpoint, device=_device(args), threshold=args.threshold,
                              bf16=not args.no_bf16, compile=args.compile, backend=args.backend,
                              onnx=args.onnx, batch_size=args.batch_size)
     rows = predict_files(detector, collect_inputs(args.inputs), args.out, args.batch_size,
                          skip_bad=args.skip_bad_images)
     flagged = sum(r.get("anomalous", False) for r in rows)
-    print(f"{len(rows)} images, {flagged} anomalous (threshold {detector.thresholds.image:.4f}); "
-          f"results in {args.out} (summary.csv)")
+    skipped = sum("error" in r for r in rows)
+    print(f"{len(rows) - skipped} images scored, {flagged} anomalous (threshold "
+          f"{detector.thresholds.image:.4f})" + (f", {skipped} unreadable skipped" if skipped else "")
+          + f"; results in {args.out} (summary.csv)")
     return 0
 
 
@@ -214,6 +265,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     if (args.defects is None) != (args.masks is None):
         raise DataError("--defects and --masks go together (defect images and their masks)")
+    out = args.out or args.checkpoint.with_name(args.checkpoint.stem + ".calibrated.safetensors")
+    out_file(out, "checkpoint.calibrated.safetensors")
     device = _device(args)
     model, meta = load_checkpoint(args.checkpoint)
     place(model, device)
@@ -231,13 +284,13 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                            pixel_false_alarm_rate=args.pixel_false_alarm_rate,
                            batch_size=args.batch_size, bf16=not args.no_bf16,
                            source=f"pfadseg calibrate on {args.good}")
-    out = args.out or args.checkpoint.with_name(args.checkpoint.stem + ".calibrated.safetensors")
     write_calibrated_checkpoint(args.checkpoint, out, thresholds)
     if meta.get("threshold") is not None:
         before = Thresholds.from_meta(meta)
         print(f"before: image {before.image:.4f}, pixel {before.pixel:.4f} ({before.method})")
     print(f"after:  image {thresholds.image:.4f}, pixel {thresholds.pixel:.4f} "
-          f"({thresholds.method}; {thresholds.n_good} good, {thresholds.n_defects} defect images)")
+          f"({thresholds.method}; {thresholds.n_good} good, {thresholds.n_defects} "
+          f"{'synthetic ' if thresholds.synthetic_recall is not None else ''}defect images)")
     if thresholds.synthetic_recall is not None:
         print(f"synthetic defects: {100 * thresholds.synthetic_recall:.0f}% flagged, pixel F1 "
               f"{100 * thresholds.synthetic_pixel_f1:.1f}%")
@@ -248,9 +301,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from .export import export_onnx
 
+    out = out_file(args.out or args.checkpoint.with_suffix(".onnx"), "checkpoint.onnx")
     model, _ = load_checkpoint(args.checkpoint)
     place(model, _device(args))
-    out = args.out or args.checkpoint.with_suffix(".onnx")
     export_onnx(model, out)
     print(f"exported: {out}")
     return 0
@@ -285,9 +338,9 @@ def _add_benchmark_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True,
                    help="benchmark folder: <category>/<variant>/ per pair, report/ for the "
                         "tables; rerunning continues it (finished pairs are skipped)")
-    p.add_argument("--devices", type=int, metavar="N",
-                   help="how many GPUs to use (the first N), one job on each at a time (default: all visible CUDA "
-                        "devices; without a GPU, one job at a time)")
+    p.add_argument("--devices", type=positive_int, metavar="N",
+                   help="how many GPUs to use (the first N), one job on each at a time "
+                        "(default: all visible CUDA devices; without a GPU, one job at a time)")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     m = p.add_argument_group("model and schedule (passed to every `pfadseg train`)")
     m.add_argument("--teacher", choices=sorted(TEACHERS), default="resnet18",
@@ -297,12 +350,13 @@ def _add_benchmark_args(p: argparse.ArgumentParser) -> None:
     m.add_argument("--textures", type=Path,
                    help="folder of texture images for synthetic defects (DTD images/); "
                         "default: built-in procedural textures")
-    m.add_argument("--texture-limit", type=int, help="use at most this many texture images")
+    m.add_argument("--texture-limit", type=positive_int, help="use at most this many texture images")
     m.add_argument("--rotation", choices=ROTATIONS,
                    help="rotation augmentation (train's default: auto, the official per-category one)")
     m.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
                    help="training schedule (default: %(default)s)")
-    m.add_argument("--batch-size", type=int, help="training batch size (default: the preset's)")
+    m.add_argument("--batch-size", type=positive_int,
+                   help="training batch size (default: the preset's)")
     m.add_argument("--stage1-steps", type=int, help="student steps (default: the preset's)")
     m.add_argument("--stage2-steps", type=int, help="segmentation steps (default: the preset's)")
     m.add_argument("--lr-student", type=float, help="student learning rate (default: the preset's)")
@@ -311,7 +365,7 @@ def _add_benchmark_args(p: argparse.ArgumentParser) -> None:
     m.add_argument("--student-checks", type=int,
                    help="stage-1 student checks to choose the best student from (default: the preset's)")
     m.add_argument("--seed", type=int, help="random seed (default: the preset's)")
-    m.add_argument("--save-every", type=int, help="steps between resumable state files")
+    m.add_argument("--save-every", type=positive_int, help="steps between resumable state files")
     m.add_argument("--no-bf16", action="store_true", help="train and test in plain fp32")
     m.add_argument("--no-compile", action="store_true", help="train eagerly, without torch.compile")
     m.add_argument("--skip-bad-images", action="store_true", help="log and skip unreadable images")
@@ -338,7 +392,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pfadseg", description=__doc__)
     parser.add_argument("--version", action="version", version=f"pfadseg {__version__}")
-    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: all cores)")
+    parser.add_argument("--threads", type=positive_int,
+                        help="CPU threads for torch (default: all cores)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -355,14 +410,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--category", help="category folder under --data (e.g. bottle)")
     p.add_argument("--test-dir", type=Path,
                    help="or: any folder holding good/ and one folder per defect type (searched "
-                        "recursively; .png/.jpg/.jpeg/.bmp/.tif)")
+                        "recursively; .png/.jpg/.jpeg/.bmp/.tif/.webp)")
     p.add_argument("--mask-dir", type=Path,
                    help="with --test-dir: ground-truth masks, searched recursively and matched "
                         "by file stem with or without _mask; without it, image metrics only")
     p.add_argument("--out", type=Path, required=True,
                    help="folder for metrics.json, metrics.md and report.html")
     p.add_argument("--no-report", action="store_true", help="skip report.html")
-    p.add_argument("--batch-size", type=int, default=16,
+    p.add_argument("--batch-size", type=positive_int, default=16,
                    help="images per inference batch (default: %(default)s)")
     p.add_argument("--eval-size", default="input", type=_eval_size,
                    help="pixel metrics at the model's input size ('input', the official 256x256 "
@@ -380,9 +435,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint.safetensors of a `pfadseg train` run")
     p.add_argument("--out", type=Path, required=True,
                    help="folder for the maps, overlays, masks and summary.csv/.json")
-    p.add_argument("--threshold", type=float,
-                   help="image-score threshold (default: the checkpoint's calibrated one)")
-    p.add_argument("--batch-size", type=int, default=8,
+    p.add_argument("--threshold", type=probability,
+                   help="image-score threshold between 0 and 1 (scores are probabilities; "
+                        "default: the checkpoint's calibrated one)")
+    p.add_argument("--batch-size", type=positive_int, default=8,
                    help="images per inference batch (default: %(default)s)")
     p.add_argument("--backend", choices=("torch", "onnx"), default="torch",
                    help="run the checkpoint in PyTorch, or its ONNX export in onnxruntime "
@@ -418,7 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "procedural textures)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic defects "
                    "(default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=16,
+    p.add_argument("--batch-size", type=positive_int, default=16,
                    help="images per inference batch (default: %(default)s)")
     p.add_argument("--no-bf16", action="store_true", help="run inference in plain fp32")
     p.add_argument("--skip-bad-images", action="store_true",
@@ -464,8 +520,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
     p.add_argument("--token", help="secret every API call must send (Authorization: Bearer T, "
                                    "or ?token=T); required for a non-local --host")
-    p.add_argument("--threshold", type=float,
-                   help="image-score threshold (default: the checkpoint's calibrated one)")
+    p.add_argument("--threshold", type=probability,
+                   help="image-score threshold between 0 and 1 (scores are probabilities; "
+                        "default: the checkpoint's calibrated one)")
     p.add_argument("--max-upload-mb", type=float, default=20.0,
                    help="largest accepted image file in MB (default: %(default)s)")
     p.add_argument("--max-megapixels", type=float, default=40.0,
@@ -489,7 +546,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (DataError, CheckpointError, TeacherWeightsError, TrainingError, ValueError,
-            ImportError) as exc:  # ImportError: an optional extra (onnx, serve) is missing
+            ImportError, OSError) as exc:  # ImportError: an optional extra (onnx, serve) is missing
         # tqdm.write clears a progress bar the error left open, so the message gets its own line
         tqdm.write(f"pfadseg {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
 from . import distributed as dist
@@ -20,7 +20,7 @@ from . import distributed as dist
 
 log = logging.getLogger(__name__)
 MAX_PIXELS = 20_000 * 20_000  # decompression-bomb guard: 400 megapixels
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
 class DataError(ValueError):
@@ -28,8 +28,10 @@ class DataError(ValueError):
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Convert any PIL mode to 8-bit RGB: 16-bit and float grayscale are rescaled
-    from their full range, palette and alpha images are composited on black."""
+    """Convert any PIL image to upright 8-bit RGB: turned as its EXIF orientation
+    says (as image viewers show a camera's JPEG), 16-bit and float grayscale
+    rescaled from their full range, palette and alpha images composited on black."""
+    img = ImageOps.exif_transpose(img)
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         arr = np.asarray(img, dtype=np.float64)
         top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .calibration import Thresholds
-from .checkpoint import load_checkpoint
+from .checkpoint import load_checkpoint, weights_fingerprint
 from .config import preset
 from .data import DataError, load_rgb, to_rgb
 from .models import AnomalyModel, ModelConfig
@@ -148,7 +148,8 @@ class Detector:
         if backend == "onnx":
             from .export import onnx_map_fn
 
-            map_fn = onnx_map_fn(Path(onnx) if onnx else path.with_suffix(".onnx"))
+            map_fn = onnx_map_fn(Path(onnx) if onnx else path.with_suffix(".onnx"),
+                                 fingerprint=weights_fingerprint(model))
             return cls(path, model, meta, thresholds, map_fn, torch.device("cpu"), backend)
         from .inference import torch_map_fn
 

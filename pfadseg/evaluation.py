@@ -107,13 +107,18 @@ def at_thresholds(outputs: TestOutputs, test: TestSet, thresholds: Thresholds) -
     return out
 
 
-def summarize(outputs: TestOutputs, test: TestSet, thresholds: Thresholds | None) -> dict:
-    """Metrics of the segmentation map (top level), of the DeST map ("dest"), per
-    defect type of both, and at the checkpoint's thresholds ("calibrated")."""
+def require_both_classes(test: TestSet) -> None:
+    """Refuse a test set of good images only, or of defects only: no metric is defined."""
     if test.labels.all() or not test.labels.any():
         kind = "defect" if not test.labels.any() else "good"
         raise ValueError(f"the test set holds no {kind} images, so no metric is defined. Fix: "
                          "test on good images and defect images together.")
+
+
+def summarize(outputs: TestOutputs, test: TestSet, thresholds: Thresholds | None) -> dict:
+    """Metrics of the segmentation map (top level), of the DeST map ("dest"), per
+    defect type of both, and at the checkpoint's thresholds ("calibrated")."""
+    require_both_classes(test)
     result: dict = _metrics(outputs.seg, test.masks, outputs.scores, test.labels)
     result["per_defect"] = _per_defect(outputs.seg, outputs.scores, test)
     result["dest"] = _metrics(outputs.dest, test.masks, outputs.dest_scores, test.labels)
@@ -159,6 +164,7 @@ def write_results(model: AnomalyModel, test: TestSet, name: str, out_dir: Path, 
                   report: bool = True, progress: bool = True) -> dict:
     """Evaluate, write metrics.json, metrics.md and (with `report`) report.html to
     `out_dir`; return the result."""
+    require_both_classes(test)  # before the model runs, not after
     thresholds = _thresholds_of(meta)
     outputs = model_outputs(model, test, batch_size, bf16, progress, compile)
     result = summarize(outputs, test, thresholds)

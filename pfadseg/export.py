@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .checkpoint import weights_fingerprint
 from .models import AnomalyModel, image_scores
 from .predict import MapFn
 
@@ -27,6 +28,7 @@ OUTPUT_NAMES = ("seg_map", "dest_map", "score")
 ONNX_HINT = "pip install pfadseg[onnx]"
 OPSET = 18  # the exporter's own opset: asking for an older one makes it convert down, which fails
 TOLERANCE = 1e-3  # largest |onnxruntime - torch| accepted on the check batch (fp32 both)
+WEIGHTS_KEY = "pfadseg_weights"  # ONNX metadata: checkpoint.weights_fingerprint of the model
 
 
 class ExportError(ValueError):
@@ -148,19 +150,36 @@ def export_onnx(model: AnomalyModel, path: Path, opset: int = OPSET) -> Path:
         raise ExportError(f"ONNX export to {path} failed: onnxruntime's outputs differ from the "
                           f"model's by up to {difference:.3g} (more than {TOLERANCE}); "
                           f"exporter log: {log_path}")
-    os.replace(tmp, path)
+    import onnx
+
+    try:
+        stamped = onnx.load(str(tmp))
+        onnx.helper.set_model_props(stamped, {WEIGHTS_KEY: weights_fingerprint(model)})
+        onnx.save(stamped, str(tmp))
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, a folder at `path`, an interrupt: no stray copy
+        tmp.unlink(missing_ok=True)
+        raise
     log_path.unlink()
     return path
 
 
-def onnx_map_fn(path: Path, threads: int | None = None) -> MapFn:
+def onnx_map_fn(path: Path, threads: int | None = None, fingerprint: str | None = None) -> MapFn:
     """A function mapping uint8 images (B, 3, S, S) to (segmentation maps
-    float32 (B, S, S), image scores (B,)), run by onnxruntime on the CPU."""
+    float32 (B, S, S), image scores (B,)), run by onnxruntime on the CPU.
+    With `fingerprint` (the checkpoint's `weights_fingerprint`), a file exported
+    from other weights is refused: its scores would meet the wrong thresholds."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"ONNX model not found: {path}. Create it with "
                          "`pfadseg export --checkpoint CHECKPOINT --out FILE`.")
     session = _session(path, threads)
+    if fingerprint is not None:
+        recorded = session.get_modelmeta().custom_metadata_map.get(WEIGHTS_KEY)
+        if recorded != fingerprint:
+            raise ValueError(f"{path} was not exported from this checkpoint's weights "
+                             f"({'another model' if recorded else 'no record of its weights'}). "
+                             "Fix: export it again with `pfadseg export --checkpoint CHECKPOINT`.")
 
     def run(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         x = images.detach().cpu().numpy().astype(np.float32) / np.float32(255.0)

@@ -58,41 +58,46 @@ def predict_files(detector: Detector, paths: list[Path], out_dir: Path, batch_si
                   skip_bad: bool = False, progress: bool = True) -> list[dict]:
     """Write <name>_overlay.png, <name>_mask.png and <name>_map.npy per image and
     summary.csv / summary.json; return the summary rows. An unreadable file
-    stops the run with its name, unless `skip_bad` (then its row holds the error).
-    report.html shows every image, most anomalous first."""
+    stops the run with its name, unless `skip_bad` (then its row holds the error);
+    the summary and report.html (every image, most anomalous first) are written
+    for the images done before it, as they are when the run is interrupted."""
     from .html_report import Gallery, write_gallery_page  # here: it imports inference, which imports this
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     names = dict(zip(paths, output_names(paths)))
     rows: list[dict] = []
-    gallery = Gallery(detector.thresholds)  # report.html: every image, most anomalous first
+    gallery = Gallery(detector.thresholds)
     bar = tqdm(total=len(paths), desc="predict", unit="img", disable=not progress, leave=False)
-    for start in range(0, len(paths), batch_size):
-        batch, images = [], []
-        for path in paths[start:start + batch_size]:
-            try:
-                images.append(load_rgb(path, None))
-                batch.append(path)
-            except DataError as exc:
-                if not skip_bad:
-                    raise
-                rows.append({"image": str(path), "error": str(exc)})
-        for path, p in zip(batch, detector.predict(images, batch_size, [names[q] for q in batch])):
-            gallery.add(p.name, p.image, p.anomaly_map, p.score)
-            mask = p.mask_at(p.output_size())
-            p.overlay().save(out_dir / f"{p.name}_overlay.png")
-            mask_image(mask).save(out_dir / f"{p.name}_mask.png")
-            np.save(out_dir / f"{p.name}_map.npy", p.anomaly_map)
-            rows.append({"image": str(path), "name": p.name, "score": p.score,
-                         "normalized_score": p.normalized_score, "anomalous": p.anomalous,
-                         "threshold": detector.thresholds.image, "defect_area": float(mask.mean())})
-        bar.update(len(paths[start:start + batch_size]))
-    bar.close()
-    write_gallery_page(out_dir / "report.html", gallery)
-    (out_dir / "summary.json").write_text(json.dumps(rows, indent=2))
-    with open(out_dir / "summary.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=SUMMARY_FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
+    try:
+        for start in range(0, len(paths), batch_size):
+            batch, images = [], []
+            for path in paths[start:start + batch_size]:
+                try:
+                    images.append(load_rgb(path, None))
+                    batch.append(path)
+                except DataError as exc:
+                    if not skip_bad:
+                        raise DataError(f"{exc} The {len(rows)} images scored before it are in "
+                                        f"{out_dir / 'summary.csv'}; to go on past unreadable "
+                                        "files, pass --skip-bad-images.") from exc
+                    rows.append({"image": str(path), "error": str(exc)})
+            for path, p in zip(batch, detector.predict(images, batch_size, [names[q] for q in batch])):
+                gallery.add(p.name, p.image, p.anomaly_map, p.score)
+                mask = p.mask_at(p.output_size())
+                p.overlay().save(out_dir / f"{p.name}_overlay.png")
+                mask_image(mask).save(out_dir / f"{p.name}_mask.png")
+                np.save(out_dir / f"{p.name}_map.npy", p.anomaly_map)
+                rows.append({"image": str(path), "name": p.name, "score": p.score,
+                             "normalized_score": p.normalized_score, "anomalous": p.anomalous,
+                             "threshold": detector.thresholds.image, "defect_area": float(mask.mean())})
+            bar.update(len(paths[start:start + batch_size]))
+    finally:
+        bar.close()
+        write_gallery_page(out_dir / "report.html", gallery)
+        (out_dir / "summary.json").write_text(json.dumps(rows, indent=2))
+        with open(out_dir / "summary.csv", "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=SUMMARY_FIELDS)
+            writer.writeheader()
+            writer.writerows(rows)
     return rows

@@ -429,7 +429,8 @@ def _unfinished(state_path: Path) -> bool:
 def check_out_dir(out_dir: Path, resume: bool) -> None:
     """Refuse a run folder that would clash with `train`, before any heavy work: a
     file in its place, --resume without a readable state file, or a new run over
-    an unfinished one."""
+    an unfinished or a finished one (its checkpoint, and the calibrated copy and
+    ONNX export made from it, would be lost or left beside another model)."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise TrainingError(f"--out {out_dir} is a file, not a folder. Fix: give a folder for "
@@ -443,6 +444,9 @@ def check_out_dir(out_dir: Path, resume: bool) -> None:
     elif state_path.is_file() and _unfinished(state_path):
         raise TrainingError(f"{out_dir} holds an unfinished run ({state_path}). Fix: add "
                             "--resume to continue it, or choose another --out.")
+    elif (out_dir / CHECKPOINT_NAME).is_file():
+        raise TrainingError(f"{out_dir} holds a finished run ({out_dir / CHECKPOINT_NAME}). "
+                            "Fix: choose another --out, or delete that folder to train it again.")
 
 
 def train(model_config: ModelConfig, train_config: TrainConfig, data: TrainData, out_dir: Path,
@@ -479,6 +483,10 @@ def train(model_config: ModelConfig, train_config: TrainConfig, data: TrainData,
         if len(held_out):
             thresholds = trainer.calibrate_threshold(held_out, "held-out good images")
         else:  # too few images to hold any out
+            log.warning("%d training images are too few to hold any out (8 or more are needed): "
+                        "the thresholds come from the training images and may flag too little. "
+                        "Fix: pfadseg calibrate --checkpoint %s --good DIR with other good images.",
+                        len(data.images), path)
             thresholds = trainer.calibrate_threshold(data.images, "training images (too few to "
                                                      "hold any out)")
         meta = dict(extra_meta or {})

@@ -89,18 +89,21 @@ def test_missing_optional_package_is_a_clear_error(trained: Path, tmp_path: Path
     assert "pfadseg predict: error: ONNX support needs onnxruntime" in err and "pip install" in err
 
 
-def test_predict_skips_bad_images_when_asked(trained: Path, tmp_path: Path) -> None:
+def test_predict_skips_bad_images_when_asked(trained: Path, tmp_path: Path, capsys) -> None:
     folder = tmp_path / "in"
     folder.mkdir()
     good = demo_root() / "bottle" / "test" / "good" / "000.jpg"
     (folder / "good.jpg").write_bytes(good.read_bytes())
-    (folder / "broken.png").write_bytes(b"not a png")
-    args = ["predict", "--checkpoint", str(trained / "checkpoint.safetensors"),
+    (folder / "zz_broken.png").write_bytes(b"not a png")  # after the good image
+    args = ["predict", "--checkpoint", str(trained / "checkpoint.safetensors"), "--batch-size", "1",
             "--out", str(tmp_path / "out"), str(folder)]
-    assert main(args) == 2  # without --skip-bad-images the bad file stops the run
+    assert main(args) == 2  # without --skip-bad-images the bad file stops the run ...
+    assert "zz_broken.png" in capsys.readouterr().err.splitlines()[-1].split("--skip-bad-images")[0]
+    done = json.loads((tmp_path / "out" / "summary.json").read_text())  # ... keeping what was done
+    assert [Path(r["image"]).name for r in done] == ["good.jpg"]
     assert main(args + ["--skip-bad-images"]) == 0
     rows = {Path(r["image"]).name: r for r in json.loads((tmp_path / "out" / "summary.json").read_text())}
-    assert "broken.png" in rows["broken.png"]["error"] and "score" in rows["good.jpg"]
+    assert "zz_broken.png" in rows["zz_broken.png"]["error"] and "score" in rows["good.jpg"]
     assert (tmp_path / "out" / "good_overlay.png").is_file()
 
 

@@ -24,6 +24,7 @@ pytest.importorskip("onnxscript")
 from pfadseg import checkpoint as ckpt  # noqa: E402
 from pfadseg import cli  # noqa: E402
 from pfadseg import export  # noqa: E402
+from pfadseg.detector import Detector  # noqa: E402
 from pfadseg.export import ExportError, export_onnx, onnx_map_fn  # noqa: E402
 from pfadseg.inference import infer  # noqa: E402
 from pfadseg.models import AnomalyModel, ModelConfig  # noqa: E402
@@ -76,6 +77,15 @@ def test_cli_export_is_quiet_and_matches_torch(checkpoint: Path, tmp_path: Path,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]  # no .tmp, no .log
     model, _ = ckpt.load_checkpoint(checkpoint)
     assert_matches_torch(model, out)
+    # the file records the weights it came from: this checkpoint's run it, others' are refused
+    assert Detector.load(checkpoint, backend="onnx", onnx=out).predict([np.zeros((8, 8, 3), np.uint8)])
+    other = tmp_path / "other.safetensors"
+    with torch.no_grad():
+        next(model.segmentation.parameters()).add_(0.01)  # one weight changed
+    ckpt.save_checkpoint(model, other, {}, 0.5)
+    with pytest.raises(ValueError, match=r"model\.onnx was not exported from this checkpoint's "
+                                         r"weights \(another model\)\. Fix: export it again"):
+        Detector.load(other, backend="onnx", onnx=out)
 
 
 @pytest.mark.slow

@@ -119,9 +119,11 @@ def test_curve_points_match_the_metrics() -> None:
 
 
 def test_summarize_refuses_a_test_set_of_one_class(model: AnomalyModel, dataset: Path,
-                                                   one_thread: None) -> None:
+                                                   one_thread: None, tmp_path: Path) -> None:
     test = load_test_set(dataset, CATEGORY, SIZE)
     outputs = model_outputs(model, test, bf16=False, progress=False)
     test.labels = np.zeros_like(test.labels)
     with pytest.raises(ValueError, match="no defect images"):
         summarize(outputs, test, None)
+    with pytest.raises(ValueError, match="no defect images"):  # before the model runs
+        write_results(None, test, CATEGORY, tmp_path, {})  # type: ignore[arg-type]

@@ -195,6 +195,21 @@ def test_palette_and_alpha(tmp_path: Path) -> None:
     assert _load(tmp_path, la, "la.png").tolist() == [[[0, 0, 0], [90, 90, 90]]]
 
 
+def test_exif_orientation_and_webp(tmp_path: Path) -> None:
+    """A camera's JPEG comes upright, as viewers show it; WebP files count as images."""
+    arr = np.zeros((10, 20, 3), np.uint8)
+    arr[:, :10] = 255  # left half white as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    Image.fromarray(arr).save(tmp_path / "cam.jpg", exif=exif, quality=95)
+    upright = load_rgb(tmp_path / "cam.jpg", None)
+    assert upright.shape == (20, 10, 3)
+    assert upright[:10].mean() > 200 and upright[10:].mean() < 50  # the white half is now on top
+    Image.fromarray(arr).save(tmp_path / "b.webp", lossless=True)
+    assert list_images(tmp_path) == [tmp_path / "b.webp", tmp_path / "cam.jpg"]
+    assert load_rgb(tmp_path / "b.webp", None).tolist() == arr.tolist()
+
+
 # --- checkpoints: safetensors only, refused with a reason --------------------------------
 @pytest.fixture(scope="module")
 def destseg_ckpt(tmp_path_factory) -> Path:
@@ -458,8 +473,10 @@ def test_cli_train_checks_every_path_before_loading_images(tmp_path: Path, capsy
     empty.mkdir()
     out_file = tmp_path / "run_file"
     out_file.write_text("not a folder")
-    unfinished = tmp_path / "unfinished"
+    unfinished, finished = tmp_path / "unfinished", tmp_path / "finished"
     unfinished.mkdir()
+    finished.mkdir()
+    (finished / CHECKPOINT_NAME).write_bytes(b"a model a user keeps")
     ckpt.atomic_save({"rng": torch.zeros(4, dtype=torch.uint8)},
                      {"format": STATE_FORMAT, "format_version": ckpt.FORMAT_VERSION, "step": 1,
                       "train": preset("tiny").to_dict()}, unfinished / STATE_NAME)
@@ -467,16 +484,58 @@ def test_cli_train_checks_every_path_before_loading_images(tmp_path: Path, capsy
     cases = [
         (("--textures", str(tmp_path / "nowhere")), f"texture folder {tmp_path / 'nowhere'} does not exist"),
         (("--textures", str(empty)), f"texture folder {empty} holds no images"),
-        (("--textures", str(root / CATEGORY / "test"), "--texture-limit", "0"), "texture limit"),
         (("--teacher-weights", str(tmp_path / "w.pth")), f"--teacher-weights {tmp_path / 'w.pth'}: file not found"),
         (("--resume",), f"no state file {tmp_path / 'run' / STATE_NAME}"),
         (("--out", str(out_file)), f"--out {out_file} is a file, not a folder"),
         (("--out", str(unfinished)), f"{unfinished} holds an unfinished run"),
+        (("--out", str(finished)), f"{finished} holds a finished run"),
     ]
     for extra, words in cases:
         assert cli.main([*_train_argv(tmp_path, *data_args), *extra]) == 2, extra  # last --out wins
         err = capsys.readouterr().err
         assert err.startswith("pfadseg train: error: ") and words in err, (extra, err)
+
+
+def test_cli_out_paths_are_checked_before_any_work(destseg_ckpt: Path, tmp_path: Path, capsys,
+                                                  monkeypatch) -> None:
+    """An --out that cannot be written fails before the model is loaded (test used to
+    lose its metrics, calibrate and export left a 200 MB .tmp file), with no traceback."""
+    def no_work(*args: object, **kwargs: object) -> None:
+        raise AssertionError("work began before --out was checked")
+
+    monkeypatch.setattr("pfadseg.cli.load_checkpoint", no_work)
+    monkeypatch.setattr("pfadseg.detector.load_checkpoint", no_work)
+    a_file, a_folder = tmp_path / "afile.txt", tmp_path / "folder"
+    a_file.write_text("not a folder")
+    a_folder.mkdir()
+    ck = str(destseg_ckpt)
+    cases = [
+        (["test", "--checkpoint", ck, "--test-dir", str(a_folder), "--out", str(a_file)],
+         f"--out {a_file} is a file, not a folder"),
+        (["predict", "--checkpoint", ck, "--out", str(a_file), str(a_folder)],
+         f"--out {a_file} is a file, not a folder"),
+        (["predict", "--checkpoint", ck, "--out", str(a_file / "sub"), str(a_folder)],
+         f"--out {a_file / 'sub'}: cannot create it"),
+        (["calibrate", "--checkpoint", ck, "--good", str(a_folder), "--out", str(a_folder)],
+         f"--out {a_folder} is a folder. Fix: give a file name, e.g. "
+         f"{a_folder / 'checkpoint.calibrated.safetensors'}"),
+        (["export", "--checkpoint", ck, "--out", str(a_folder)], f"--out {a_folder} is a folder"),
+    ]
+    for argv, words in cases:
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith(f"pfadseg {argv[0]}: error: ") and words in err, (argv, err)
+    with pytest.raises(IsADirectoryError):  # the library's own writer leaves no copy either
+        ckpt.atomic_save({"x": torch.zeros(1)}, {}, a_folder)
+    ckpt.atomic_save({"x": torch.zeros(1)}, {}, a_folder / "ok.safetensors")
+    assert (a_folder / "ok.safetensors").stat().st_mode & 0o777 == ckpt.FILE_MODE  # not 0o600
+    assert not list(tmp_path.rglob("*.tmp"))
+    with pytest.raises(SystemExit):
+        cli.main(["predict", "--checkpoint", ck, "--batch-size", "0", "--out", str(a_folder), ck])
+    assert "--batch-size: '0' is not a whole number of 1 or more" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["predict", "--checkpoint", ck, "--threshold", "1.5", "--out", str(a_folder), ck])
+    assert "--threshold: '1.5' is not a number between 0 and 1" in capsys.readouterr().err
 
 
 def _error_line_starts_a_line(err: str, command: str) -> bool:

@@ -194,9 +194,10 @@ def test_without_checks_the_last_student_goes_on(tmp_path: Path, monkeypatch) ->
     assert all(torch.equal(final[k], at_end[k]) for k in final)
 
 
-def test_a_run_without_validation_leaves_no_earlier_figures(tmp_path: Path) -> None:
-    """Too few images to hold any out: nothing is validated, and the validation.json of
-    an earlier run in the same folder goes (`pfadseg train` prints that file)."""
+def test_a_run_without_validation_leaves_no_earlier_figures(tmp_path: Path, caplog) -> None:
+    """Too few images to hold any out: nothing is validated, the validation.json of
+    an earlier run in the same folder goes (`pfadseg train` prints that file), and a
+    warning says the thresholds came from the training images and how to redo them."""
     (tmp_path / "validation.json").write_text('{"final": {"seg_pixel_ap": 0.9}}')
     images = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8)
     data = TrainData(images, DefectSynthesizer(torch.rand(2, 3, 64, 64)), "none")
@@ -205,3 +206,5 @@ def test_a_run_without_validation_leaves_no_earlier_figures(tmp_path: Path) -> N
                  teacher_weights="random", progress=False, device="cpu")
     assert path.is_file() and "validation" not in ckpt.read_meta(path)
     assert not (tmp_path / "validation.json").exists()
+    assert "4 training images are too few to hold any out" in caplog.text
+    assert f"pfadseg calibrate --checkpoint {path}" in caplog.text
