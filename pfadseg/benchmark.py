@@ -5,8 +5,9 @@ Each pair runs as two subprocesses, ``python -m pfadseg train`` then ``python
 folder's ``benchmark.log``: a crash in one pair never stops the others. With
 several GPUs, each runs one pair at a time (``CUDA_VISIBLE_DEVICES`` set per
 job); otherwise pairs run one after another. A pair is finished when its
-``test/metrics.json`` exists, so a rerun skips it; a pair with a checkpoint is
-only tested, and an unfinished training run is continued with ``--resume``.
+``test/metrics.json`` reads as results (a damaged one is tested again), so a rerun
+skips it; a pair with a checkpoint is only tested, and an unfinished training run is
+continued with ``--resume``.
 """
 from __future__ import annotations
 
@@ -15,18 +16,20 @@ import json
 import math
 import os
 import queue
+import signal
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable
+from typing import IO
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from .data import DataError, mvtec_category
-from .report import ABLATION, CATEGORIES, MODULES, modules_of, write_report
+from .report import ABLATION, CATEGORIES, MODULES, modules_of, read_results, write_report
 from .runtime import resolve_device
 from .trainer import CHECKPOINT_NAME, STATE_NAME
 
@@ -64,6 +67,14 @@ class Job:
     @property
     def checkpoint(self) -> Path:
         return self.folder / CHECKPOINT_NAME
+
+    @property
+    def finished(self) -> bool:
+        """Tested, with a readable metrics.json (a damaged one is tested again)."""
+        try:
+            return bool(read_results(self.metrics))
+        except ValueError:
+            return False
 
     @property
     def name(self) -> str:
@@ -252,7 +263,8 @@ Runner = Callable[[Job, Slot, Progress], bool]
 def run_jobs(jobs: list[Job], slots: list[Slot], runner: Runner, progress: Progress) -> None:
     """Run `runner(job, slot, progress)` for every job, one job per slot at a
     time; a job that fails (False or an exception) leaves the others going.
-    Ctrl-C lets the running jobs stop and starts no new ones."""
+    An interrupt (Ctrl-C, or `kill -INT` to this process alone) is passed on to the
+    running jobs' subprocesses, which save their state and stop; no new job starts."""
     pending: queue.SimpleQueue[Job] = queue.SimpleQueue()
     for job in jobs:
         pending.put(job)
@@ -280,10 +292,34 @@ def run_jobs(jobs: list[Job], slots: list[Slot], runner: Runner, progress: Progr
             while thread.is_alive():
                 thread.join(0.5)
     except KeyboardInterrupt:
-        stop.set()  # the children got the same SIGINT; wait for them to stop
+        stop.set()
+        for child in list(_CHILDREN):  # a terminal's Ctrl-C reached them too; `kill` did not
+            if child.poll() is None:
+                child.send_signal(signal.SIGINT)
+        for child in list(_CHILDREN):  # each saves its state and exits
+            child.wait()
         for thread in threads:
-            thread.join()
+            while thread.is_alive():
+                thread.join(0.5)
         raise
+
+
+_CHILDREN: set[subprocess.Popen] = set()  # the jobs' running subprocesses
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _run_child(argv: list[str], log: IO[str], env: dict[str, str]) -> int:
+    """Run one step's subprocess to its end, known to `run_jobs` meanwhile so that an
+    interrupt reaches it; returns its exit code."""
+    with subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env) as child:
+        _CHILDREN.add(child)
+        try:
+            return child.wait()
+        finally:
+            _CHILDREN.discard(child)
 
 
 def _child_env(slot: Slot) -> dict[str, str]:
@@ -310,8 +346,7 @@ def subprocess_runner(args: argparse.Namespace) -> Runner:
                 env = "".join(f"{k}={v} " for k, v in slot.env.items())
                 log.write(f"\n$ {env}{' '.join(argv)}\n")
                 log.flush()
-                code = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT,
-                                      env=_child_env(slot)).returncode
+                code = _run_child(argv, log, _child_env(slot))
             if code != 0:
                 progress.say(job, f"{step} failed (exit code {code}); see {log_path}")
                 return False
@@ -328,7 +363,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
     out = Path(args.out).resolve()
     _check_settings(out, _options(args, RESULT_OPTIONS))
     jobs = plan_jobs(out, categories, variants)
-    todo = [job for job in jobs if not job.metrics.is_file()]
+    todo = [job for job in jobs if not job.finished]
     if missing:
         print(f"{len(categories)} of {len(CATEGORIES)} MVTec AD categories under {args.data}; "
               f"missing: {', '.join(missing)}")
@@ -339,9 +374,13 @@ def run_benchmark(args: argparse.Namespace) -> int:
           f"{len(jobs) - len(todo)} finished, {len(todo)} to run, {where}; logs in "
           f"{out}/<category>/<variant>/{LOG_NAME}", flush=True)
     progress = Progress(len(jobs), len(jobs) - len(todo), len(slots))
-    run_jobs(todo, slots, subprocess_runner(args), progress)
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # `kill PID` stops jobs as Ctrl-C does
+    try:
+        run_jobs(todo, slots, subprocess_runner(args), progress)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
-    results = [job.metrics for job in jobs if job.metrics.is_file()]
+    results = [job.metrics for job in jobs if job.finished]
     if progress.failed:
         print(f"{len(progress.failed)} pair(s) failed: " + "; ".join(
             f"{job.name} ({job.folder / LOG_NAME})" for job in progress.failed)

@@ -42,6 +42,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    """argparse type: a whole number of 0 or more (a number of steps)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of 0 or more")
+    return value
+
+
 def probability(text: str) -> float:
     """argparse type: a number strictly between 0 and 1 (a threshold on probabilities)."""
     try:
@@ -112,9 +123,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                         "sample), tiny (seconds; smoke tests) (default: %(default)s)")
     t.add_argument("--batch-size", type=positive_int,
                    help="training batch size (default: the preset's)")
-    t.add_argument("--stage1-steps", type=int,
+    t.add_argument("--stage1-steps", type=non_negative_int,
                    help="student (denoising) steps (default: the preset's)")
-    t.add_argument("--stage2-steps", type=int,
+    t.add_argument("--stage2-steps", type=non_negative_int,
                    help="segmentation-net steps (default: the preset's)")
     t.add_argument("--lr-student", type=float, help="student learning rate (default: the preset's)")
     t.add_argument("--lr-schedule", choices=LR_SCHEDULES,
@@ -213,9 +224,12 @@ def _eval_size(text: str) -> int | None | str:
     if text in ("input", "original"):
         return None if text == "original" else text
     try:
-        return int(text)
+        size = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError("use input, original or a number") from None
+        size = 0
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: use input, original or a number of pixels")
+    return size
 
 
 def cmd_test(args: argparse.Namespace) -> int:
@@ -357,8 +371,8 @@ def _add_benchmark_args(p: argparse.ArgumentParser) -> None:
                    help="training schedule (default: %(default)s)")
     m.add_argument("--batch-size", type=positive_int,
                    help="training batch size (default: the preset's)")
-    m.add_argument("--stage1-steps", type=int, help="student steps (default: the preset's)")
-    m.add_argument("--stage2-steps", type=int, help="segmentation steps (default: the preset's)")
+    m.add_argument("--stage1-steps", type=non_negative_int, help="student steps (default: the preset's)")
+    m.add_argument("--stage2-steps", type=non_negative_int, help="segmentation steps (default: the preset's)")
     m.add_argument("--lr-student", type=float, help="student learning rate (default: the preset's)")
     m.add_argument("--lr-schedule", choices=LR_SCHEDULES,
                    help="constant or cosine learning rates per stage (default: the preset's)")
@@ -551,8 +565,9 @@ def main(argv: list[str] | None = None) -> int:
         tqdm.write(f"pfadseg {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        tqdm.write(f"pfadseg {args.command}: interrupted; a training run continues with --resume",
-                   file=sys.stderr)
+        again = ("rerun the same command to continue" if args.command == "benchmark"
+                 else "a training run continues with --resume")
+        tqdm.write(f"pfadseg {args.command}: interrupted; {again}", file=sys.stderr)
         return 130
 
 

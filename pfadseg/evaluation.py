@@ -3,6 +3,7 @@ the figures at the checkpoint's own thresholds, and an HTML report."""
 from __future__ import annotations
 
 import json
+import os
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,7 +174,9 @@ def write_results(model: AnomalyModel, test: TestSet, name: str, out_dir: Path, 
               "eval_size": eval_size, **result}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "metrics.json").write_text(json.dumps(result, indent=2))
+    tmp = out_dir / "metrics.json.tmp"  # whole or not at all: `benchmark` counts it as done
+    tmp.write_text(json.dumps(result, indent=2))
+    os.replace(tmp, out_dir / "metrics.json")
     title = f"# {name}: {result['variant']} ({result['teacher']} teacher)"
     (out_dir / "metrics.md").write_text(f"{title}\n\n```\n{format_table(result)}\n```\n")
     if report:

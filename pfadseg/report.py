@@ -21,7 +21,7 @@ import json
 from pathlib import Path
 
 __all__ = ["TEXTURES", "OBJECTS", "CATEGORIES", "MODULES", "ABLATION", "modules_of",
-           "run_labels", "build_tables", "write_report"]
+           "run_labels", "build_tables", "read_results", "write_report"]
 
 TEXTURES = ("carpet", "grid", "leather", "tile", "wood")
 OBJECTS = (
@@ -131,13 +131,13 @@ def _collect(results: list[dict]) -> tuple[Table, Table, list[str]]:
         seen.add((category, series))
         row = by_category.setdefault(category, {})
         for metric, value in _metrics_of(result).items():
-            if _is_reported(metric):
+            if _is_reported(metric) and value is not None:
                 row[(series, metric)] = float(value)
                 metrics.add(metric)
         for defect, values in result.get("per_defect", {}).items():
             defect_row = by_defect.setdefault(f"{category}/{defect}", {})
             for metric, value in values.items():
-                if _is_reported(metric):
+                if _is_reported(metric) and value is not None:
                     defect_row[(series, metric)] = float(value)
                     metrics.add(metric)
     return by_category, by_defect, _metric_order(metrics)
@@ -293,7 +293,7 @@ def run_labels(paths: list[Path]) -> list[str]:
     return ["/".join(p[prefix:len(p) - suffix]) or p[max(prefix - 1, 0)] for p in parts]
 
 
-def _read(path: Path) -> list[dict]:
+def read_results(path: Path) -> list[dict]:
     """The results in one file (a dict or a list of dicts), checked."""
     try:
         data = json.loads(path.read_text())
@@ -308,7 +308,19 @@ def _read(path: Path) -> list[dict]:
         if not isinstance(result, dict) or "category" not in result:
             raise ValueError(f"{path}: a result without a \"category\" key. Fix: give the "
                              "metrics.json files that `pfadseg test` wrote")
+        per_defect = result.get("per_defect", {})
+        if not (_numbers(result.get("metrics", {})) and isinstance(per_defect, dict)
+                and all(_numbers(values) for values in per_defect.values())):
+            raise ValueError(f"{path}: \"metrics\" and each \"per_defect\" entry must map "
+                             "names to numbers. Fix: give the metrics.json files that "
+                             "`pfadseg test` wrote")
     return results
+
+
+def _numbers(values: object) -> bool:
+    """Whether `values` maps names to numbers (None: not measured)."""
+    return isinstance(values, dict) and all(
+        v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in values.values())
 
 
 def _label_runs(paths: list[Path], loaded: list[list[dict]], labels: list[str] | None) -> None:
@@ -355,7 +367,7 @@ def write_report(result_files: list[str | Path], out_dir: str | Path,
             raise ValueError(f"{path}: given twice (also as {seen[path.resolve()]}). Fix: "
                              "give each result file once")
         seen[path.resolve()] = path
-    loaded = [_read(path) for path in paths]
+    loaded = [read_results(path) for path in paths]
     _label_runs(paths, loaded, labels)
     where: dict[tuple[str, str], Path] = {}
     for path, results in zip(paths, loaded):

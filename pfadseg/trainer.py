@@ -409,12 +409,18 @@ def _trim_log(log_path: Path, step: int) -> list[dict[str, float]]:
     """Drop rows after `step` from a CSV log whose first column is the step (a killed
     run may have logged steps it never saved); returns the rows kept, as numbers."""
     with open(log_path, newline="") as fh:
-        rows = list(csv.reader(fh))
-    keep = rows[:1] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= step]
-    if len(keep) != len(rows):
+        text = fh.read()
+    rows = list(csv.reader(text.splitlines()))
+    keep = rows[:1] + [r for r in rows[1:] if len(r) == len(rows[0]) and r[0].isdigit()
+                       and int(r[0]) <= step]  # a row cut short by a kill goes too
+    if len(keep) != len(rows) or not text.endswith("\n"):
         with open(log_path, "w", newline="") as fh:
             csv.writer(fh).writerows(keep)
-    return [{k: float(v) if v else float("nan") for k, v in zip(keep[0], r)} for r in keep[1:]]
+    try:
+        return [{k: float(v) if v else float("nan") for k, v in zip(keep[0], r)} for r in keep[1:]]
+    except ValueError as exc:
+        raise TrainingError(f"{log_path}: a value is not a number ({exc}). Fix: restore the "
+                            "file, or delete the rows after the last good one.") from exc
 
 
 def _unfinished(state_path: Path) -> bool:
@@ -440,10 +446,18 @@ def check_out_dir(out_dir: Path, resume: bool) -> None:
         if not state_path.is_file():
             raise TrainingError(f"--resume: no state file {state_path} to resume from. Fix: "
                                 "drop --resume to start a new run.")
-        ckpt.read_meta(state_path, kind=STATE_FORMAT)  # unreadable: says why
+        try:
+            ckpt.read_meta(state_path, kind=STATE_FORMAT)
+        except ckpt.CheckpointError as exc:
+            raise TrainingError(f"{exc}. Fix: delete {state_path} to start the run over, or "
+                                "choose another --out.") from exc
     elif state_path.is_file() and _unfinished(state_path):
         raise TrainingError(f"{out_dir} holds an unfinished run ({state_path}). Fix: add "
                             "--resume to continue it, or choose another --out.")
+    elif state_path.is_file() and not (out_dir / CHECKPOINT_NAME).is_file():
+        raise TrainingError(f"{out_dir} holds a run that trained to its end but stopped before "
+                            f"writing its checkpoint ({state_path}). Fix: add --resume to write "
+                            "it, or choose another --out.")
     elif (out_dir / CHECKPOINT_NAME).is_file():
         raise TrainingError(f"{out_dir} holds a finished run ({out_dir / CHECKPOINT_NAME}). "
                             "Fix: choose another --out, or delete that folder to train it again.")

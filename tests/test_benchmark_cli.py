@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import shutil
-import subprocess
+import signal
+import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -229,12 +232,12 @@ def test_runner_tests_a_trained_pair_and_resumes_an_unfinished_one(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     calls: list[list[str]] = []
 
-    def fake_run(argv: list[str], **kwargs: object) -> subprocess.CompletedProcess:
+    def fake_run(argv: list[str], log: object, env: dict[str, str]) -> int:
         calls.append(argv)
-        assert kwargs["env"]["CUDA_VISIBLE_DEVICES"] == "3"
-        return subprocess.CompletedProcess(argv, 1 if "broken" in argv else 0)
+        assert env["CUDA_VISIBLE_DEVICES"] == "3"
+        return 1 if "broken" in argv else 0
 
-    monkeypatch.setattr(benchmark.subprocess, "run", fake_run)
+    monkeypatch.setattr(benchmark, "_run_child", fake_run)
     run = subprocess_runner(parse("--preset", "tiny"))
     slot = Slot("cuda", {"CUDA_VISIBLE_DEVICES": "3"})
     progress = Progress(3, 0, 1)
@@ -244,6 +247,10 @@ def test_runner_tests_a_trained_pair_and_resumes_an_unfinished_one(
     unfinished.folder.mkdir(parents=True)
     (unfinished.folder / "train_state.safetensors").write_bytes(b"")
 
+    assert not trained.finished
+    trained.metrics.parent.mkdir()
+    trained.metrics.write_text('{"category": "bottle", "varia')  # cut short: tested again
+    assert not trained.finished
     assert run(trained, slot, progress)
     assert [argv[3] for argv in calls] == ["test"]
     calls.clear()
@@ -256,3 +263,30 @@ def test_runner_tests_a_trained_pair_and_resumes_an_unfinished_one(
     assert "tile pfadseg: train (resuming) on GPU 3..." in printed
     assert f"broken pfadseg: train failed (exit code 1); see {broken.folder / 'benchmark.log'}" in printed
     assert "$ CUDA_VISIBLE_DEVICES=3 " in (broken.folder / "benchmark.log").read_text()
+
+
+def test_an_interrupt_to_the_parent_alone_stops_the_running_job(tmp_path: Path) -> None:
+    """`kill -INT PID` reaches only the benchmark, not its job: the job is stopped too
+    (before, it ran on alone and a rerun wrote the same folder beside it)."""
+    def runner(job: Job, slot: Slot, progress: Progress) -> bool:
+        with open(tmp_path / "log", "w") as log:
+            return benchmark._run_child([sys.executable, "-c", "import time; time.sleep(600)"],
+                                        log, dict(os.environ)) == 0
+
+    def interrupt_when_the_job_runs() -> None:
+        for _ in range(600):
+            if benchmark._CHILDREN:
+                seen.extend(benchmark._CHILDREN)
+                os.kill(os.getpid(), signal.SIGINT)
+                return
+            time.sleep(0.1)
+
+    seen: list = []
+    watcher = threading.Thread(target=interrupt_when_the_job_runs)
+    watcher.start()
+    jobs = plan_jobs(tmp_path, ["bottle"], ["destseg"])
+    with pytest.raises(KeyboardInterrupt):
+        run_jobs(jobs, [Slot("cpu", {})], runner, Progress(1, 0, 1))
+    watcher.join()
+    assert len(seen) == 1 and seen[0].poll() is not None  # stopped, not orphaned
+    assert not benchmark._CHILDREN

@@ -29,7 +29,7 @@ from safetensors.torch import load_file
 from conftest import CATEGORY, write_dataset
 from pfadseg import checkpoint as ckpt
 from pfadseg import cli
-from pfadseg.trainer import CHECKPOINT_NAME, STATE_FORMAT, STATE_NAME, Trainer
+from pfadseg.trainer import CHECKPOINT_NAME, STATE_FORMAT, STATE_NAME, Trainer, TrainingError
 
 STAGE1, STAGE2 = 2, 2
 TOTAL = STAGE1 + STAGE2
@@ -223,6 +223,30 @@ def test_unfinished_run_detection_and_log_trim(tmp_path: Path) -> None:
     log.write_text("step,stage,loss\n1,1,0.5\n2,1,0.4\n3,2,0.3\n")
     _trim_log(log, 2)
     assert log.read_text().splitlines() == ["step,stage,loss", "1,1,0.5", "2,1,0.4"]
+    log.write_text("step,stage,loss\n1,1,0.5\n2,1")  # a kill cut the last row short
+    assert _trim_log(log, 2) == [{"step": 1.0, "stage": 1.0, "loss": 0.5}]
+    assert log.read_text() == "step,stage,loss\n1,1,0.5\n"  # the next row starts a line
+    log.write_text("step,stage,loss\n1,1,abc\n")
+    with pytest.raises(TrainingError, match=f"{log}: a value is not a number"):
+        _trim_log(log, 2)
+
+
+def test_out_folder_states_that_resume_cannot_or_must_finish(tmp_path: Path) -> None:
+    """A state file that trained to its end without a checkpoint (killed while writing
+    it) asks for --resume, not a new run; an unreadable one names the fix."""
+    from pfadseg.config import preset
+    from pfadseg.trainer import check_out_dir
+
+    state = tmp_path / STATE_NAME
+    ckpt.atomic_save({"rng": torch.zeros(4, dtype=torch.uint8)},
+                     {"format": STATE_FORMAT, "format_version": ckpt.FORMAT_VERSION, "step": 4,
+                      "train": preset("tiny", stage1_steps=2, stage2_steps=2).to_dict()}, state)
+    with pytest.raises(TrainingError, match="stopped before writing its checkpoint.*--resume"):
+        check_out_dir(tmp_path, resume=False)
+    check_out_dir(tmp_path, resume=True)
+    state.write_bytes(b"junk")
+    with pytest.raises(TrainingError, match=f"Fix: delete {state} to start the run over"):
+        check_out_dir(tmp_path, resume=True)
 
 
 if __name__ == "__main__":  # the killed child: python test_resume.py WHERE STEP PFADSEG-ARGS...

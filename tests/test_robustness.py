@@ -536,6 +536,12 @@ def test_cli_out_paths_are_checked_before_any_work(destseg_ckpt: Path, tmp_path:
     with pytest.raises(SystemExit):
         cli.main(["predict", "--checkpoint", ck, "--threshold", "1.5", "--out", str(a_folder), ck])
     assert "--threshold: '1.5' is not a number between 0 and 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["test", "--checkpoint", ck, "--eval-size", "0", "--test-dir", ck, "--out", ck])
+    assert "--eval-size: '0': use input, original or a number of pixels" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--train-dir", ck, "--stage1-steps", "-1", "--out", ck])
+    assert "--stage1-steps: '-1' is not a whole number of 0 or more" in capsys.readouterr().err
 
 
 def _error_line_starts_a_line(err: str, command: str) -> bool:
