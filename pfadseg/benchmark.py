@@ -22,9 +22,9 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import IO
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import torch
 
@@ -308,6 +308,7 @@ _CHILDREN: set[subprocess.Popen] = set()  # the jobs' running subprocesses
 
 
 def _interrupt(signum: int, frame: object) -> None:
+    """A signal handler that turns SIGTERM into what Ctrl-C raises."""
     raise KeyboardInterrupt
 
 
