@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -31,26 +32,21 @@ COMPILE_HELP = ("compile the model with torch.compile (Inductor, needs a C++ com
                 "hundreds of images")
 
 
-def positive_int(text: str) -> int:
-    """argparse type: a whole number of 1 or more (a batch size, a count)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of 1 or more")
-    return value
+def whole_number(minimum: int) -> Callable[[str], int]:
+    """argparse type: a whole number of `minimum` or more."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of {minimum} or more")
+        return value
+    return parse
 
 
-def non_negative_int(text: str) -> int:
-    """argparse type: a whole number of 0 or more (a number of steps)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of 0 or more")
-    return value
+positive_int = whole_number(1)  # batch sizes, counts
+non_negative_int = whole_number(0)  # numbers of steps
 
 
 def probability(text: str) -> float:
@@ -224,12 +220,10 @@ def _eval_size(text: str) -> int | None | str:
     if text in ("input", "original"):
         return None if text == "original" else text
     try:
-        size = int(text)
-    except ValueError:
-        size = 0
-    if size < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: use input, original or a number of pixels")
-    return size
+        return positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: use input, original or a number of pixels") from None
 
 
 def cmd_test(args: argparse.Namespace) -> int:

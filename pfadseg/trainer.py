@@ -441,7 +441,7 @@ def check_out_dir(out_dir: Path, resume: bool) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise TrainingError(f"--out {out_dir} is a file, not a folder. Fix: give a folder for "
                             "the run (it is created if missing).")
-    state_path = out_dir / STATE_NAME
+    state_path, checkpoint = out_dir / STATE_NAME, out_dir / CHECKPOINT_NAME
     if resume:
         if not state_path.is_file():
             raise TrainingError(f"--resume: no state file {state_path} to resume from. Fix: "
@@ -454,12 +454,12 @@ def check_out_dir(out_dir: Path, resume: bool) -> None:
     elif state_path.is_file() and _unfinished(state_path):
         raise TrainingError(f"{out_dir} holds an unfinished run ({state_path}). Fix: add "
                             "--resume to continue it, or choose another --out.")
-    elif state_path.is_file() and not (out_dir / CHECKPOINT_NAME).is_file():
+    elif state_path.is_file() and not checkpoint.is_file():
         raise TrainingError(f"{out_dir} holds a run that trained to its end but stopped before "
                             f"writing its checkpoint ({state_path}). Fix: add --resume to write "
                             "it, or choose another --out.")
-    elif (out_dir / CHECKPOINT_NAME).is_file():
-        raise TrainingError(f"{out_dir} holds a finished run ({out_dir / CHECKPOINT_NAME}). "
+    elif checkpoint.is_file():
+        raise TrainingError(f"{out_dir} holds a finished run ({checkpoint}). "
                             "Fix: choose another --out, or delete that folder to train it again.")
 
 
