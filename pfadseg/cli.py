@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from . import __version__
 from . import distributed as dist
-from .checkpoint import CheckpointError, load_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, read_meta
 from .config import LR_SCHEDULES, PRESETS, preset
 from .data import (DataError, load_textures, mvtec_category, texture_paths,
                    train_image_paths)
@@ -23,10 +23,12 @@ from .models import TEACHERS, ModelConfig, TeacherWeightsError
 from .models.teacher import RANDOM
 from .runtime import DEVICE_HELP, cpu_heap_settings, place, resolve_device
 from .synthesis import DefectSynthesizer, procedural_textures
-from .trainer import VALIDATION_JSON, TrainData, TrainingError, check_out_dir, train
+from .trainer import (STATE_FORMAT, STATE_NAME, VALIDATION_JSON, TrainData, TrainingError, check_out_dir,
+                      train)
 
 log = logging.getLogger("pfadseg")
 ROTATIONS = ("auto", "none", "small", "right_angle")
+MODULES = ("aff", "pcar", "rcm")
 COMPILE_HELP = ("compile the model with torch.compile (Inductor, needs a C++ compiler): "
                 "about 2.5x faster after one to two minutes of compiling; pays off for "
                 "hundreds of images")
@@ -47,6 +49,15 @@ def whole_number(minimum: int) -> Callable[[str], int]:
 
 positive_int = whole_number(1)  # batch sizes, counts
 non_negative_int = whole_number(0)  # numbers of steps
+
+
+def image_size(text: str) -> int:
+    """argparse type: an input size the model takes, a multiple of 32 pixels."""
+    value = whole_number(32)(text)
+    if value % 32:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a multiple of 32 (the networks "
+                                         f"downsample by 32); e.g. {value // 32 * 32 or 32}")
+    return value
 
 
 def probability(text: str) -> float:
@@ -102,7 +113,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     m.add_argument("--model", choices=("destseg", "pfadseg"), default="pfadseg",
                    help="pfadseg (AFF, PCAR and RCM on) or the destseg baseline "
                         "(default: %(default)s)")
-    for mod in ("aff", "pcar", "rcm"):
+    for mod in MODULES:
         m.add_argument(f"--{mod}", action=argparse.BooleanOptionalAction, default=None,
                        help=f"turn {mod.upper()} on/off (default: per --model)")
     m.add_argument("--teacher", choices=sorted(TEACHERS), default="resnet18",
@@ -110,8 +121,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                         "downloaded once) or efficientnet_lite0 (weights installed with "
                         "pfadseg, works offline) (default: %(default)s)")
     m.add_argument("--teacher-weights", help="local teacher weights file (no download needed)")
-    m.add_argument("--image-size", type=int, default=256,
-                   help="input size in pixels: images are resized to N x N (default: %(default)s)")
+    m.add_argument("--image-size", type=image_size, default=256,
+                   help="input size in pixels, a multiple of 32: images are resized to N x N "
+                        "(default: %(default)s)")
     t = p.add_argument_group("schedule")
     t.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
                    help="training schedule: paper (PFADSeg paper, 3000 + 4000 steps), official "
@@ -154,10 +166,73 @@ def _device(args: argparse.Namespace) -> torch.device:
     return device
 
 
+# what a resumed run keeps from the run it continues: option -> where that run holds it
+# (its state file's "model" and "train" settings, or its config.json)
+RESUMED = {"teacher": "model", "image_size": "model",
+           **{name: "train" for name in ("batch_size", "stage1_steps", "stage2_steps", "lr_student",
+                                         "lr_schedule", "student_checks", "seed", "save_every")},
+           "preset": "run", "rotation": "run", "textures": "run", "texture_limit": "run"}
+
+
+def _resume_settings(args: argparse.Namespace) -> None:
+    """Fill a --resume command's model, schedule and data options from the run it
+    continues, which cannot change them half-way: an option left out takes the run's
+    value, one given with another value is refused (one given with its default value
+    counts as left out). --no-bf16, --no-compile and --device still apply (how the
+    rest runs, not what it learns)."""
+    meta = read_meta(args.out / STATE_NAME, kind=STATE_FORMAT)
+    try:
+        run = json.loads((args.out / "config.json").read_text())
+    except (OSError, ValueError):
+        run = {}  # preset and data options were then not recorded: only the state's are checked
+    saved = {"model": meta["model"], "train": meta["train"], "run": run}
+    defaults, differ = _train_parser(), []
+    modules = {m: getattr(args, m) for m in MODULES}  # --model stands for its three modules
+    if args.model != defaults.get_default("model"):
+        named = ModelConfig.named(args.model)
+        modules = {m: getattr(named, m) if on is None else on for m, on in modules.items()}
+    was = {m: meta["model"][m] for m in MODULES}
+    wanted = {**was, **{m: on for m, on in modules.items() if on is not None}}
+    if wanted != was:
+        differ.append(f"model {_variant(wanted)} (the run's: {_variant(was)})")
+    for m in MODULES:
+        setattr(args, m, was[m])
+    if args.textures is not None:
+        args.textures = args.textures.resolve()
+    for name, where in RESUMED.items():
+        if name not in saved[where]:
+            continue
+        value, kept = getattr(args, name), saved[where][name]
+        if value is not None and value != defaults.get_default(name) and str(value) != str(kept):
+            differ.append(f"--{name.replace('_', '-')} {value} (the run's: {kept})")
+        elif name == "textures":
+            args.textures = None if kept is None else Path(kept)
+        else:
+            setattr(args, name, kept)
+    if differ:
+        raise TrainingError(f"--resume continues the run in {args.out} with the settings it started "
+                            f"with; these differ: {', '.join(differ)}. Fix: leave them out, or start "
+                            "a new run with another --out.")
+
+
+def _variant(modules: dict[str, bool]) -> str:
+    return ModelConfig.named("destseg", **modules).variant
+
+
+def _train_parser() -> argparse.ArgumentParser:
+    """A parser of train's options alone: their defaults tell a given option from a left-out one."""
+    p = argparse.ArgumentParser(add_help=False)
+    _add_train_args(p)
+    return p
+
+
 def _check_train_paths(args: argparse.Namespace, train_dir: Path) -> None:
     """Every path `pfadseg train` reads or writes, checked before any image is
-    decoded or a teacher is built, so a typo fails in a second, not minutes in."""
+    decoded or a teacher is built, so a typo fails in a second, not minutes in.
+    Under --resume, the options the run keeps are filled in from it first."""
     check_out_dir(args.out, args.resume)
+    if args.resume:
+        _resume_settings(args)
     train_image_paths(train_dir)
     if args.textures is not None:
         texture_paths(args.textures, args.texture_limit)
@@ -194,7 +269,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     path = train(model_cfg, train_cfg, data, args.out, teacher_weights=args.teacher_weights,
                  resume=args.resume, device=device,
                  extra_meta={"category": category, "train_dir": str(train_dir),
-                             "preset": args.preset, "rotation": data.rotation})
+                             "preset": args.preset, "rotation": data.rotation,
+                             "textures": args.textures and str(args.textures.resolve()),
+                             "texture_limit": args.texture_limit})
     dist.teardown()
     print(f"checkpoint: {path}  ({time.perf_counter() - start:.0f} s)")
     _print_validation(args.out / VALIDATION_JSON)
@@ -354,7 +431,8 @@ def _add_benchmark_args(p: argparse.ArgumentParser) -> None:
     m.add_argument("--teacher", choices=sorted(TEACHERS), default="resnet18",
                    help="ImageNet teacher (default: %(default)s)")
     m.add_argument("--teacher-weights", help="local teacher weights file (no download needed)")
-    m.add_argument("--image-size", type=int, help="input size in pixels (train's default: 256)")
+    m.add_argument("--image-size", type=image_size,
+                   help="input size in pixels, a multiple of 32 (train's default: 256)")
     m.add_argument("--textures", type=Path,
                    help="folder of texture images for synthetic defects (DTD images/); "
                         "default: built-in procedural textures")
@@ -390,7 +468,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .detector import Detector
     from .serve import check_bind, serve
 
-    check_bind(args.host, args.token)  # before the minute a model can take to load
+    check_bind(args.host, args.port, args.token)  # before the minute a model can take to load
     detector = Detector.load(args.checkpoint, device=_device(args), threshold=args.threshold,
                              bf16=not args.no_bf16)
     serve(detector, args.host, args.port, args.token, args.max_upload_mb, args.max_megapixels)

@@ -224,5 +224,7 @@ class Detector:
         path = train(model_cfg, preset(preset_name, **schedule), data, Path(out_dir),
                      teacher_weights=teacher_weights, resume=resume, progress=progress, device=device,
                      extra_meta={"category": category, "train_dir": str(train_dir),
-                                 "preset": preset_name, "rotation": data.rotation})
+                                 "preset": preset_name, "rotation": data.rotation,
+                                 "textures": textures and str(Path(textures).resolve()),
+                                 "texture_limit": texture_limit})
         return cls.load(path, device=device)

@@ -23,6 +23,7 @@ import base64
 import ipaddress
 import queue
 import secrets
+import socket
 import threading
 from importlib.resources import files
 from io import BytesIO
@@ -64,11 +65,20 @@ def is_local(host: str) -> bool:
         return False
 
 
-def check_bind(host: str, token: str | None) -> None:
-    """Refuse to bind a non-local `host` without a token."""
+def check_bind(host: str, port: int, token: str | None) -> None:
+    """Refuse to bind a non-local `host` without a token, or a port another program
+    holds (before the model loads, and before the page's address is printed)."""
     if not is_local(host) and not token:
         raise ValueError(f"--host {host} makes the server reachable from other machines: give "
                          "--token T as well (every API call then needs it)")
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:  # bound the way uvicorn binds
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+    except OSError as exc:
+        raise ValueError(f"cannot serve on {host}:{port} ({exc.strerror or exc}). Fix: choose "
+                         "another --port, or stop the program using it.") from exc
 
 
 def decode_upload(name: str, data: bytes, max_pixels: int) -> Image.Image:
@@ -269,7 +279,7 @@ def serve(detector: Detector, host: str = "127.0.0.1", port: int = 8000, token: 
           max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
           max_megapixels: float = DEFAULT_MAX_MEGAPIXELS) -> None:
     """Run the server until interrupted. A non-local `host` needs a `token`."""
-    check_bind(host, token)
+    check_bind(host, port, token)
     import uvicorn
 
     app = create_app(detector, token, max_upload_mb, max_megapixels)

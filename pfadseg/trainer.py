@@ -298,7 +298,9 @@ class Trainer:
         tensors, meta = ckpt.read(path, kind=STATE_FORMAT)
         mine = json.loads(json.dumps(self.model.config.to_dict()))
         if meta["model"] != mine:
-            raise TrainingError(f"{path}: state of another model ({meta['model']}), not {mine}")
+            raise TrainingError(f"{path}: state of another model ({meta['model']}), not {mine}. "
+                                "Fix: resume with the model the run started with (its config.json), "
+                                "or start a new run with another --out.")
         weights = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
         self.model.load_state_dict(ckpt.model_tensors(self.model, weights))
         for name, opt in self._optimizers().items():
@@ -332,8 +334,7 @@ class Trainer:
         main = dist.is_main()
         log_path = self.out_dir / "losses.csv" if main else Path(os.devnull)
         new_log = not log_path.exists() or self.step == 0
-        if main and not new_log:
-            _trim_log(log_path, self.step)
+        logged = _trim_log(log_path, self.step) if main and not new_log else []
         val_path = self.out_dir / VALIDATION_CSV
         if self.validation_set is None:
             val_path = Path(os.devnull)
@@ -352,7 +353,8 @@ class Trainer:
             writer, val_writer = csv.writer(fh), csv.writer(val_fh)
             if new_log:
                 writer.writerow(["step", "stage", "loss", "cosine", "focal", "l1", "seconds"])
-            start = time.perf_counter()
+            # seconds count on from the last row logged before a resume
+            start = time.perf_counter() - (logged[-1]["seconds"] if logged else 0.0)
             while self.step < cfg.total_steps:
                 out = self.train_step()
                 bar.update(1)
@@ -474,9 +476,11 @@ def train(model_config: ModelConfig, train_config: TrainConfig, data: TrainData,
     device = dist.setup(resolve_device(device))
     check_out_dir(out_dir, resume)
     state_path = out_dir / STATE_NAME
-    if resume:
-        meta = ckpt.read_meta(state_path, kind=STATE_FORMAT)
-        train_config = TrainConfig.from_dict(meta["train"])
+    if resume:  # the run's own schedule; bf16 and compiling may be turned off for the rest
+        kept = TrainConfig.from_dict(ckpt.read_meta(state_path, kind=STATE_FORMAT)["train"])
+        train_config = replace(kept, bf16=kept.bf16 and train_config.bf16,
+                               compile=kept.compile and train_config.compile,
+                               compile_stage1=kept.compile_stage1 and train_config.compile_stage1)
     torch.manual_seed(train_config.seed)
     train_idx, held_idx = held_out_split(len(data.images), train_config.seed)
     held_out = data.images[held_idx]  # for calibration only: never trained on
@@ -508,5 +512,6 @@ def train(model_config: ModelConfig, train_config: TrainConfig, data: TrainData,
         if validation is not None:
             meta["validation"] = validation
         ckpt.save_checkpoint(model.cpu(), path, train_config.to_dict(), thresholds, meta)
+        state_path.unlink(missing_ok=True)  # a finished run resumes no more: free its 100s of MB
     dist.barrier()
     return path

@@ -32,13 +32,10 @@ def test_two_ranks_train_identical_weights_and_rank0_writes(tmp_path: Path) -> N
     w0, w1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     assert w0.keys() == w1.keys()
     assert all(torch.equal(w0[k], w1[k]) for k in w0), "the ranks' weights drifted apart"
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.safetensors", "config.json", "losses.csv",
-                                                     STATE_NAME]
+    # the state file is removed once the checkpoint is written
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.safetensors", "config.json", "losses.csv"]
     rows = list(csv.reader(open(out / "losses.csv")))
     assert [r[0] for r in rows[1:]] == ["1", "2", "3", "4", "5"]  # one writer: each step once
-    tensors, meta = ckpt.read(out / STATE_NAME, kind=STATE_FORMAT)
-    assert meta["world_size"] == 2 and meta["step"] == 5
-    assert not torch.equal(tensors["rng"], tensors["rng.1"])  # each rank draws its own defects
 
 
 def test_the_student_rank0_picks_goes_on_on_every_rank(tmp_path: Path) -> None:
@@ -56,12 +53,14 @@ def test_a_dying_rank_stops_the_run_and_it_resumes(tmp_path: Path) -> None:
     out = tmp_path / "run"
     died = torchrun(WORKER, out, env={"PFADSEG_TEST_WEIGHTS": str(tmp_path), "PFADSEG_TEST_DIE_AT": "3"})
     assert died.returncode != 0
-    assert ckpt.read_meta(out / STATE_NAME, kind=STATE_FORMAT)["step"] == 2  # the last state is intact
+    tensors, meta = ckpt.read(out / STATE_NAME, kind=STATE_FORMAT)
+    assert meta["step"] == 2 and meta["world_size"] == 2  # the last state is intact
+    assert not torch.equal(tensors["rng"], tensors["rng.1"])  # each rank draws its own defects
     assert not (out / "checkpoint.safetensors").exists()
     resumed = torchrun(WORKER, out, "--resume", env={"PFADSEG_TEST_WEIGHTS": str(tmp_path)})
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert ckpt.read_meta(out / STATE_NAME, kind=STATE_FORMAT)["step"] == 5
-    assert (out / "checkpoint.safetensors").is_file()
+    assert (out / "checkpoint.safetensors").is_file() and not (out / STATE_NAME).exists()
+    assert [r[0] for r in list(csv.reader(open(out / "losses.csv")))[1:]] == ["1", "2", "3", "4", "5"]
 
 
 def test_cli_under_torchrun_writes_a_checkpoint(tmp_path: Path) -> None:
@@ -76,5 +75,6 @@ def test_cli_under_torchrun_writes_a_checkpoint(tmp_path: Path) -> None:
     assert (out / "checkpoint.safetensors").is_file()
     # rank 1 prints errors only: every line shows once
     assert result.stdout.count("checkpoint: ") == 1, result.stdout
-    for line in ("training pfadseg", "no textures given", "loading training images"):
+    # a bar's first frame (0%) shows once per bar; its later frames depend on timing
+    for line in ("training pfadseg", "no textures given", "loading training images:   0%"):
         assert result.stderr.count(line) == 1, result.stderr[-3000:]

@@ -97,7 +97,7 @@ def reference(request, data, threads_restored, tmp_path_factory) -> tuple[str, P
     interrupted ones). pfadseg's student is twice destseg's, so it runs with -m slow."""
     out = tmp_path_factory.mktemp(f"resume_ref_{request.param}") / "run"
     assert cli.main(train_argv(request.param, *data, out)) == 0
-    assert state_step(out) == TOTAL
+    assert not (out / STATE_NAME).exists()  # a finished run keeps no state file
     return request.param, out
 
 
@@ -132,9 +132,24 @@ def test_interrupted_run_resumes_bit_exactly(data, reference: tuple[str, Path], 
     assert cli.main(train_argv(model, *data, out, "--resume")) == 130
     assert state_step(out) == 3
     monkeypatch.setattr(Trainer, "train_step", real_step)
-    assert cli.main(train_argv(model, *data, out, "--resume")) == 0
-    assert state_step(out) == TOTAL
+    # a setting the run cannot change half-way is refused, naming it and the run's value
+    flag, other = ("--aff", "destseg+aff") if model == "destseg" else ("--no-aff", "destseg+pcar+rcm")
+    for extra, words in ((("--stage2-steps", "5"), "--stage2-steps 5 (the run's: 2)"),
+                         ((flag,), f"model {other} (the run's: {model})"),
+                         (("--rotation", "small"), "--rotation small (the run's: none)")):
+        assert cli.main([*train_argv(model, *data, out, "--resume"), *extra]) == 2, extra
+        assert words in capsys.readouterr().err
+    assert state_step(out) == 3
+    # options left out come from the run: model, schedule, textures (none of them given here)
+    root, textures = data
+    assert cli.main(["--threads", "1", "train", "--data", str(root), "--category", CATEGORY,
+                     "--device", "cpu", "--out", str(out), "--resume"]) == 0
+    assert not (out / STATE_NAME).exists()
     assert_same_weights(out, ref)
+    seconds = [float(row[-1]) for row in list(csv.reader(open(out / "losses.csv")))[1:]]
+    assert seconds == sorted(seconds)  # the wall clock counts on over the resumes
+    config = json.loads((out / "config.json").read_text())
+    assert config["preset"] == "tiny" and config["textures"] == str(textures.resolve())
 
 
 def _kill_self() -> None:

@@ -542,6 +542,11 @@ def test_cli_out_paths_are_checked_before_any_work(destseg_ckpt: Path, tmp_path:
     with pytest.raises(SystemExit):
         cli.main(["train", "--train-dir", ck, "--stage1-steps", "-1", "--out", ck])
     assert "--stage1-steps: '-1' is not a whole number of 0 or more" in capsys.readouterr().err
+    for size, words in (("0", "'0' is not a whole number of 32 or more"),
+                        ("100", "'100' is not a multiple of 32 (the networks downsample by 32); e.g. 96")):
+        with pytest.raises(SystemExit):
+            cli.main(["train", "--train-dir", ck, "--image-size", size, "--out", ck])
+        assert f"--image-size: {words}" in capsys.readouterr().err
 
 
 def _error_line_starts_a_line(err: str, command: str) -> bool:

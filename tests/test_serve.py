@@ -6,6 +6,7 @@ import asyncio
 import base64
 import importlib.util
 import io
+import socket
 import struct
 import threading
 import zlib
@@ -195,6 +196,16 @@ def test_non_local_bind_needs_a_token(detector: Detector) -> None:
         serve(detector, host="0.0.0.0", port=1)
     # the command refuses before loading the model (the checkpoint need not exist)
     assert main(["serve", "--checkpoint", "missing.safetensors", "--host", "0.0.0.0"]) == 2
+
+
+def test_a_port_in_use_is_refused_before_the_model_loads(capsys) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        assert main(["serve", "--checkpoint", "missing.safetensors", "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot serve on 127.0.0.1:{port}" in err and "--port" in err and "missing" not in err
 
 
 class _GatedDetector:
