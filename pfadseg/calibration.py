@@ -47,6 +47,7 @@ from .synthesis import DefectSynthesizer
 
 DEFAULT_FALSE_ALARM_RATE = 0.01  # of good images flagged by the image threshold
 DEFAULT_PIXEL_FALSE_ALARM_RATE = 0.001  # of good pixels inside the predicted mask
+FEW_GOOD_IMAGES = 20  # fewer give a rough image threshold (a normal fitted to few scores)
 HELD_OUT_FRACTION = 0.1  # of the good training images, kept for calibration
 MIN_HELD_OUT, MAX_HELD_OUT = 4, 30  # fewer than 2 * MIN_HELD_OUT images: none held out
 SYNTHETIC_COPIES = 2  # synthetic defects drawn per held-out good image
@@ -206,7 +207,10 @@ def calibrate_outputs(good_scores: np.ndarray, good_maps: np.ndarray,
             raise CalibrationError("defect maps need their masks and scores")
         defect_masks = np.asarray(defect_masks).astype(bool)
         if not defect_masks.any():
-            raise CalibrationError("the defect masks are all empty: no defect pixel to calibrate on")
+            raise CalibrationError("the defect masks are all empty: no defect pixel to calibrate "
+                                   "on. Fix: give the masks of the defect images (defect pixels "
+                                   "non-zero), or leave out --defects and --masks to check the "
+                                   "thresholds on synthetic defects.")
         defect_scores = np.asarray(defect_scores, dtype=np.float64).ravel()
         maps = np.concatenate([good_maps, np.asarray(defect_maps, dtype=np.float32)])
         masks = np.concatenate([np.zeros(good_maps.shape, dtype=bool), defect_masks])

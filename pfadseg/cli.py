@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from . import __version__
 from . import distributed as dist
+from .calibration import DEFAULT_FALSE_ALARM_RATE, DEFAULT_PIXEL_FALSE_ALARM_RATE, FEW_GOOD_IMAGES
 from .checkpoint import CheckpointError, load_checkpoint, read_meta
 from .config import LR_SCHEDULES, PRESETS, preset
 from .data import (DataError, load_textures, mvtec_category, texture_paths,
@@ -61,14 +62,14 @@ def image_size(text: str) -> int:
 
 
 def probability(text: str) -> float:
-    """argparse type: a number strictly between 0 and 1 (a threshold on probabilities)."""
+    """argparse type: a number strictly between 0 and 1 (a threshold on probabilities, a rate)."""
     try:
         value = float(text)
     except ValueError:
         value = float("nan")
     if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number between 0 and 1 (scores are "
-                                         "probabilities: it would flag every image or none)")
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number between 0 and 1 (0 or 1 "
+                                         "would flag every image or none)")
     return value
 
 
@@ -350,6 +351,12 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     if (args.defects is None) != (args.masks is None):
         raise DataError("--defects and --masks go together (defect images and their masks)")
+    rates = {"false_alarm_rate": args.false_alarm_rate, "pixel_false_alarm_rate": args.pixel_false_alarm_rate}
+    rates = {k: v for k, v in rates.items() if v is not None}
+    if args.defects is not None and rates:
+        raise DataError("--false-alarm-rate and --pixel-false-alarm-rate set the thresholds from "
+                        "good images alone; with --defects both maximise F1 on the real defects. "
+                        "Fix: leave out the rates, or --defects and --masks.")
     out = args.out or args.checkpoint.with_name(args.checkpoint.stem + ".calibrated.safetensors")
     out_file(out, "checkpoint.calibrated.safetensors")
     device = _device(args)
@@ -357,6 +364,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     place(model, device)
     size = model.config.image_size
     good = load_image_folder(args.good, size, skip_bad=args.skip_bad_images)
+    if len(good) < FEW_GOOD_IMAGES:
+        log.warning("only %d good image(s) in %s: the image threshold from a normal fitted to so "
+                    "few scores is rough; %d or more are better", len(good), args.good, FEW_GOOD_IMAGES)
     defects, masks, synthesizer = None, None, None
     if args.defects is not None:
         defects, masks = load_defect_set(args.defects, args.masks, size)
@@ -365,9 +375,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                     else procedural_textures(64, size))
         synthesizer = DefectSynthesizer(textures)
     thresholds = calibrate(model, good, synthesizer, args.seed, defect_images=defects,
-                           defect_masks=masks, false_alarm_rate=args.false_alarm_rate,
-                           pixel_false_alarm_rate=args.pixel_false_alarm_rate,
-                           batch_size=args.batch_size, bf16=not args.no_bf16,
+                           defect_masks=masks, **rates, batch_size=args.batch_size, bf16=not args.no_bf16,
                            source=f"pfadseg calibrate on {args.good}")
     write_calibrated_checkpoint(args.checkpoint, out, thresholds)
     if meta.get("threshold") is not None:
@@ -549,12 +557,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "stem with or without _mask (recursive)")
     p.add_argument("--out", type=Path, help="new checkpoint (default: <checkpoint>.calibrated"
                    ".safetensors beside it)")
-    p.add_argument("--false-alarm-rate", type=float, default=0.01,
+    p.add_argument("--false-alarm-rate", type=probability,
                    help="without --defects: the fraction of good images the image threshold "
-                        "may flag (default: %(default)s)")
-    p.add_argument("--pixel-false-alarm-rate", type=float, default=0.001,
+                        f"may flag (default: {DEFAULT_FALSE_ALARM_RATE})")
+    p.add_argument("--pixel-false-alarm-rate", type=probability,
                    help="without --defects: the fraction of good pixels the pixel threshold "
-                        "may put in the mask (default: %(default)s)")
+                        f"may put in the mask (default: {DEFAULT_PIXEL_FALSE_ALARM_RATE})")
     p.add_argument("--textures", type=Path, help="without --defects: texture images for the "
                    "synthetic defects that check the thresholds (default: built-in "
                    "procedural textures)")

@@ -95,6 +95,8 @@ def test_calibrate_outputs_rates_on_good_images_and_f1_on_real_defects() -> None
     none = calibrate_outputs(scores[0], good, pixel_false_alarm_rate=0.01)
     assert none.method == "false_alarm" and none.n_defects == 0 and none.synthetic_recall is None
     assert np.mean(good >= none.pixel) == pytest.approx(0.01, abs=2e-3)
+    with pytest.raises(CalibrationError, match="masks are all empty.*Fix: give the masks"):
+        calibrate_outputs(scores[0], good, scores[1], defect, np.zeros_like(masks), synthetic=False)
 
 
 def test_held_out_split_is_seeded_disjoint_and_bounded() -> None:
@@ -151,7 +153,7 @@ def test_calibrate_runs_the_model_and_writes_a_new_checkpoint(trained: Path) -> 
         write_calibrated_checkpoint(src, src, t)
 
 
-def test_cli_calibrate_with_real_defects_uses_f1(trained: Path, tmp_path: Path) -> None:
+def test_cli_calibrate_with_real_defects_uses_f1(trained: Path, tmp_path: Path, caplog) -> None:
     base = trained / "mvtec" / CATEGORY
     # masks named like their images, in a nested folder: matched by stem
     masks = tmp_path / "masks" / "deep"
@@ -166,6 +168,7 @@ def test_cli_calibrate_with_real_defects_uses_f1(trained: Path, tmp_path: Path) 
     t = Thresholds.from_meta(read_meta(out))
     assert t.method == "f1" and (t.n_good, t.n_defects) == (2, 2)
     assert "pfadseg calibrate on" in t.source
+    assert "only 2 good image(s)" in caplog.text  # a threshold from 2 images is rough: said so
 
 
 def test_cli_calibrate_refuses_half_of_the_defect_options(trained: Path, capsys) -> None:
@@ -174,3 +177,12 @@ def test_cli_calibrate_refuses_half_of_the_defect_options(trained: Path, capsys)
                  "--good", str(base / "test" / "good"), "--defects", str(base / "test" / "crack"),
                  "--device", "cpu"])
     assert code == 2 and "--defects and --masks go together" in capsys.readouterr().err
+    # rates set thresholds from good images alone: with real defects they would be ignored
+    code = main(["calibrate", "--checkpoint", "missing.safetensors", "--good", str(base / "test" / "good"),
+                 "--defects", str(base / "test" / "crack"), "--masks", str(base / "ground_truth"),
+                 "--false-alarm-rate", "0.05"])
+    err = capsys.readouterr().err
+    assert code == 2 and "with --defects both maximise F1" in err and "missing" not in err
+    with pytest.raises(SystemExit):  # a rate is checked by the parser, before any inference
+        main(["calibrate", "--checkpoint", "missing.safetensors", "--good", ".", "--pixel-false-alarm-rate", "1"])
+    assert "--pixel-false-alarm-rate: '1' is not a number between 0 and 1" in capsys.readouterr().err
