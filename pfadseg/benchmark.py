@@ -7,7 +7,8 @@ several GPUs, each runs one pair at a time (``CUDA_VISIBLE_DEVICES`` set per
 job); otherwise pairs run one after another. A pair is finished when its
 ``test/metrics.json`` reads as results (a damaged one is tested again), so a rerun
 skips it; a pair with a checkpoint is only tested, and an unfinished training run is
-continued with ``--resume``.
+continued with ``--resume``. The tables cover every finished pair in ``OUT``,
+also those of earlier runs with other categories or variants.
 """
 from __future__ import annotations
 
@@ -381,7 +382,11 @@ def run_benchmark(args: argparse.Namespace) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
 
-    results = [job.metrics for job in jobs if job.finished]
+    # the report covers every pair the folder holds: a rerun with fewer variants or
+    # categories keeps the others in the tables
+    held = [Job(path.parents[2].name, path.parents[1].name, path.parents[1])
+            for path in sorted(out.glob("*/*/test/metrics.json"))]
+    results = [job.metrics for job in {job.folder: job for job in jobs + held}.values() if job.finished]
     if progress.failed:
         print(f"{len(progress.failed)} pair(s) failed: " + "; ".join(
             f"{job.name} ({job.folder / LOG_NAME})" for job in progress.failed)
@@ -391,5 +396,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
         return 1
     paths = write_report(results, out / "report")
     print(paths[0].read_text())
-    print(f"tables ({len(results)} of {len(jobs)} pairs): {' '.join(map(str, paths))}")
+    done = sum(job.finished for job in jobs)
+    print(f"tables ({len(results)} finished pairs in {out}, {done} of this command's {len(jobs)}): "
+          f"{' '.join(map(str, paths))}")
     return 1 if progress.failed else 0
