@@ -265,47 +265,58 @@ def run_jobs(jobs: list[Job], slots: list[Slot], runner: Runner, progress: Progr
     """Run `runner(job, slot, progress)` for every job, one job per slot at a
     time; a job that fails (False or an exception) leaves the others going.
     An interrupt (Ctrl-C, or `kill -INT` to this process alone) is passed on to the
-    running jobs' subprocesses, which save their state and stop; no new job starts."""
+    running jobs' subprocesses, which save their state and stop; no new job or
+    step starts, and this returns (raising KeyboardInterrupt) once they have ended."""
     pending: queue.SimpleQueue[Job] = queue.SimpleQueue()
     for job in jobs:
         pending.put(job)
-    stop = threading.Event()
+    _STOPPING.clear()
 
-    def work(slot: Slot) -> None:
-        while not stop.is_set():
-            try:
-                job = pending.get_nowait()
-            except queue.Empty:
-                return
-            start = time.perf_counter()
-            try:
-                ok = runner(job, slot, progress)
-            except Exception as exc:  # noqa: BLE001 - one job's crash must not stop the others
-                progress.say(job, f"failed: {type(exc).__name__}: {exc}")
-                ok = False
-            progress.finish(job, ok, time.perf_counter() - start)
+    def work(slot: Slot, ended: threading.Event) -> None:
+        try:
+            while not _STOPPING.is_set():
+                try:
+                    job = pending.get_nowait()
+                except queue.Empty:
+                    return
+                start = time.perf_counter()
+                try:
+                    ok = runner(job, slot, progress)
+                except Exception as exc:  # noqa: BLE001 - one job's crash must not stop the others
+                    progress.say(job, f"failed: {type(exc).__name__}: {exc}")
+                    ok = False
+                if not _STOPPING.is_set():
+                    progress.finish(job, ok, time.perf_counter() - start)
+        finally:
+            ended.set()
 
-    threads = [threading.Thread(target=work, args=(slot,), daemon=True) for slot in slots]
-    for thread in threads:
-        thread.start()
+    ended = [threading.Event() for _ in slots]
+    for slot, event in zip(slots, ended):
+        threading.Thread(target=work, args=(slot, event), daemon=True).start()
     try:
-        for thread in threads:
-            while thread.is_alive():
-                thread.join(0.5)
+        _wait(ended)
     except KeyboardInterrupt:
-        stop.set()
-        for child in list(_CHILDREN):  # a terminal's Ctrl-C reached them too; `kill` did not
-            if child.poll() is None:
-                child.send_signal(signal.SIGINT)
-        for child in list(_CHILDREN):  # each saves its state and exits
-            child.wait()
-        for thread in threads:
-            while thread.is_alive():
-                thread.join(0.5)
+        with _LOCK:
+            _STOPPING.set()
+            for child in _CHILDREN:  # a terminal's Ctrl-C reached them too; `kill` did not
+                if child.poll() is None:
+                    child.send_signal(signal.SIGINT)
+        _wait(ended)  # each saves its state and exits
         raise
 
 
+def _wait(events: list[threading.Event]) -> None:
+    """Wait until every event is set. (Not Thread.join: on Python 3.11 a join cut
+    short by Ctrl-C can report a running thread as ended.)"""
+    for event in events:
+        while not event.wait(0.5):
+            pass
+
+
 _CHILDREN: set[subprocess.Popen] = set()  # the jobs' running subprocesses
+_STOPPING = threading.Event()  # set on an interrupt: no job or step starts after it
+_LOCK = threading.Lock()  # a child starts, or the interrupt reaches all children, at one time
+JOB_ENV = "PFADSEG_BENCHMARK_JOB"  # marks a job's subprocess: it heeds SIGINT (see cli.main)
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -313,14 +324,18 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def _run_child(argv: list[str], log: IO[str], env: dict[str, str]) -> int:
+def _run_child(argv: list[str], log: IO[str], env: dict[str, str]) -> int | None:
     """Run one step's subprocess to its end, known to `run_jobs` meanwhile so that an
-    interrupt reaches it; returns its exit code."""
-    with subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env) as child:
+    interrupt reaches it; returns its exit code, or None when stopping (not started)."""
+    with _LOCK:
+        if _STOPPING.is_set():
+            return None
+        child = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env={**env, JOB_ENV: "1"})
         _CHILDREN.add(child)
-        try:
-            return child.wait()
-        finally:
+    try:
+        return child.wait()
+    finally:
+        with _LOCK:
             _CHILDREN.discard(child)
 
 
@@ -349,6 +364,9 @@ def subprocess_runner(args: argparse.Namespace) -> Runner:
                 log.write(f"\n$ {env}{' '.join(argv)}\n")
                 log.flush()
                 code = _run_child(argv, log, _child_env(slot))
+            if _STOPPING.is_set():
+                progress.say(job, f"{step} stopped by the interrupt")
+                return False
             if code != 0:
                 progress.say(job, f"{step} failed (exit code {code}); see {log_path}")
                 return False

@@ -69,14 +69,34 @@ def _metrics(maps: np.ndarray, masks: np.ndarray | None, scores: np.ndarray,
 
 
 def _per_defect(maps: np.ndarray, scores: np.ndarray, test: TestSet) -> dict[str, dict[str, float]]:
-    """Metrics on each defect type together with all good images."""
+    """Metrics on each defect type together with all good images; only the
+    image-level ones for a type whose masks hold no defect pixel (see check_masks)."""
     defects = np.asarray(test.defects)
     out = {}
     for defect in sorted(set(test.defects) - {"good"}):
         keep = (defects == defect) | (defects == "good")
         masks = test.masks[keep] if test.masks is not None else None
-        out[defect] = _metrics(maps[keep], masks, scores[keep], test.labels[keep])
+        out[defect] = _metrics(maps[keep], masks if masks is not None and masks.any() else None,
+                               scores[keep], test.labels[keep])
     return out
+
+
+def check_masks(test: TestSet) -> None:
+    """Refuse masks without a single defect pixel (no pixel metric is defined), and
+    warn about defect types whose masks are all empty (small defects can vanish when
+    masks are resized to the evaluation size): they get image-level metrics only."""
+    if test.masks is None:
+        return
+    size = "x".join(map(str, test.masks.shape[1:]))
+    if not test.masks.any():
+        raise ValueError(f"the masks hold no defect pixel at {size}, so no pixel metric is "
+                         "defined. Fix: check that the masks mark defects as white (non-zero), "
+                         "or evaluate at a larger --eval-size (e.g. original).")
+    defects = np.asarray(test.defects)
+    for defect in sorted(set(test.defects) - {"good"}):
+        if not test.masks[defects == defect].any():
+            log.warning("%s: its masks hold no defect pixel at %s: image metrics only for it. "
+                        "Fix: a larger --eval-size (e.g. original), or check its masks.", defect, size)
 
 
 def _f1(predicted: np.ndarray, truth: np.ndarray) -> dict[str, float]:
@@ -166,6 +186,7 @@ def write_results(model: AnomalyModel, test: TestSet, name: str, out_dir: Path, 
     """Evaluate, write metrics.json, metrics.md and (with `report`) report.html to
     `out_dir`; return the result."""
     require_both_classes(test)  # before the model runs, not after
+    check_masks(test)
     thresholds = _thresholds_of(meta)
     outputs = model_outputs(model, test, batch_size, bf16, progress, compile)
     result = summarize(outputs, test, thresholds)
@@ -174,15 +195,16 @@ def write_results(model: AnomalyModel, test: TestSet, name: str, out_dir: Path, 
               "eval_size": eval_size, **result}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / "metrics.json.tmp"  # whole or not at all: `benchmark` counts it as done
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, out_dir / "metrics.json")
     title = f"# {name}: {result['variant']} ({result['teacher']} teacher)"
     (out_dir / "metrics.md").write_text(f"{title}\n\n```\n{format_table(result)}\n```\n")
     if report:
         from .html_report import write_test_report  # here: it imports this module, and matplotlib
 
         write_test_report(out_dir / "report.html", test, outputs, result, thresholds)
+    # last, and whole or not at all: `benchmark` counts a pair with it as done
+    tmp = out_dir / "metrics.json.tmp"
+    tmp.write_text(json.dumps(result, indent=2))
+    os.replace(tmp, out_dir / "metrics.json")
     return result
 
 

@@ -29,7 +29,6 @@ __all__ = [
     "aupro",
     "f1_max",
     "evaluate",
-    "resize_for_eval",
 ]
 
 # 8-connectivity, like skimage.measure.label's default for 2-D images, which
@@ -325,27 +324,3 @@ def evaluate(
         "pixel_f1_max": pixel_f1,
         "pixel_threshold": pixel_threshold,
     }
-
-
-def resize_for_eval(
-    maps: np.ndarray, masks: np.ndarray, size: int | None = 256
-) -> tuple[np.ndarray, np.ndarray]:
-    """The official protocol: maps and masks resized bilinearly to size x size,
-    masks then thresholded at 0.5 (a pixel is anomalous when >= 0.5).
-
-    ``size=None`` keeps the original resolution.  Returns float32 maps and
-    boolean masks of shape (N, size, size).
-    """
-    if size is None:
-        return np.asarray(maps, dtype=np.float32), np.asarray(masks).astype(bool)
-    import torch  # only this helper needs torch; the metrics are numpy-only
-    from torch.nn.functional import interpolate
-
-    def resize(array: np.ndarray) -> np.ndarray:
-        batch = torch.from_numpy(np.asarray(array, dtype=np.float32))[:, None]
-        out = interpolate(
-            batch, size=(size, size), mode="bilinear", align_corners=False, antialias=True
-        )
-        return out[:, 0].numpy()
-
-    return resize(maps), resize(masks) >= 0.5

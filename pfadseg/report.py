@@ -309,11 +309,12 @@ def read_results(path: Path) -> list[dict]:
             raise ValueError(f"{path}: a result without a \"category\" key. Fix: give the "
                              "metrics.json files that `pfadseg test` wrote")
         per_defect = result.get("per_defect", {})
-        if not (_numbers(result.get("metrics", {})) and isinstance(per_defect, dict)
+        top = result.get("metrics", {k: v for k, v in result.items() if k in METRIC_NAMES})
+        if not (_numbers(top) and isinstance(per_defect, dict)
                 and all(_numbers(values) for values in per_defect.values())):
-            raise ValueError(f"{path}: \"metrics\" and each \"per_defect\" entry must map "
-                             "names to numbers. Fix: give the metrics.json files that "
-                             "`pfadseg test` wrote")
+            raise ValueError(f"{path}: the metrics (\"metrics\" or the top-level ones) and each "
+                             "\"per_defect\" entry must map names to numbers. Fix: give the "
+                             "metrics.json files that `pfadseg test` wrote")
     return results
 
 

@@ -273,9 +273,11 @@ def test_an_interrupt_to_the_parent_alone_stops_the_running_job(tmp_path: Path) 
     """`kill -INT PID` reaches only the benchmark, not its job: the job is stopped too
     (before, it ran on alone and a rerun wrote the same folder beside it)."""
     def runner(job: Job, slot: Slot, progress: Progress) -> bool:
-        with open(tmp_path / "log", "w") as log:
-            return benchmark._run_child([sys.executable, "-c", "import time; time.sleep(600)"],
-                                        log, dict(os.environ)) == 0
+        with open(tmp_path / "log", "w") as log:  # two steps, as train then test
+            codes.append(benchmark._run_child([sys.executable, "-c", "import time; time.sleep(600)"],
+                                              log, dict(os.environ)))
+            codes.append(benchmark._run_child([sys.executable, "-c", "pass"], log, dict(os.environ)))
+        return False
 
     def interrupt_when_the_job_runs() -> None:
         for _ in range(600):
@@ -286,6 +288,7 @@ def test_an_interrupt_to_the_parent_alone_stops_the_running_job(tmp_path: Path) 
             time.sleep(0.1)
 
     seen: list = []
+    codes: list = []
     watcher = threading.Thread(target=interrupt_when_the_job_runs)
     watcher.start()
     jobs = plan_jobs(tmp_path, ["bottle"], ["destseg"])
@@ -294,3 +297,21 @@ def test_an_interrupt_to_the_parent_alone_stops_the_running_job(tmp_path: Path) 
     watcher.join()
     assert len(seen) == 1 and seen[0].poll() is not None  # stopped, not orphaned
     assert not benchmark._CHILDREN
+    # run_jobs returned after the job's runner did, and its next step never started
+    assert codes[0] is not None and codes[1] is None
+
+
+def test_a_job_heeds_the_interrupt_passed_on_even_where_sigint_was_ignored(monkeypatch) -> None:
+    """A benchmark started in the background by a script runs with SIGINT ignored, and so
+    do its jobs: they restore Ctrl-C's handler, or the interrupt passed on would do nothing."""
+    from pfadseg import cli
+
+    seen = []
+    monkeypatch.setattr(cli, "cmd_report", lambda args: seen.append(signal.getsignal(signal.SIGINT)) or 0)
+    monkeypatch.setenv(benchmark.JOB_ENV, "1")
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        assert main(["report", "x.json", "--out", "tables"]) == 0
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert seen == [signal.default_int_handler]

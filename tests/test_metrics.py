@@ -217,13 +217,22 @@ def test_bad_inputs_raise():
         M.aupro(maps, masks, fpr_limit=0.0)
 
 
-def test_resize_for_eval():
-    maps = np.random.default_rng(0).random((3, 64, 64))
-    masks = np.zeros((3, 64, 64), dtype=bool)
-    masks[:, 16:48, 16:48] = True
-    small_maps, small_masks = M.resize_for_eval(maps, masks, size=32)
-    assert small_maps.shape == small_masks.shape == (3, 32, 32)
-    assert small_maps.dtype == np.float32 and small_masks.dtype == bool
-    assert small_masks.sum() == 3 * 16 * 16
-    same_maps, same_masks = M.resize_for_eval(maps, masks, size=None)
-    assert np.array_equal(same_masks, masks) and np.allclose(same_maps, maps)
+def test_a_defect_type_whose_masks_vanish_gets_image_metrics_only(caplog):
+    """Small defects can vanish when masks are resized to the evaluation size: that type
+    gets image-level metrics (with a warning), the others all six; no mask pixel at all
+    is refused before inference, with the fix."""
+    from pfadseg.data import TestSet
+    from pfadseg.evaluation import _per_defect, check_masks
+
+    rng = np.random.default_rng(0)
+    masks = np.zeros((6, 16, 16), dtype=bool)
+    masks[2:4, 4:9, 4:9] = True  # crack: two images with marked pixels; hole (4, 5): none left
+    test = TestSet(None, masks, np.array([0, 0, 1, 1, 1, 1]), ["good", "good", "crack", "crack", "hole", "hole"],
+                   [])
+    check_masks(test)
+    assert "hole: its masks hold no defect pixel at 16x16" in caplog.text and "crack" not in caplog.text
+    per_defect = _per_defect(rng.random((6, 16, 16)), rng.random(6), test)
+    assert "pixel_ap" in per_defect["crack"] and "aupro" in per_defect["crack"]
+    assert set(per_defect["hole"]) == {"image_auroc", "image_f1_max", "image_threshold"}
+    with pytest.raises(ValueError, match="no defect pixel at 16x16.*Fix:"):
+        check_masks(TestSet(None, np.zeros_like(masks), test.labels, test.defects, []))

@@ -211,9 +211,10 @@ def test_bad_files_are_named(tmp_path):
     with pytest.raises(ValueError, match="odd.json: a result without a \"category\""):
         write_report([write_json(tmp_path / "odd.json", {"iap": 0.5})], tmp_path / "out")
     for i, bad in enumerate(({"metrics": [1, 2]}, {"metrics": {"iap": "abc"}}, {"per_defect": [1]},
-                             {"per_defect": {"crack": {"iap": True}}})):
+                             {"per_defect": {"crack": {"iap": True}}},
+                             {"pixel_ap": "0.5"})):  # metrics.json's top-level layout
         path = write_json(tmp_path / f"shape{i}.json", {"category": "bottle", **bad})
-        with pytest.raises(ValueError, match=f"shape{i}.json: \"metrics\" and each \"per_defect\""):
+        with pytest.raises(ValueError, match=f"shape{i}.json: the metrics .* must map names to numbers"):
             write_report([path], tmp_path / "out")
     unmeasured = write_json(tmp_path / "none.json", result("bottle", iap=None, pixel_ap=0.5))
     assert "| bottle | 50.0 |" in (write_report([unmeasured], tmp_path / "out")[0]).read_text()

@@ -119,7 +119,7 @@ def test_interrupted_run_resumes_bit_exactly(data, reference: tuple[str, Path], 
 
     monkeypatch.setattr(Trainer, "train_step", interrupted_step)
     assert cli.main(train_argv(model, *data, out)) == 130
-    assert "continues with --resume" in capsys.readouterr().err
+    assert "interrupted; continue with --resume" in capsys.readouterr().err
     assert state_step(out) == 1 and not (out / CHECKPOINT_NAME).exists()
 
     # a fresh run must not overwrite the unfinished one
