@@ -82,8 +82,9 @@ class Thresholds:
     """An image and a pixel threshold on raw model outputs, and how they were found.
 
     `method` is "false_alarm" (rates on good images: training's default), "f1"
-    (F1-max on labelled defects) or "legacy" (a checkpoint from before
-    calibration, whose one threshold served for both).
+    (F1-max on labelled defects), "given" (an image threshold set by hand, e.g.
+    `--threshold`) or "legacy" (a checkpoint from before calibration, whose one
+    threshold served for both).
     """
 
     image: float

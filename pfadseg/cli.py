@@ -20,17 +20,16 @@ from .benchmark import JOB_ENV
 from .calibration import DEFAULT_FALSE_ALARM_RATE, DEFAULT_PIXEL_FALSE_ALARM_RATE, FEW_GOOD_IMAGES
 from .checkpoint import CheckpointError, load_checkpoint, read_meta
 from .config import LR_SCHEDULES, PRESETS, preset
-from .data import (DataError, load_textures, mvtec_category, texture_paths,
+from .data import (DataError, category_of, load_textures, mvtec_category, texture_paths,
                    train_image_paths)
 from .models import TEACHERS, ModelConfig, TeacherWeightsError
 from .models.teacher import RANDOM
 from .runtime import DEVICE_HELP, cpu_heap_settings, place, resolve_device
 from .synthesis import DefectSynthesizer, procedural_textures
-from .trainer import (STATE_FORMAT, STATE_NAME, VALIDATION_JSON, TrainData, TrainingError, check_out_dir,
-                      train)
+from .trainer import (ROTATIONS, STATE_FORMAT, STATE_NAME, VALIDATION_JSON, TrainData, TrainingError,
+                      check_out_dir, train)
 
 log = logging.getLogger("pfadseg")
-ROTATIONS = ("auto", "none", "small", "right_angle")
 MODULES = ("aff", "pcar", "rcm")
 COMPILE_HELP = ("compile the model with torch.compile (Inductor, needs a C++ compiler): "
                 "about 2.5x faster after one to two minutes of compiling; pays off for "
@@ -63,16 +62,31 @@ def image_size(text: str) -> int:
     return value
 
 
-def probability(text: str) -> float:
-    """argparse type: a number strictly between 0 and 1 (a threshold on probabilities, a rate)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number between 0 and 1 (0 or 1 "
-                                         "would flag every image or none)")
+def port(text: str) -> int:
+    """argparse type: a TCP port number."""
+    value = whole_number(1)(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port (1 to 65535)")
     return value
+
+
+def number(within: Callable[[float], bool], what: str) -> Callable[[str], float]:
+    """argparse type: a number for which `within` holds, described as `what`."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        if not within(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        return value
+    return parse
+
+
+positive_number = number(lambda v: 0.0 < v < float("inf"), "a number above 0")  # size limits
+# thresholds on probabilities, and rates
+probability = number(lambda v: 0.0 < v < 1.0, "a number between 0 and 1 (0 or 1 would flag "
+                                               "every image or none)")
 
 
 def out_folder(path: Path) -> Path:
@@ -249,7 +263,7 @@ def _check_train_paths(args: argparse.Namespace, train_dir: Path) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     device = _device(args)
     if args.train_dir is not None:
-        train_dir, category = args.train_dir, args.category or args.train_dir.name
+        train_dir, category = args.train_dir, args.category or category_of(args.train_dir)
     elif args.data is not None and args.category:
         train_dir, category = mvtec_category(args.data, args.category) / "train" / "good", args.category
     else:
@@ -337,7 +351,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     detector = Detector.load(args.checkpoint, device=_device(args), threshold=args.threshold,
                              bf16=not args.no_bf16, compile=args.compile, backend=args.backend,
                              onnx=args.onnx, batch_size=args.batch_size)
-    rows = predict_files(detector, collect_inputs(args.inputs), args.out, args.batch_size,
+    rows = predict_files(detector, collect_inputs(args.inputs, skip=args.out), args.out, args.batch_size,
                          skip_bad=args.skip_bad_images)
     flagged = sum(r.get("anomalous", False) for r in rows)
     skipped = sum("error" in r for r in rows)
@@ -613,17 +627,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default: %(default)s, this machine only); any other "
                         "needs --token")
-    p.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
+    p.add_argument("--port", type=port, default=8000, help="port (default: %(default)s)")
     p.add_argument("--token", help="secret every API call must send (Authorization: Bearer T, "
                                    "or ?token=T); required for a non-local --host")
     p.add_argument("--threshold", type=probability,
                    help="image-score threshold between 0 and 1 (scores are probabilities; "
                         "default: the checkpoint's calibrated one)")
-    p.add_argument("--max-upload-mb", type=float, default=20.0,
+    p.add_argument("--max-upload-mb", type=positive_number, default=20.0,
                    help="largest accepted image file in MB (default: %(default)s)")
-    p.add_argument("--max-megapixels", type=float, default=40.0,
-                   help="largest accepted image in megapixels, a decompression-bomb guard "
-                        "(default: %(default)s)")
+    p.add_argument("--max-megapixels", type=positive_number, default=40.0,
+                   help="largest accepted image in megapixels, a decompression-bomb guard; the "
+                        "server holds at most 4x this in decoded images at a time (beyond: 503, "
+                        "retry) (default: %(default)s)")
     p.add_argument("--no-bf16", action="store_true", help="run in plain fp32")
     _add_device_arg(p)
     p.set_defaults(func=cmd_serve)

@@ -42,8 +42,18 @@ class TrainConfig:
         return self.stage1_steps + self.stage2_steps
 
     def __post_init__(self) -> None:
+        """The checks the command line makes, for settings given from Python."""
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule {self.lr_schedule!r}: choose from {LR_SCHEDULES}")
+        for name, least in (("batch_size", 1), ("save_every", 1), ("log_every", 1), ("stage1_steps", 0),
+                            ("stage2_steps", 0), ("student_checks", 0), ("validations", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"{name} must be a whole number of {least} or more, got {value!r}")
+        for name in ("lr_student", "lr_seg_res", "lr_seg_head"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"{name} must be a number above 0, got {value!r}")
 
     def lr_factor(self, step: int) -> float:
         """Multiplier of the set learning rates for the 0-based training `step`:

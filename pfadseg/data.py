@@ -63,8 +63,10 @@ def open_image(path: Path) -> Image.Image:
         raise
     except FileNotFoundError as exc:
         raise DataError(f"{path}: file not found") from exc
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError,
-            Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+        raise DataError(f"{path}: too many pixels to decode safely ({exc}). Fix: downscale the "
+                        "file.") from exc
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"{path}: cannot read image ({exc}). Fix: re-export it as PNG or "
                         "JPEG, or remove it from the folder.") from exc
 
@@ -141,6 +143,15 @@ def train_image_paths(folder: Path) -> list[Path]:
         raise DataError(f"{folder}: no training images (.png/.jpg/.bmp/.tif). Fix: point "
                         "--data/--category (or --train-dir) at a folder of defect-free images.")
     return paths
+
+
+def category_of(train_dir: Path) -> str:
+    """The category a folder of good images stands for: the folder's name, or
+    <category> for an MVTec-layout <category>/train/good folder."""
+    train_dir = Path(train_dir).resolve()
+    if train_dir.name == "good" and train_dir.parent.name == "train":
+        return train_dir.parent.parent.name
+    return train_dir.name
 
 
 def load_train_images(folder: Path, size: int, skip_bad: bool = False) -> torch.Tensor:

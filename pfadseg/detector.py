@@ -25,7 +25,7 @@ from PIL import Image
 from .calibration import Thresholds
 from .checkpoint import load_checkpoint, weights_fingerprint
 from .config import preset
-from .data import DataError, load_rgb, to_rgb
+from .data import DataError, category_of, load_rgb, to_rgb
 from .models import AnomalyModel, ModelConfig
 from .predict import MapFn
 from .runtime import place, resolve_device
@@ -50,8 +50,8 @@ class Prediction:
     score: float
     normalized_score: float  # in [0, 1]; 0.5 at the image threshold
     anomalous: bool
-    anomaly_map: np.ndarray
-    mask: np.ndarray
+    anomaly_map: np.ndarray = field(repr=False)
+    mask: np.ndarray = field(repr=False)
     image: np.ndarray = field(repr=False)  # the input, uint8 RGB (H, W, 3) at its own size
     thresholds: Thresholds = field(repr=False)
 
@@ -96,17 +96,31 @@ class Prediction:
 
 def _rgb(item: ImageInput, index: int) -> np.ndarray:
     """One input as uint8 RGB (H, W, 3); a clear error for anything else."""
+    if isinstance(item, (str, Path)) and Path(item).is_dir():
+        raise DataError(f"{item}: a folder, not an image. Fix: pass its images, e.g. "
+                        "pfadseg.predict.collect_inputs([folder]).")
     if isinstance(item, (str, Path)):
-        return load_rgb(Path(item), None)
-    if isinstance(item, Image.Image):
-        return np.asarray(to_rgb(item), dtype=np.uint8)
-    if isinstance(item, np.ndarray):
+        rgb = load_rgb(Path(item), None)
+    elif isinstance(item, Image.Image):
+        rgb = np.asarray(to_rgb(item), dtype=np.uint8)
+    elif isinstance(item, np.ndarray):
         if item.dtype != np.uint8 or item.ndim != 3 or item.shape[2] != 3:
             raise DataError(f"image {index}: an array must be uint8 (H, W, 3) RGB, got "
                             f"{item.dtype} {item.shape}. Fix: convert it, e.g. np.asarray(pil_image.convert('RGB')).")
-        return item
-    raise DataError(f"image {index}: {type(item).__name__} is not an image. Fix: pass a path, "
-                    "a PIL image or a uint8 (H, W, 3) array.")
+        rgb = item
+    else:
+        raise DataError(f"image {index}: {type(item).__name__} is not an image. Fix: pass a path, "
+                        "a PIL image or a uint8 (H, W, 3) array.")
+    if not rgb.shape[0] or not rgb.shape[1]:
+        raise DataError(f"image {index}: empty ({rgb.shape[1]}x{rgb.shape[0]} pixels). Fix: leave it out.")
+    return rgb
+
+
+def _positive(name: str, value: object) -> int:
+    """A count argument of the Python API, checked as the command line checks it."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a whole number of 1 or more, got {value!r}")
+    return value
 
 
 def _name(item: ImageInput, index: int) -> str:
@@ -137,6 +151,10 @@ class Detector:
         compiled forward is built for."""
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose from {BACKENDS}")
+        _positive("batch_size", batch_size)
+        if threshold is not None and not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"threshold {threshold!r} is not between 0 and 1 (image scores are "
+                             "probabilities)")
         path = Path(path)
         model, meta = load_checkpoint(path)
         if threshold is not None and meta.get("threshold") is None and "thresholds" not in meta:
@@ -144,12 +162,15 @@ class Detector:
         else:
             thresholds = Thresholds.from_meta(meta)
             if threshold is not None:
-                thresholds = dataclasses.replace(thresholds, image=float(threshold))
+                thresholds = dataclasses.replace(thresholds, image=float(threshold), method="given")
         if backend == "onnx":
             from .export import onnx_map_fn
 
-            map_fn = onnx_map_fn(Path(onnx) if onnx else path.with_suffix(".onnx"),
-                                 fingerprint=weights_fingerprint(model))
+            if onnx is None:  # beside the checkpoint; a calibrated copy shares its original's
+                onnx = path.with_suffix(".onnx")
+                original = path.with_name(path.name.replace(".calibrated", "")).with_suffix(".onnx")
+                onnx = original if not onnx.is_file() and original.is_file() else onnx
+            map_fn = onnx_map_fn(Path(onnx), fingerprint=weights_fingerprint(model))
             return cls(path, model, meta, thresholds, map_fn, torch.device("cpu"), backend)
         from .inference import torch_map_fn
 
@@ -179,6 +200,12 @@ class Detector:
         """Score images given as paths, PIL images or uint8 (H, W, 3) arrays, in
         order; `batch_size` of them are decoded and run at a time. An unreadable
         file raises DataError naming it."""
+        if isinstance(images, (str, Path, Image.Image)) or (isinstance(images, np.ndarray)
+                                                            and images.ndim != 4):
+            raise TypeError(f"predict takes a list of images, got one {type(images).__name__}. "
+                            "Fix: predict([image]).")
+        images, names = list(images), None if names is None else list(names)
+        _positive("batch_size", batch_size)
         if names is not None and len(names) != len(images):
             raise ValueError(f"{len(names)} names for {len(images)} images")
         size = self.image_size
@@ -206,22 +233,24 @@ class Detector:
               textures: str | Path | None = None, texture_limit: int | None = None,
               rotation: str = "auto", category: str | None = None, teacher_weights: str | None = None,
               device: str | torch.device = "auto", resume: bool = False, progress: bool = True,
-              **schedule: object) -> "Detector":
+              skip_bad: bool = False, **schedule: object) -> "Detector":
         """Train on a folder of defect-free images and load the result.
 
         `model` is "pfadseg", "destseg" or a ModelConfig (then `teacher` and
         `image_size` are its own); `schedule` overrides fields of the preset's
         TrainConfig (batch_size, stage1_steps, ...). Without `textures` (a folder
         of texture images such as DTD's) synthetic defects use built-in
-        procedural textures. Writes out_dir/checkpoint.safetensors.
+        procedural textures; `skip_bad` logs and skips unreadable images. Writes
+        out_dir/checkpoint.safetensors.
         """
         train_dir = Path(train_dir)
-        category = category or train_dir.name
+        category = category or category_of(train_dir)
+        train_config = preset(preset_name, **schedule)  # bad overrides fail before any image loads
         model_cfg = model if isinstance(model, ModelConfig) else ModelConfig.named(
             model, teacher=teacher, image_size=image_size)
         data = TrainData.from_folder(train_dir, model_cfg.image_size, textures, texture_limit, rotation,
-                                     category)
-        path = train(model_cfg, preset(preset_name, **schedule), data, Path(out_dir),
+                                     category, skip_bad=skip_bad)
+        path = train(model_cfg, train_config, data, Path(out_dir),
                      teacher_weights=teacher_weights, resume=resume, progress=progress, device=device,
                      extra_meta={"category": category, "train_dir": str(train_dir),
                                  "preset": preset_name, "rotation": data.rotation,

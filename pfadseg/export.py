@@ -62,7 +62,11 @@ def _session(path: Path, threads: int | None = None):
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own classes (InvalidProtobuf, Fail, ...)
+        raise ValueError(f"{path}: not an ONNX model onnxruntime can load ({type(exc).__name__}). "
+                         "Fix: export it again with `pfadseg export --checkpoint CHECKPOINT`.") from exc
 
 
 def _require_exporter() -> None:

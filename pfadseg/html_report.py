@@ -274,6 +274,8 @@ def _how_found(t: Thresholds) -> str:
                 "of good pixels")
     elif t.method == "f1":
         text = f"best F1 on {t.n_defects} labelled defect and {t.n_good} good images ({t.source})"
+    elif t.method == "given":
+        text = "an image threshold given by hand (--threshold); the pixel threshold as calibrated"
     else:
         text = "one threshold from before calibration, for images and pixels alike"
     if t.synthetic_recall is not None:

@@ -62,6 +62,14 @@ def infer(model: AnomalyModel, images: torch.Tensor, batch_size: int = 16, bf16:
           compile: bool = False, progress: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Segmentation maps, DeST maps (both float32 (N, H, W)) and image scores (N,)
     of uint8 images (N, 3, S, S), on the device the model is on."""
+    size = model.config.image_size
+    if not (isinstance(images, torch.Tensor) and images.dtype == torch.uint8 and images.ndim == 4
+            and tuple(images.shape[1:]) == (3, size, size)):
+        got = (f"{images.dtype} {tuple(images.shape)}" if hasattr(images, "shape")
+               else type(images).__name__)
+        raise ValueError(f"images must be a uint8 tensor (N, 3, {size}, {size}) for this model, got "
+                         f"{got}. Fix: load them with pfadseg.data.load_image_folder(folder, {size}), "
+                         "or use Detector.predict, which takes images of any size.")
     forward = forward_fn(model, bf16, compile)
     return run_batches(forward, images, batch_size, device_of(model), pad=compile, progress=progress)
 

@@ -23,12 +23,17 @@ SUMMARY_FIELDS = ["image", "name", "score", "normalized_score", "anomalous", "th
                   "defect_area", "error"]
 
 
-def collect_inputs(inputs: list[Path]) -> list[Path]:
-    """Files as given plus the images of given folders (recursively), in order."""
+def collect_inputs(inputs: list[Path], skip: Path | None = None) -> list[Path]:
+    """Files as given plus the images of given folders (recursively), in order,
+    each file once (a file also inside a given folder is not scored twice). Images
+    under the folder `skip` (predict's --out, when it lies in an input folder) are
+    left out: a rerun would otherwise score its own overlays and masks."""
     paths: list[Path] = []
+    skip = skip.resolve() if skip is not None else None
     for item in map(Path, inputs):
         if item.is_dir():
-            found = list_images(item, recursive=True)
+            found = [p for p in list_images(item, recursive=True)
+                     if skip is None or not p.resolve().is_relative_to(skip)]
             if not found:
                 raise DataError(f"{item}: folder holds no images")
             paths += found
@@ -36,7 +41,13 @@ def collect_inputs(inputs: list[Path]) -> list[Path]:
             paths.append(item)
         else:
             raise DataError(f"{item}: no such file or folder")
-    return paths
+    first: dict[Path, Path] = {}
+    for path in paths:
+        first.setdefault(path.resolve(), path)
+    return list(first.values())
+
+
+MAX_NAME_BYTES = 200  # a file system's name limit is 255 bytes
 
 
 def output_names(paths: list[Path]) -> list[str]:
@@ -46,6 +57,8 @@ def output_names(paths: list[Path]) -> list[str]:
     names, used = [], set()
     for p in paths:
         name = p.stem if counts[p.stem] == 1 else f"{p.parent.name}_{p.stem}"
+        while len(name.encode()) > MAX_NAME_BYTES:  # room for "_overlay.png" within 255 bytes
+            name = name[:-1]
         base, i = name, 1
         while name in used:
             name, i = f"{base}_{i}", i + 1

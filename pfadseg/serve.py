@@ -66,11 +66,15 @@ def is_local(host: str) -> bool:
 
 
 def check_bind(host: str, port: int, token: str | None) -> None:
-    """Refuse to bind a non-local `host` without a token, or a port another program
-    holds (before the model loads, and before the page's address is printed)."""
+    """Refuse to bind a non-local `host` without a token, a token no HTTP header can
+    carry, or a port another program holds (before the model loads, and before the
+    page's address is printed)."""
     if not is_local(host) and not token:
         raise ValueError(f"--host {host} makes the server reachable from other machines: give "
                          "--token T as well (every API call then needs it)")
+    if token is not None and not (token.isascii() and token.isprintable() and " " not in token):
+        raise ValueError("--token must be printable ASCII without spaces (it travels in an HTTP "
+                         "header). Fix: e.g. --token $(python -c 'import secrets; print(secrets.token_urlsafe())')")
     try:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         with socket.socket(family, socket.SOCK_STREAM) as probe:  # bound the way uvicorn binds
@@ -81,7 +85,33 @@ def check_bind(host: str, port: int, token: str | None) -> None:
                          "another --port, or stop the program using it.") from exc
 
 
-def decode_upload(name: str, data: bytes, max_pixels: int) -> Image.Image:
+class PixelBudget:
+    """The decoded pixels the server holds at once, over all requests: large images
+    beyond it get 413 (one request alone is over it) or 503 (busy: retry), so that
+    a few small uploads of huge images cannot exhaust the memory."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.held = limit, 0
+        self.lock = threading.Lock()
+
+    def take(self, name: str, pixels: int, request_holds: int) -> None:
+        """Reserve `pixels` for one image of a request already holding `request_holds`."""
+        with self.lock:
+            if request_holds + pixels > self.limit:
+                raise UploadError(413, f"{name}: the request's images hold over {self.limit / 1e6:g} "
+                                       "megapixels in all (4x --max-megapixels). Fix: send fewer "
+                                       "images per request, or smaller ones.")
+            if self.held + pixels > self.limit:
+                raise UploadError(503, f"{name}: busy with other large images; retry in a moment")
+            self.held += pixels
+
+    def give(self, pixels: int) -> None:
+        with self.lock:
+            self.held -= pixels
+
+
+def decode_upload(name: str, data: bytes, max_pixels: int, budget: PixelBudget | None = None,
+                  request_holds: int = 0) -> Image.Image:
     """Decode one uploaded file, refusing empty, non-image, corrupt and oversized ones.
 
     The size is checked from the header, before any pixel is decoded; PIL itself
@@ -92,11 +122,19 @@ def decode_upload(name: str, data: bytes, max_pixels: int) -> Image.Image:
         raise UploadError(400, f"{name}: empty file")
     try:
         image = Image.open(BytesIO(data), formats=FORMATS)
-        if image.width * image.height > max_pixels:
+        pixels = image.width * image.height
+        if pixels > max_pixels:
             raise UploadError(413, f"{name}: {image.width}x{image.height} pixels is over the "
                                    f"limit of {max_pixels / 1e6:g} megapixels (--max-megapixels). "
                                    "Fix: downscale the image.")
-        image.load()
+        if budget is not None:
+            budget.take(name, pixels, request_holds)
+        try:
+            image.load()
+        except BaseException:
+            if budget is not None:
+                budget.give(pixels)
+            raise
     except UnidentifiedImageError:
         raise UploadError(415, f"{name}: not an image (send PNG, JPEG, BMP, TIFF or WebP)") from None
     except Image.DecompressionBombError as exc:
@@ -222,6 +260,7 @@ def create_app(detector: Detector, token: str | None = None,
     max_bytes = int(max_upload_mb * 2**20)
     max_pixels = int(max_megapixels * 1e6)
     model_queue = ModelQueue(detector)
+    budget = PixelBudget(4 * max_pixels)
     page = (files("pfadseg") / "static" / "index.html").read_text(encoding="utf-8")
     app = FastAPI(title="pfadseg", description=__doc__, version=detector.info()["version"],
                   docs_url="/docs", redoc_url=None)
@@ -240,7 +279,7 @@ def create_app(detector: Detector, token: str | None = None,
     async def index() -> str:
         return page
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health() -> dict:
         """Open, like the page: load balancers' probes send no token, and it tells nothing."""
         return {"status": "ok"}
@@ -254,23 +293,29 @@ def create_app(detector: Detector, token: str | None = None,
     async def predict(request: Request) -> dict:
         """Score the images in the multipart field "file" (repeat it for several)."""
         authorize(request)
-        async with request.form(max_files=MAX_FILES, max_fields=MAX_FILES) as form:
-            uploads = [u for u in form.getlist("file") if isinstance(u, UploadFile)]
-            if not uploads:
-                raise HTTPException(400, "no images: send one or more files in the multipart "
-                                         "form field 'file'")
-            names, images = [], []
-            for i, upload in enumerate(uploads):
-                name = upload.filename or f"file {i + 1}"
-                if upload.size is not None and upload.size > max_bytes:
-                    raise UploadError(413, f"{name}: {upload.size / 2**20:.1f} MB is over the upload "
-                                           f"limit of {max_upload_mb:g} MB (--max-upload-mb)")
-                data = await upload.read()
-                images.append(await run_in_threadpool(decode_upload, name, data, max_pixels))
-                names.append(name)
-        predictions = await model_queue.predict(images, names)
-        threshold = detector.thresholds.image
-        return {"results": [await run_in_threadpool(result_json, p, threshold) for p in predictions]}
+        held = 0  # decoded pixels this request holds, given back when it is answered
+        try:
+            async with request.form(max_files=MAX_FILES, max_fields=MAX_FILES) as form:
+                uploads = [u for u in form.getlist("file") if isinstance(u, UploadFile)]
+                if not uploads:
+                    raise HTTPException(400, "no images: send one or more files in the multipart "
+                                             "form field 'file'")
+                names, images = [], []
+                for i, upload in enumerate(uploads):
+                    name = upload.filename or f"file {i + 1}"
+                    if upload.size is not None and upload.size > max_bytes:
+                        raise UploadError(413, f"{name}: {upload.size / 2**20:.1f} MB is over the "
+                                               f"upload limit of {max_upload_mb:g} MB (--max-upload-mb)")
+                    data = await upload.read()
+                    image = await run_in_threadpool(decode_upload, name, data, max_pixels, budget, held)
+                    held += image.width * image.height
+                    images.append(image)
+                    names.append(name)
+            predictions = await model_queue.predict(images, names)
+            threshold = detector.thresholds.image
+            return {"results": [await run_in_threadpool(result_json, p, threshold) for p in predictions]}
+        finally:
+            budget.give(held)
 
     return app
 

@@ -38,6 +38,7 @@ STATE_FORMAT = ckpt.STATE_FORMAT
 CHECKPOINT_NAME = ckpt.CHECKPOINT_NAME
 STATE_NAME = "train_state.safetensors"
 VALIDATION_CSV, VALIDATION_JSON = "validation.csv", "validation.json"
+ROTATIONS = ("auto", "none", "small", "right_angle")  # auto: the official policy by category
 
 
 class TrainingError(RuntimeError):
@@ -59,6 +60,8 @@ class TrainData:
         """The good images of a folder at size x size, with defects from the texture
         folder (built-in procedural textures without one) and the rotation policy
         (`auto`: the official choice for an MVTec `category`, else none)."""
+        if rotation not in ROTATIONS:
+            raise ValueError(f"unknown rotation {rotation!r}; choose from {ROTATIONS}")
         images = load_train_images(Path(train_dir), size, skip_bad=skip_bad)
         if textures is not None:
             texture_images = load_textures(Path(textures), size, texture_limit)

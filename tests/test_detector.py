@@ -1,6 +1,9 @@
 """`Detector`: train, load and predict through one object, and what a `Prediction` holds."""
 from __future__ import annotations
 
+import re
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -71,6 +74,102 @@ def test_bad_inputs_are_named(trained: Detector, tmp_path: Path) -> None:
         trained.predict([IMAGES[0], np.zeros((8, 8), dtype=np.float32)])
     with pytest.raises(DataError, match="image 0: int is not an image"):
         trained.predict([3])  # type: ignore[list-item]
+    with pytest.raises(DataError, match=r"image 0: empty \(0x0 pixels\)"):
+        trained.predict([np.zeros((0, 0, 3), dtype=np.uint8)])
+    bomb = tmp_path / "bomb.png"  # a PNG header claiming 20000 x 20000 pixels
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    bomb.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 20000, 20000, 8, 0, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+    with pytest.raises(DataError, match="bomb.png: too many pixels to decode safely.*Fix: downscale"):
+        trained.predict([bomb])
+    with pytest.raises(DataError, match="a folder, not an image.*collect_inputs"):
+        trained.predict([BOTTLE / "test" / "good"])
+    for one in (IMAGES[0], str(IMAGES[0]), Image.open(IMAGES[0]), np.zeros((8, 8, 3), np.uint8)):
+        with pytest.raises(TypeError, match=r"predict takes a list of images.*predict\(\[image\]\)"):
+            trained.predict(one)  # type: ignore[arg-type]
+    assert len(trained.predict(iter(IMAGES), names=iter("ab"))) == 2  # any iterable, read once
+    for size in (0, -1):
+        with pytest.raises(ValueError, match="batch_size must be a whole number of 1 or more"):
+            trained.predict(IMAGES, batch_size=size)
+        with pytest.raises(ValueError, match="batch_size must be a whole number of 1 or more"):
+            Detector.load(trained.checkpoint, device="cpu", batch_size=size)
+    with pytest.raises(ValueError, match="threshold 5 is not between 0 and 1"):
+        Detector.load(trained.checkpoint, device="cpu", threshold=5)
+    assert "anomaly_map" not in repr(trained.predict(IMAGES[:1])[0])  # no array dump in a notebook
+
+
+def test_low_level_inference_refuses_images_it_would_misread(trained: Detector) -> None:
+    """infer and calibrate take uint8 at the model's size: float images in [0, 1] were
+    divided by 255 again, silently."""
+    import torch
+
+    from pfadseg.calibration import calibrate
+    from pfadseg.inference import infer
+
+    good = torch.zeros((2, 3, 64, 64), dtype=torch.uint8)
+    for bad, got in ((good.float() / 255, "torch.float32"), (torch.zeros((2, 3, 128, 128), dtype=torch.uint8),
+                                                             "(2, 3, 128, 128)"), (good.numpy(), "uint8")):
+        with pytest.raises(ValueError, match=f"uint8 tensor \\(N, 3, 64, 64\\) for this model, got .*{re.escape(got)}"):
+            infer(trained.model, bad)
+    with pytest.raises(ValueError, match="uint8 tensor"):
+        calibrate(trained.model, good.float(), None, 0)
+
+
+def test_train_checks_python_arguments_before_any_work(tmp_path: Path) -> None:
+    """The command line's checks, for Detector.train: nothing is written."""
+    for schedule, words in (({"stage2_steps": -3}, "stage2_steps must be a whole number of 0"),
+                            ({"batch_size": "4"}, "batch_size must be a whole number of 1"),
+                            ({"lr_student": 0}, "lr_student must be a number above 0"),
+                            ({"rotation": "big"}, "unknown rotation 'big'; choose from")):
+        with pytest.raises(ValueError, match=words):
+            Detector.train(BOTTLE / "train" / "good", tmp_path / "run", teacher="efficientnet_lite0",
+                           image_size=64, preset_name="tiny", device="cpu", **schedule)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_file_also_inside_a_given_folder_is_scored_once() -> None:
+    from pfadseg.predict import collect_inputs, output_names
+
+    folder = BOTTLE / "test" / "good"
+    paths = collect_inputs([folder, folder / "000.jpg"])
+    assert paths == collect_inputs([folder]) and len(set(output_names(paths))) == len(paths)
+
+
+def test_predict_leaves_out_its_own_output_folder_and_long_names(trained: Detector, tmp_path: Path) -> None:
+    """--out inside an input folder: a rerun scored its own overlays and masks before."""
+    from pfadseg.predict import collect_inputs, output_names, predict_files
+
+    folder = tmp_path / "line"
+    folder.mkdir()
+    for path in IMAGES:
+        (folder / f"{path.parent.name}.jpg").write_bytes(path.read_bytes())
+    out = folder / "preds"
+    for _ in range(2):
+        rows = predict_files(trained, collect_inputs([folder], skip=out), out, progress=False)
+        assert len(rows) == 2
+    long = output_names([tmp_path / ("検" * 83 + ".png")])[0]
+    assert len(long.encode()) <= 200 and long.startswith("検")  # + "_overlay.png" fits 255 bytes
+
+
+def test_a_given_threshold_is_named_and_a_calibrated_copy_finds_the_onnx_file(trained: Detector,
+                                                                              tmp_path: Path) -> None:
+    given = Detector.load(trained.checkpoint, device="cpu", threshold=0.3)
+    assert given.info()["threshold_method"] == "given" and given.thresholds.pixel == trained.thresholds.pixel
+    pytest.importorskip("onnxruntime", reason="needs the onnx extra")
+    calibrated = tmp_path / "checkpoint.calibrated.safetensors"
+    calibrated.write_bytes(trained.checkpoint.read_bytes())
+    (tmp_path / "checkpoint.onnx").write_bytes(b"junk")  # the original's export: same weights
+    with pytest.raises(ValueError, match=r"checkpoint\.onnx: not an ONNX model"):
+        Detector.load(calibrated, backend="onnx")
+
+
+def test_an_mvtec_train_good_folder_stands_for_its_category(tmp_path: Path) -> None:
+    from pfadseg.data import category_of
+
+    assert category_of(BOTTLE / "train" / "good") == "bottle"  # bottle's official rotation, as --category
+    assert category_of(tmp_path / "my_parts" / "good") == "good"
+    assert category_of(tmp_path / "parts") == "parts"
 
 
 @pytest.mark.slow  # the ONNX export took 2.5 minutes on 2 busy cores

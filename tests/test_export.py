@@ -151,6 +151,10 @@ def test_missing_onnx_file_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="pfadseg export") as info:
         onnx_map_fn(missing)
     assert "nope.onnx" in str(info.value)
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"not a model")
+    with pytest.raises(ValueError, match="junk.onnx: not an ONNX model onnxruntime can load.*Fix: export"):
+        onnx_map_fn(junk)
 
 
 def test_missing_onnxruntime_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

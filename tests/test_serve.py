@@ -28,7 +28,7 @@ from pfadseg.demo import demo_root  # noqa: E402
 from pfadseg.detector import Detector  # noqa: E402
 from pfadseg.models import AnomalyModel, ModelConfig  # noqa: E402
 from pfadseg.models.teacher import RANDOM  # noqa: E402
-from pfadseg.serve import ModelQueue, create_app, is_local, serve  # noqa: E402
+from pfadseg.serve import ModelQueue, PixelBudget, UploadError, create_app, is_local, serve  # noqa: E402
 
 spec = importlib.util.spec_from_file_location(
     "load_test", Path(__file__).parents[1] / "benchmarks" / "load_test.py")
@@ -84,6 +84,7 @@ def png_header(width: int, height: int) -> bytes:
 
 def test_health_and_model(client: TestClient) -> None:
     assert client.get("/health").json() == {"status": "ok"}
+    assert client.head("/health").status_code == 200  # probes that send HEAD
     info = client.get("/model").json()
     assert info["variant"] == "pfadseg" and info["teacher"] == "efficientnet_lite0"
     assert info["threshold"] == 0.4 and info["pixel_threshold"] == 0.6
@@ -174,6 +175,39 @@ def test_upload_limits(detector: Detector) -> None:
         too_many = [("file", (f"{i}.jpg", b"x", "image/jpeg")) for i in range(17)]
         response = normal.post("/predict", files=too_many)
         assert response.status_code == 400 and "files" in response.json()["detail"].lower()
+
+
+def test_decoded_pixels_are_bounded_over_requests(detector: Detector) -> None:
+    """Small files of huge images could fill the memory: the server holds at most 4x
+    --max-megapixels of decoded images; a request alone over it gets 413, one arriving
+    while others hold it 503; what a request held is given back when it is answered."""
+    pixels = Image.open(IMAGE).width * Image.open(IMAGE).height  # 256 x 256
+    with TestClient(create_app(detector, max_megapixels=6 * pixels / 4e6)) as c:  # room for 6
+        for _ in range(2):  # the first request's pixels were given back
+            assert c.post("/predict", files=upload(*[IMAGE] * 6)).status_code == 200
+        response = c.post("/predict", files=upload(*[IMAGE] * 7))
+        assert response.status_code == 413 and "fewer images per request" in response.json()["detail"]
+        bad = [("file", ("cut.png", png_header(8, 8)[:-20], "image/png"))]
+        assert c.post("/predict", files=upload(IMAGE) + bad).status_code == 400
+        assert c.post("/predict", files=upload(*[IMAGE] * 6)).status_code == 200  # none leaked
+    budget = PixelBudget(10)
+    budget.take("a", 6, request_holds=0)
+    with pytest.raises(UploadError) as busy:
+        budget.take("b", 6, request_holds=0)
+    assert busy.value.status_code == 503 and "retry" in busy.value.detail
+    budget.give(6)
+    budget.take("b", 6, request_holds=0)
+
+
+def test_serve_options_are_checked_before_the_model_loads(detector: Detector, capsys) -> None:
+    with pytest.raises(ValueError, match="--token must be printable ASCII"):
+        serve(detector, token="sécret")  # no HTTP header can carry it: the page could never log in
+    for option, value, words in (("--port", "99999", "is not a port"),
+                                 ("--max-megapixels", "0", "is not a number above 0"),
+                                 ("--max-upload-mb", "-1", "is not a number above 0")):
+        with pytest.raises(SystemExit):
+            main(["serve", "--checkpoint", "missing.safetensors", option, value])
+        assert f"{option}: '{value}' {words}" in capsys.readouterr().err
 
 
 def test_token_guards_every_api_call_but_not_the_page(detector: Detector) -> None:

@@ -111,6 +111,7 @@ def test_validation_figures_see_a_model_that_finds_the_defects() -> None:
         def __init__(self, invert: bool) -> None:
             super().__init__()
             self.invert, self.weight = invert, torch.nn.Parameter(torch.zeros(1))
+            self.config = ModelConfig(image_size=32)  # what inference checks its inputs against
             self.lookup = {img.numpy().tobytes(): m for img, m in zip(vset.images, vset.masks)}
 
         def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
