@@ -1,6 +1,17 @@
 """pfadseg: unsupervised anomaly detection and segmentation (PFADSeg and DeSTSeg)."""
 __version__ = "0.1.0"
 __all__ = ["Detector", "Prediction", "__version__"]
+JOB_ENV = "PFADSEG_BENCHMARK_JOB"  # set by `pfadseg benchmark` for the subprocesses it starts
+
+
+def heed_interrupts() -> None:
+    """In a `benchmark` job, restore Ctrl-C's handler at once: a shell starts background
+    jobs with SIGINT ignored, and the benchmark passes its interrupts on as SIGINT."""
+    import os
+    import signal
+
+    if os.environ.get(JOB_ENV):
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def __getattr__(name: str) -> object:

@@ -29,6 +29,7 @@ from typing import IO
 
 import torch
 
+from . import JOB_ENV
 from .data import DataError, mvtec_category
 from .report import ABLATION, CATEGORIES, MODULES, modules_of, read_results, write_report
 from .runtime import resolve_device
@@ -296,13 +297,22 @@ def run_jobs(jobs: list[Job], slots: list[Slot], runner: Runner, progress: Progr
     try:
         _wait(ended)
     except KeyboardInterrupt:
-        with _LOCK:
-            _STOPPING.set()
-            for child in _CHILDREN:  # a terminal's Ctrl-C reached them too; `kill` did not
-                if child.poll() is None:
-                    child.send_signal(signal.SIGINT)
-        _wait(ended)  # each saves its state and exits
+        _signal_children(signal.SIGINT)  # a terminal's Ctrl-C reached them too; `kill` did not
+        try:
+            _wait(ended)  # each stops after its last saved state
+        except KeyboardInterrupt:  # a second interrupt: stop them now
+            _signal_children(signal.SIGTERM)
+            _wait(ended)
         raise
+
+
+def _signal_children(signum: int) -> None:
+    """Start no job or step any more, and send `signum` to the running ones."""
+    with _LOCK:
+        _STOPPING.set()
+        for child in _CHILDREN:
+            if child.poll() is None:
+                child.send_signal(signum)
 
 
 def _wait(events: list[threading.Event]) -> None:
@@ -316,7 +326,6 @@ def _wait(events: list[threading.Event]) -> None:
 _CHILDREN: set[subprocess.Popen] = set()  # the jobs' running subprocesses
 _STOPPING = threading.Event()  # set on an interrupt: no job or step starts after it
 _LOCK = threading.Lock()  # a child starts, or the interrupt reaches all children, at one time
-JOB_ENV = "PFADSEG_BENCHMARK_JOB"  # marks a job's subprocess: it heeds SIGINT (see cli.main)
 
 
 def _interrupt(signum: int, frame: object) -> None:

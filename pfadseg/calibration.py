@@ -47,7 +47,7 @@ from .synthesis import DefectSynthesizer
 
 DEFAULT_FALSE_ALARM_RATE = 0.01  # of good images flagged by the image threshold
 DEFAULT_PIXEL_FALSE_ALARM_RATE = 0.001  # of good pixels inside the predicted mask
-FEW_GOOD_IMAGES = 20  # fewer give a rough image threshold (a normal fitted to few scores)
+FEW_GOOD_IMAGES = 20  # fewer give rough thresholds (a normal fitted to few scores; F1 on few)
 HELD_OUT_FRACTION = 0.1  # of the good training images, kept for calibration
 MIN_HELD_OUT, MAX_HELD_OUT = 4, 30  # fewer than 2 * MIN_HELD_OUT images: none held out
 SYNTHETIC_COPIES = 2  # synthetic defects drawn per held-out good image

@@ -5,7 +5,6 @@ import argparse
 import json
 import logging
 import os
-import signal
 import sys
 import time
 from collections.abc import Callable
@@ -16,9 +15,8 @@ from tqdm import tqdm
 
 from . import __version__
 from . import distributed as dist
-from .benchmark import JOB_ENV
 from .calibration import DEFAULT_FALSE_ALARM_RATE, DEFAULT_PIXEL_FALSE_ALARM_RATE, FEW_GOOD_IMAGES
-from .checkpoint import CheckpointError, load_checkpoint, read_meta
+from .checkpoint import CheckpointError, load_checkpoint
 from .config import LR_SCHEDULES, PRESETS, preset
 from .data import (DataError, category_of, load_textures, mvtec_category, texture_paths,
                    train_image_paths)
@@ -26,11 +24,10 @@ from .models import TEACHERS, ModelConfig, TeacherWeightsError
 from .models.teacher import RANDOM
 from .runtime import DEVICE_HELP, cpu_heap_settings, place, resolve_device
 from .synthesis import DefectSynthesizer, procedural_textures
-from .trainer import (ROTATIONS, STATE_FORMAT, STATE_NAME, VALIDATION_JSON, TrainData, TrainingError,
-                      check_out_dir, train)
+from .trainer import (MODULES, RESUMED, ROTATIONS, VALIDATION_JSON, TrainData, TrainingError, check_out_dir,
+                      resumed_settings, train)
 
 log = logging.getLogger("pfadseg")
-MODULES = ("aff", "pcar", "rcm")
 COMPILE_HELP = ("compile the model with torch.compile (Inductor, needs a C++ compiler): "
                 "about 2.5x faster after one to two minutes of compiling; pays off for "
                 "hundreds of images")
@@ -183,57 +180,18 @@ def _device(args: argparse.Namespace) -> torch.device:
     return device
 
 
-# what a resumed run keeps from the run it continues: option -> where that run holds it
-# (its state file's "model" and "train" settings, or its config.json)
-RESUMED = {"teacher": "model", "image_size": "model",
-           **{name: "train" for name in ("batch_size", "stage1_steps", "stage2_steps", "lr_student",
-                                         "lr_schedule", "student_checks", "seed", "save_every")},
-           "preset": "run", "rotation": "run", "textures": "run", "texture_limit": "run"}
-
-
 def _resume_settings(args: argparse.Namespace) -> None:
     """Fill a --resume command's model, schedule and data options from the run it
-    continues, which cannot change them half-way: an option left out takes the run's
-    value, one given with another value is refused (one given with its default value
-    counts as left out). --no-bf16, --no-compile and --device still apply (how the
-    rest runs, not what it learns)."""
-    meta = read_meta(args.out / STATE_NAME, kind=STATE_FORMAT)
-    try:
-        run = json.loads((args.out / "config.json").read_text())
-    except (OSError, ValueError):
-        run = {}  # preset and data options were then not recorded: only the state's are checked
-    saved = {"model": meta["model"], "train": meta["train"], "run": run}
-    defaults, differ = _train_parser(), []
-    modules = {m: getattr(args, m) for m in MODULES}  # --model stands for its three modules
+    continues (see trainer.resumed_settings); --model stands for its three modules."""
+    defaults = _train_parser()
+    modules = {m: getattr(args, m) for m in MODULES}
     if args.model != defaults.get_default("model"):
         named = ModelConfig.named(args.model)
         modules = {m: getattr(named, m) if on is None else on for m, on in modules.items()}
-    was = {m: meta["model"][m] for m in MODULES}
-    wanted = {**was, **{m: on for m, on in modules.items() if on is not None}}
-    if wanted != was:
-        differ.append(f"model {_variant(wanted)} (the run's: {_variant(was)})")
-    for m in MODULES:
-        setattr(args, m, was[m])
-    if args.textures is not None:
-        args.textures = args.textures.resolve()
-    for name, where in RESUMED.items():
-        if name not in saved[where]:
-            continue
-        value, kept = getattr(args, name), saved[where][name]
-        if value is not None and value != defaults.get_default(name) and str(value) != str(kept):
-            differ.append(f"--{name.replace('_', '-')} {value} (the run's: {kept})")
-        elif name == "textures":
-            args.textures = None if kept is None else Path(kept)
-        else:
-            setattr(args, name, kept)
-    if differ:
-        raise TrainingError(f"--resume continues the run in {args.out} with the settings it started "
-                            f"with; these differ: {', '.join(differ)}. Fix: leave them out, or start "
-                            "a new run with another --out.")
-
-
-def _variant(modules: dict[str, bool]) -> str:
-    return ModelConfig.named("destseg", **modules).variant
+    given = {name: getattr(args, name) for name in RESUMED}
+    kept = resumed_settings(args.out, {**given, **modules},
+                            {name: defaults.get_default(name) for name in [*RESUMED, *MODULES]})
+    vars(args).update(kept)
 
 
 def _train_parser() -> argparse.ArgumentParser:
@@ -381,8 +339,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     size = model.config.image_size
     good = load_image_folder(args.good, size, skip_bad=args.skip_bad_images)
     if len(good) < FEW_GOOD_IMAGES:
-        log.warning("only %d good image(s) in %s: the image threshold from a normal fitted to so "
-                    "few scores is rough; %d or more are better", len(good), args.good, FEW_GOOD_IMAGES)
+        log.warning("only %d good image(s) in %s: thresholds from so few are rough; %d or more "
+                    "are better", len(good), args.good, FEW_GOOD_IMAGES)
     defects, masks, synthesizer = None, None, None
     if args.defects is not None:
         defects, masks = load_defect_set(args.defects, args.masks, size)
@@ -654,8 +612,6 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if os.environ.get(JOB_ENV):  # a `benchmark` job: its parent passes interrupts on as SIGINT,
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # heeded even where ignored
     try:
         return args.func(args)
     except (DataError, CheckpointError, TeacherWeightsError, TrainingError, ValueError,

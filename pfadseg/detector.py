@@ -29,7 +29,7 @@ from .data import DataError, category_of, load_rgb, to_rgb
 from .models import AnomalyModel, ModelConfig
 from .predict import MapFn
 from .runtime import place, resolve_device
-from .trainer import TrainData, train
+from .trainer import MODULES, TrainData, check_out_dir, resumed_settings, train
 from .visualize import mask_image, overlay
 
 ImageInput = Union[str, Path, Image.Image, np.ndarray]
@@ -240,14 +240,33 @@ class Detector:
         `image_size` are its own); `schedule` overrides fields of the preset's
         TrainConfig (batch_size, stage1_steps, ...). Without `textures` (a folder
         of texture images such as DTD's) synthetic defects use built-in
-        procedural textures; `skip_bad` logs and skips unreadable images. Writes
+        procedural textures; `skip_bad` logs and skips unreadable images. With
+        `resume`, settings left at their defaults come from the run in `out_dir`
+        and others must match it (see trainer.resumed_settings). Writes
         out_dir/checkpoint.safetensors.
         """
         train_dir = Path(train_dir)
         category = category or category_of(train_dir)
         train_config = preset(preset_name, **schedule)  # bad overrides fail before any image loads
+        if texture_limit is not None:
+            _positive("texture_limit", texture_limit)
         model_cfg = model if isinstance(model, ModelConfig) else ModelConfig.named(
             model, teacher=teacher, image_size=image_size)
+        if resume:
+            check_out_dir(Path(out_dir), resume=True)
+            explicit = isinstance(model, ModelConfig) or model != "pfadseg"
+            given = {"preset": preset_name, "rotation": rotation, "textures": textures,
+                     "texture_limit": texture_limit, **schedule,
+                     **({m: getattr(model_cfg, m) for m in MODULES} if explicit else {}),
+                     "teacher": model_cfg.teacher if explicit else teacher,
+                     "image_size": model_cfg.image_size if explicit else image_size}
+            kept = resumed_settings(Path(out_dir), given, {"preset": "cpu", "rotation": "auto",
+                                                          "teacher": "resnet18", "image_size": 256})
+            model_cfg = dataclasses.replace(model_cfg, **{k: kept[k] for k in (*MODULES, "teacher",
+                                                                              "image_size")})
+            preset_name, rotation, textures, texture_limit = (kept["preset"], kept["rotation"],
+                                                             kept["textures"], kept["texture_limit"])
+            train_config = preset(preset_name, **schedule)  # train() takes the run's own schedule
         data = TrainData.from_folder(train_dir, model_cfg.image_size, textures, texture_limit, rotation,
                                      category, skip_bad=skip_bad)
         path = train(model_cfg, train_config, data, Path(out_dir),

@@ -21,19 +21,25 @@ if TYPE_CHECKING:  # detector imports this module (MapFn)
 MapFn = Callable[[torch.Tensor], tuple[np.ndarray, np.ndarray]]  # uint8 batch -> (maps, scores)
 SUMMARY_FIELDS = ["image", "name", "score", "normalized_score", "anomalous", "threshold",
                   "defect_area", "error"]
+MAX_NAME_BYTES = 200  # a file system's name limit is 255 bytes
+OUTPUT_SUFFIXES = ("_overlay.png", "_mask.png")  # the images predict_files writes per input
 
 
 def collect_inputs(inputs: list[Path], skip: Path | None = None) -> list[Path]:
     """Files as given plus the images of given folders (recursively), in order,
-    each file once (a file also inside a given folder is not scored twice). Images
-    under the folder `skip` (predict's --out, when it lies in an input folder) are
-    left out: a rerun would otherwise score its own overlays and masks."""
+    each file once (a file also inside a given folder is not scored twice). The
+    overlays and masks `predict_files` wrote under the folder `skip` (--out) are
+    left out: with --out among the inputs, a rerun would score them too."""
     paths: list[Path] = []
     skip = skip.resolve() if skip is not None else None
+
+    def ours(path: Path) -> bool:
+        return (skip is not None and path.name.endswith(OUTPUT_SUFFIXES)
+                and path.resolve().is_relative_to(skip))
+
     for item in map(Path, inputs):
         if item.is_dir():
-            found = [p for p in list_images(item, recursive=True)
-                     if skip is None or not p.resolve().is_relative_to(skip)]
+            found = [p for p in list_images(item, recursive=True) if not ours(p)]
             if not found:
                 raise DataError(f"{item}: folder holds no images")
             paths += found
@@ -45,9 +51,6 @@ def collect_inputs(inputs: list[Path], skip: Path | None = None) -> list[Path]:
     for path in paths:
         first.setdefault(path.resolve(), path)
     return list(first.values())
-
-
-MAX_NAME_BYTES = 200  # a file system's name limit is 255 bytes
 
 
 def output_names(paths: list[Path]) -> list[str]:

@@ -448,6 +448,9 @@ def check_out_dir(out_dir: Path, resume: bool) -> None:
                             "the run (it is created if missing).")
     state_path, checkpoint = out_dir / STATE_NAME, out_dir / CHECKPOINT_NAME
     if resume:
+        if not state_path.is_file() and checkpoint.is_file():
+            raise TrainingError(f"--resume: the run in {out_dir} is finished ({checkpoint}); "
+                                "nothing to resume. Fix: choose another --out for a new run.")
         if not state_path.is_file():
             raise TrainingError(f"--resume: no state file {state_path} to resume from. Fix: "
                                 "drop --resume to start a new run.")
@@ -466,6 +469,53 @@ def check_out_dir(out_dir: Path, resume: bool) -> None:
     elif checkpoint.is_file():
         raise TrainingError(f"{out_dir} holds a finished run ({checkpoint}). "
                             "Fix: choose another --out, or delete that folder to train it again.")
+
+
+# what a resumed run keeps from the run it continues: setting -> where that run holds it
+# (its state file's "model" and "train" settings, or its config.json)
+RESUMED = {"teacher": "model", "image_size": "model",
+           **{name: "train" for name in ("batch_size", "stage1_steps", "stage2_steps", "lr_student",
+                                         "lr_schedule", "student_checks", "seed", "save_every")},
+           "preset": "run", "rotation": "run", "textures": "run", "texture_limit": "run"}
+MODULES = ("aff", "pcar", "rcm")
+
+
+def resumed_settings(out_dir: Path, given: dict[str, object], defaults: dict[str, object]) -> dict:
+    """The settings of a resumed run, which cannot change half-way: each setting of
+    RESUMED and MODULES left at its default takes the run's value; one given with
+    another value is refused, naming it (a setting given with its default value counts
+    as left out). bf16, compiling and the device are not among them: they may change."""
+    out_dir = Path(out_dir)
+    meta = ckpt.read_meta(out_dir / STATE_NAME, kind=STATE_FORMAT)
+    try:
+        run = json.loads((out_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        run = {}  # preset and data settings were then not recorded: only the state's are checked
+    saved = {"model": meta["model"], "train": meta["train"], "run": run}
+    differ, kept = [], {}
+    was = {m: meta["model"][m] for m in MODULES}
+    wanted = {**was, **{m: given[m] for m in MODULES if given.get(m) not in (None, defaults.get(m))}}
+    if wanted != was:
+        differ.append(f"model {_variant(wanted)} (the run's: {_variant(was)})")
+    kept.update(was)
+    for name, where in RESUMED.items():
+        if name not in saved[where]:
+            continue
+        value, run_value = given.get(name), saved[where][name]
+        if name == "textures" and value is not None:
+            value = Path(value).resolve()
+        if value is not None and value != defaults.get(name) and str(value) != str(run_value):
+            differ.append(f"--{name.replace('_', '-')} {value} (the run's: {run_value})")
+        kept[name] = Path(run_value) if name == "textures" and run_value is not None else run_value
+    if differ:
+        raise TrainingError(f"--resume continues the run in {out_dir} with the settings it started "
+                            f"with; these differ: {', '.join(differ)}. Fix: leave them out, or start "
+                            "a new run with another --out.")
+    return kept
+
+
+def _variant(modules: dict[str, bool]) -> str:
+    return ModelConfig.named("destseg", **modules).variant
 
 
 def train(model_config: ModelConfig, train_config: TrainConfig, data: TrainData, out_dir: Path,

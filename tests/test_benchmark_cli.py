@@ -303,15 +303,18 @@ def test_an_interrupt_to_the_parent_alone_stops_the_running_job(tmp_path: Path) 
 
 def test_a_job_heeds_the_interrupt_passed_on_even_where_sigint_was_ignored(monkeypatch) -> None:
     """A benchmark started in the background by a script runs with SIGINT ignored, and so
-    do its jobs: they restore Ctrl-C's handler, or the interrupt passed on would do nothing."""
-    from pfadseg import cli
+    do its jobs: `python -m pfadseg` restores Ctrl-C's handler first thing in a job (before
+    its imports), or the interrupt passed on would do nothing."""
+    import pfadseg
 
-    seen = []
-    monkeypatch.setattr(cli, "cmd_report", lambda args: seen.append(signal.getsignal(signal.SIGINT)) or 0)
-    monkeypatch.setenv(benchmark.JOB_ENV, "1")
     before = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        assert main(["report", "x.json", "--out", "tables"]) == 0
+        pfadseg.heed_interrupts()  # not a job: left as it was
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        monkeypatch.setenv(pfadseg.JOB_ENV, "1")
+        pfadseg.heed_interrupts()
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     finally:
         signal.signal(signal.SIGINT, before)
-    assert seen == [signal.default_int_handler]
+    main_py = (Path(pfadseg.__file__).parent / "__main__.py").read_text()
+    assert main_py.index("heed_interrupts()") < main_py.index("from .cli import main")

@@ -168,7 +168,7 @@ def test_cli_calibrate_with_real_defects_uses_f1(trained: Path, tmp_path: Path, 
     t = Thresholds.from_meta(read_meta(out))
     assert t.method == "f1" and (t.n_good, t.n_defects) == (2, 2)
     assert "pfadseg calibrate on" in t.source
-    assert "only 2 good image(s)" in caplog.text  # a threshold from 2 images is rough: said so
+    assert "only 2 good image(s)" in caplog.text  # thresholds from 2 images are rough: said so
 
 
 def test_cli_calibrate_refuses_half_of_the_defect_options(trained: Path, capsys) -> None:

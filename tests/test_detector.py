@@ -121,7 +121,8 @@ def test_train_checks_python_arguments_before_any_work(tmp_path: Path) -> None:
     for schedule, words in (({"stage2_steps": -3}, "stage2_steps must be a whole number of 0"),
                             ({"batch_size": "4"}, "batch_size must be a whole number of 1"),
                             ({"lr_student": 0}, "lr_student must be a number above 0"),
-                            ({"rotation": "big"}, "unknown rotation 'big'; choose from")):
+                            ({"rotation": "big"}, "unknown rotation 'big'; choose from"),
+                            ({"texture_limit": 0}, "texture_limit must be a whole number of 1")):
         with pytest.raises(ValueError, match=words):
             Detector.train(BOTTLE / "train" / "good", tmp_path / "run", teacher="efficientnet_lite0",
                            image_size=64, preset_name="tiny", device="cpu", **schedule)
@@ -144,10 +145,10 @@ def test_predict_leaves_out_its_own_output_folder_and_long_names(trained: Detect
     folder.mkdir()
     for path in IMAGES:
         (folder / f"{path.parent.name}.jpg").write_bytes(path.read_bytes())
-    out = folder / "preds"
-    for _ in range(2):
-        rows = predict_files(trained, collect_inputs([folder], skip=out), out, progress=False)
-        assert len(rows) == 2
+    for out in (folder / "preds", folder, tmp_path):  # inside the input folder, it, above it
+        for _ in range(2):
+            rows = predict_files(trained, collect_inputs([folder], skip=out), out, progress=False)
+            assert len(rows) == 2
     long = output_names([tmp_path / ("検" * 83 + ".png")])[0]
     assert len(long.encode()) <= 200 and long.startswith("検")  # + "_overlay.png" fits 255 bytes
 
@@ -162,6 +163,37 @@ def test_a_given_threshold_is_named_and_a_calibrated_copy_finds_the_onnx_file(tr
     (tmp_path / "checkpoint.onnx").write_bytes(b"junk")  # the original's export: same weights
     with pytest.raises(ValueError, match=r"checkpoint\.onnx: not an ONNX model"):
         Detector.load(calibrated, backend="onnx")
+
+
+def test_resume_from_python_keeps_the_runs_settings(tmp_path: Path, monkeypatch, one_thread) -> None:
+    """As `train --resume`: left-out settings come from the run (before, the Python API
+    resumed a run with other rotation and textures, silently); a different one is refused."""
+    from pfadseg.trainer import Trainer, TrainingError
+
+    textures = tmp_path / "textures"
+    textures.mkdir()
+    for path in IMAGES:
+        (textures / f"{path.parent.name}.jpg").write_bytes(path.read_bytes())
+    real_step = Trainer.train_step
+
+    def stop_at_2(self: Trainer) -> dict:
+        if self.step == 2:
+            raise KeyboardInterrupt
+        return real_step(self)
+
+    monkeypatch.setattr(Trainer, "train_step", stop_at_2)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        Detector.train(BOTTLE / "train" / "good", out, model="destseg", teacher="efficientnet_lite0",
+                       image_size=64, preset_name="tiny", rotation="none", textures=textures, device="cpu",
+                       progress=False, stage1_steps=2, stage2_steps=1, bf16=False)
+    monkeypatch.setattr(Trainer, "train_step", real_step)
+    with pytest.raises(TrainingError, match=r"--rotation small \(the run's: none\)"):
+        Detector.train(BOTTLE / "train" / "good", out, rotation="small", device="cpu", resume=True)
+    resumed = Detector.train(BOTTLE / "train" / "good", out, device="cpu", resume=True, progress=False)
+    meta = resumed.meta
+    assert (meta["preset"], meta["rotation"], meta["textures"]) == ("tiny", "none", str(textures.resolve()))
+    assert resumed.info()["variant"] == "destseg" and resumed.info()["image_size"] == 64
 
 
 def test_an_mvtec_train_good_folder_stands_for_its_category(tmp_path: Path) -> None:

@@ -146,6 +146,8 @@ def test_interrupted_run_resumes_bit_exactly(data, reference: tuple[str, Path], 
                      "--device", "cpu", "--out", str(out), "--resume"]) == 0
     assert not (out / STATE_NAME).exists()
     assert_same_weights(out, ref)
+    assert cli.main(train_argv(model, *data, out, "--resume")) == 2  # finished: nothing to resume
+    assert "is finished" in capsys.readouterr().err
     seconds = [float(row[-1]) for row in list(csv.reader(open(out / "losses.csv")))[1:]]
     assert seconds == sorted(seconds)  # the wall clock counts on over the resumes
     config = json.loads((out / "config.json").read_text())
