@@ -264,8 +264,10 @@ class Detector:
                                                           "teacher": "resnet18", "image_size": 256})
             model_cfg = dataclasses.replace(model_cfg, **{k: kept[k] for k in (*MODULES, "teacher",
                                                                               "image_size")})
-            preset_name, rotation, textures, texture_limit = (kept["preset"], kept["rotation"],
-                                                             kept["textures"], kept["texture_limit"])
+            # (a run from before config.json recorded these keeps what was given)
+            preset_name, rotation, textures, texture_limit = (
+                kept.get("preset", preset_name), kept.get("rotation", rotation),
+                kept.get("textures", textures), kept.get("texture_limit", texture_limit))
             train_config = preset(preset_name, **schedule)  # train() takes the run's own schedule
         data = TrainData.from_folder(train_dir, model_cfg.image_size, textures, texture_limit, rotation,
                                      category, skip_bad=skip_bad)
