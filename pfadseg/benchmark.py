@@ -413,7 +413,9 @@ def run_benchmark(args: argparse.Namespace) -> int:
     # categories keeps the others in the tables
     held = [Job(path.parents[2].name, path.parents[1].name, path.parents[1])
             for path in sorted(out.glob("*/*/test/metrics.json"))]
-    results = [job.metrics for job in {job.folder: job for job in jobs + held}.values() if job.finished]
+    pairs = {job.folder: job for job in jobs + held}
+    finished = {folder: job for folder, job in pairs.items() if job.finished}  # each read once
+    results = [job.metrics for job in finished.values()]
     if progress.failed:
         print(f"{len(progress.failed)} pair(s) failed: " + "; ".join(
             f"{job.name} ({job.folder / LOG_NAME})" for job in progress.failed)
@@ -423,7 +425,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
         return 1
     paths = write_report(results, out / "report")
     print(paths[0].read_text())
-    done = sum(job.finished for job in jobs)
+    done = sum(job.folder in finished for job in jobs)
     print(f"tables ({len(results)} finished pairs in {out}, {done} of this command's {len(jobs)}): "
           f"{' '.join(map(str, paths))}")
     return 1 if progress.failed else 0

@@ -7,6 +7,13 @@ from dataclasses import asdict, dataclass, fields, replace
 LR_SCHEDULES = ("constant", "cosine")
 
 
+def check_whole(name: str, value: object, least: int = 1) -> int:
+    """A count or step number given from Python, checked as the command line checks it."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ValueError(f"{name} must be a whole number of {least} or more, got {value!r}")
+    return value
+
+
 @dataclass
 class TrainConfig:
     """Schedule, optimiser and speed settings of the two training stages."""
@@ -47,9 +54,7 @@ class TrainConfig:
             raise ValueError(f"lr_schedule {self.lr_schedule!r}: choose from {LR_SCHEDULES}")
         for name, least in (("batch_size", 1), ("save_every", 1), ("log_every", 1), ("stage1_steps", 0),
                             ("stage2_steps", 0), ("student_checks", 0), ("validations", 0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise ValueError(f"{name} must be a whole number of {least} or more, got {value!r}")
+            check_whole(name, getattr(self, name), least)
         for name in ("lr_student", "lr_seg_res", "lr_seg_head"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:

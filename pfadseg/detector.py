@@ -12,6 +12,7 @@ same numbers for the same image.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,7 @@ from PIL import Image
 
 from .calibration import Thresholds
 from .checkpoint import load_checkpoint, weights_fingerprint
-from .config import preset
+from .config import check_whole, preset
 from .data import DataError, category_of, load_rgb, to_rgb
 from .models import AnomalyModel, ModelConfig
 from .predict import MapFn
@@ -116,13 +117,6 @@ def _rgb(item: ImageInput, index: int) -> np.ndarray:
     return rgb
 
 
-def _positive(name: str, value: object) -> int:
-    """A count argument of the Python API, checked as the command line checks it."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a whole number of 1 or more, got {value!r}")
-    return value
-
-
 def _name(item: ImageInput, index: int) -> str:
     """The input's file name; image_<index>.png for images in memory (still a file
     name, so that e.g. f"overlay_{name}" saves as a PNG)."""
@@ -151,7 +145,7 @@ class Detector:
         compiled forward is built for."""
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose from {BACKENDS}")
-        _positive("batch_size", batch_size)
+        check_whole("batch_size", batch_size)
         if threshold is not None and not 0.0 <= threshold <= 1.0:
             raise ValueError(f"threshold {threshold!r} is not between 0 and 1 (image scores are "
                              "probabilities)")
@@ -205,7 +199,7 @@ class Detector:
             raise TypeError(f"predict takes a list of images, got one {type(images).__name__}. "
                             "Fix: predict([image]).")
         images, names = list(images), None if names is None else list(names)
-        _positive("batch_size", batch_size)
+        check_whole("batch_size", batch_size)
         if names is not None and len(names) != len(images):
             raise ValueError(f"{len(names)} names for {len(images)} images")
         size = self.image_size
@@ -247,9 +241,8 @@ class Detector:
         """
         train_dir = Path(train_dir)
         category = category or category_of(train_dir)
-        train_config = preset(preset_name, **schedule)  # bad overrides fail before any image loads
         if texture_limit is not None:
-            _positive("texture_limit", texture_limit)
+            check_whole("texture_limit", texture_limit)
         model_cfg = model if isinstance(model, ModelConfig) else ModelConfig.named(
             model, teacher=teacher, image_size=image_size)
         if resume:
@@ -260,15 +253,18 @@ class Detector:
                      **({m: getattr(model_cfg, m) for m in MODULES} if explicit else {}),
                      "teacher": model_cfg.teacher if explicit else teacher,
                      "image_size": model_cfg.image_size if explicit else image_size}
-            kept = resumed_settings(Path(out_dir), given, {"preset": "cpu", "rotation": "auto",
-                                                          "teacher": "resnet18", "image_size": 256})
+            defaults = {name: inspect.signature(cls.train).parameters[param].default
+                        for name, param in (("preset", "preset_name"), ("rotation", "rotation"),
+                                            ("teacher", "teacher"), ("image_size", "image_size"))}
+            kept = resumed_settings(Path(out_dir), given, defaults)
             model_cfg = dataclasses.replace(model_cfg, **{k: kept[k] for k in (*MODULES, "teacher",
                                                                               "image_size")})
             # (a run from before config.json recorded these keeps what was given)
             preset_name, rotation, textures, texture_limit = (
                 kept.get("preset", preset_name), kept.get("rotation", rotation),
                 kept.get("textures", textures), kept.get("texture_limit", texture_limit))
-            train_config = preset(preset_name, **schedule)  # train() takes the run's own schedule
+        # bad overrides fail before any image loads; a resumed run's train() takes its own schedule
+        train_config = preset(preset_name, **schedule)
         data = TrainData.from_folder(train_dir, model_cfg.image_size, textures, texture_limit, rotation,
                                      category, skip_bad=skip_bad)
         path = train(model_cfg, train_config, data, Path(out_dir),
