@@ -112,7 +112,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     src = p.add_argument_group("data")
     src.add_argument("--data", type=Path, help="MVTec-layout root holding <category>/train/good")
     src.add_argument("--category", help="category folder under --data (e.g. bottle)")
-    src.add_argument("--train-dir", type=Path, help="or: any folder of defect-free images")
+    src.add_argument("--train-dir", type=Path,
+                     help="or: any folder of defect-free images (with --resume: the run's)")
     src.add_argument("--textures", type=Path,
                      help="folder of texture images for synthetic defects (DTD images/); "
                           "default: built-in procedural textures")
@@ -165,7 +166,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="run eagerly instead of compiled by torch.compile (Inductor): stage 2, "
                         "and stage 1 where the preset compiles it (paper, official)")
     p.add_argument("--out", type=Path, required=True, help="run folder (checkpoint, logs)")
-    p.add_argument("--resume", action="store_true", help="continue the unfinished run in --out")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the unfinished run in --out on its images and settings")
     _add_device_arg(p)
 
 
@@ -201,18 +203,24 @@ def _train_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _check_train_paths(args: argparse.Namespace, train_dir: Path) -> None:
+def _check_train_paths(args: argparse.Namespace) -> None:
     """Every path `pfadseg train` reads or writes, checked before any image is
     decoded or a teacher is built, so a typo fails in a second, not minutes in.
     Under --resume, the options the run keeps are filled in from it first."""
     check_out_dir(args.out, args.resume)
     if args.resume:
         _resume_settings(args)
-    train_image_paths(train_dir)
+        if args.train_dir is None:  # a run from before config.json recorded its images
+            raise DataError(f"{args.out}/config.json does not say which images the run trained "
+                            "on. Fix: add --train-dir DIR (or --data ROOT --category NAME).")
+    train_image_paths(args.train_dir)
     if args.textures is not None:
         texture_paths(args.textures, args.texture_limit)
     weights = args.teacher_weights
-    if weights is not None and weights != RANDOM and not Path(weights).is_file():
+    if args.resume and weights is not None:
+        log.info("--teacher-weights is not needed with --resume: the run's teacher is in its "
+                 "state file")
+    elif weights is not None and weights != RANDOM and not Path(weights).is_file():
         raise TeacherWeightsError(f"--teacher-weights {weights}: file not found. Fix: give a local "
                                   "weights file (.pth or .safetensors), or leave the option out "
                                   "for the standard ImageNet weights.")
@@ -220,13 +228,13 @@ def _check_train_paths(args: argparse.Namespace, train_dir: Path) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     device = _device(args)
-    if args.train_dir is not None:
-        train_dir, category = args.train_dir, args.category or category_of(args.train_dir)
-    elif args.data is not None and args.category:
-        train_dir, category = mvtec_category(args.data, args.category) / "train" / "good", args.category
-    else:
+    if args.data is not None and args.train_dir is None and args.category:
+        args.train_dir = mvtec_category(args.data, args.category) / "train" / "good"
+    elif args.train_dir is None and not args.resume:
         raise DataError("give --data ROOT --category NAME, or --train-dir DIR")
-    _check_train_paths(args, train_dir)
+    _check_train_paths(args)
+    train_dir = args.train_dir
+    category = args.category or category_of(train_dir)
     model_cfg = ModelConfig.named(args.model, aff=args.aff, pcar=args.pcar, rcm=args.rcm,
                                   teacher=args.teacher, image_size=args.image_size)
     train_cfg = preset(args.preset, batch_size=args.batch_size, stage1_steps=args.stage1_steps,
@@ -243,7 +251,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     path = train(model_cfg, train_cfg, data, args.out, teacher_weights=args.teacher_weights,
                  resume=args.resume, device=device,
-                 extra_meta={"category": category, "train_dir": str(train_dir),
+                 extra_meta={"category": category, "train_dir": str(train_dir.resolve()),
                              "preset": args.preset, "rotation": data.rotation,
                              "textures": args.textures and str(args.textures.resolve()),
                              "texture_limit": args.texture_limit})

@@ -39,7 +39,9 @@ def to_rgb(img: Image.Image) -> Image.Image:
             top = max(float(arr.max()), 1.0) if arr.max() > 1 else 1.0
         arr = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
         img = Image.fromarray(arr, mode="L")
-    if img.mode == "P":
+    if img.mode == "La":  # premultiplied alpha: PIL converts it to LA only
+        img = img.convert("LA")
+    if img.mode in ("P", "PA", "RGBa"):
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA"):
         background = Image.new("RGBA", img.size, (0, 0, 0, 255))

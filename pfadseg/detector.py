@@ -240,7 +240,6 @@ class Detector:
         out_dir/checkpoint.safetensors.
         """
         train_dir = Path(train_dir)
-        category = category or category_of(train_dir)
         if texture_limit is not None:
             check_whole("texture_limit", texture_limit)
         model_cfg = model if isinstance(model, ModelConfig) else ModelConfig.named(
@@ -248,7 +247,7 @@ class Detector:
         if resume:
             check_out_dir(Path(out_dir), resume=True)
             explicit = isinstance(model, ModelConfig) or model != "pfadseg"
-            given = {"preset": preset_name, "rotation": rotation, "textures": textures,
+            given = {"train_dir": train_dir, "category": category, "preset": preset_name, "rotation": rotation, "textures": textures,
                      "texture_limit": texture_limit, **schedule,
                      **({m: getattr(model_cfg, m) for m in MODULES} if explicit else {}),
                      "teacher": model_cfg.teacher if explicit else teacher,
@@ -260,16 +259,18 @@ class Detector:
             model_cfg = dataclasses.replace(model_cfg, **{k: kept[k] for k in (*MODULES, "teacher",
                                                                               "image_size")})
             # (a run from before config.json recorded these keeps what was given)
-            preset_name, rotation, textures, texture_limit = (
+            train_dir, category, preset_name, rotation, textures, texture_limit = (
+                kept.get("train_dir", train_dir), kept.get("category", category),
                 kept.get("preset", preset_name), kept.get("rotation", rotation),
                 kept.get("textures", textures), kept.get("texture_limit", texture_limit))
+        category = category or category_of(train_dir)
         # bad overrides fail before any image loads; a resumed run's train() takes its own schedule
         train_config = preset(preset_name, **schedule)
         data = TrainData.from_folder(train_dir, model_cfg.image_size, textures, texture_limit, rotation,
                                      category, skip_bad=skip_bad)
         path = train(model_cfg, train_config, data, Path(out_dir),
                      teacher_weights=teacher_weights, resume=resume, progress=progress, device=device,
-                     extra_meta={"category": category, "train_dir": str(train_dir),
+                     extra_meta={"category": category, "train_dir": str(train_dir.resolve()),
                                  "preset": preset_name, "rotation": data.rotation,
                                  "textures": textures and str(Path(textures).resolve()),
                                  "texture_limit": texture_limit})

@@ -26,6 +26,7 @@ from .calibration import Thresholds, calibrate, held_out_split
 from .config import TrainConfig
 from .inference import to_input
 from .models import AnomalyModel, ModelConfig
+from .models.teacher import RANDOM
 from .models.losses import segmentation_loss, student_loss
 from .runtime import (autocast, bf16_supported, compiled, cpu_training_fixes, place, release_free_memory,
                       resolve_device, step_begin)
@@ -476,8 +477,10 @@ def check_out_dir(out_dir: Path, resume: bool) -> None:
 RESUMED = {"teacher": "model", "image_size": "model",
            **{name: "train" for name in ("batch_size", "stage1_steps", "stage2_steps", "lr_student",
                                          "lr_schedule", "student_checks", "seed", "save_every")},
-           "preset": "run", "rotation": "run", "textures": "run", "texture_limit": "run"}
+           **{name: "run" for name in ("train_dir", "category", "preset", "rotation", "textures",
+                                       "texture_limit")}}
 MODULES = ("aff", "pcar", "rcm")
+PATHS = ("train_dir", "textures")  # compared as absolute paths
 
 
 def resumed_settings(out_dir: Path, given: dict[str, object], defaults: dict[str, object]) -> dict:
@@ -502,11 +505,12 @@ def resumed_settings(out_dir: Path, given: dict[str, object], defaults: dict[str
         if name not in saved[where]:
             continue
         value, run_value = given.get(name), saved[where][name]
-        if name == "textures" and value is not None:
-            value = Path(value).resolve()
+        if name in PATHS and run_value is not None:
+            run_value = Path(run_value).resolve()
+            value = value and Path(value).resolve()
         if value is not None and value != defaults.get(name) and str(value) != str(run_value):
             differ.append(f"--{name.replace('_', '-')} {value} (the run's: {run_value})")
-        kept[name] = Path(run_value) if name == "textures" and run_value is not None else run_value
+        kept[name] = run_value
     if differ:
         raise TrainingError(f"--resume continues the run in {out_dir} with the settings it started "
                             f"with; these differ: {', '.join(differ)}. Fix: leave them out, or start "
@@ -538,7 +542,8 @@ def train(model_config: ModelConfig, train_config: TrainConfig, data: TrainData,
     train_idx, held_idx = held_out_split(len(data.images), train_config.seed)
     held_out = data.images[held_idx]  # for calibration only: never trained on
     data = replace(data, images=data.images[train_idx])
-    model = AnomalyModel.build(model_config, teacher_weights)
+    # a resumed run's teacher comes from its state file: nothing to download or give again
+    model = AnomalyModel.build(model_config, RANDOM if resume else teacher_weights)
     trainer = Trainer(model, train_config, data, out_dir, device, held_out)
     if resume:
         trainer.load_state(state_path)

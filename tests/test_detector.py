@@ -190,6 +190,8 @@ def test_resume_from_python_keeps_the_runs_settings(tmp_path: Path, monkeypatch,
     monkeypatch.setattr(Trainer, "train_step", real_step)
     with pytest.raises(TrainingError, match=r"--rotation small \(the run's: none\)"):
         Detector.train(BOTTLE / "train" / "good", out, rotation="small", device="cpu", resume=True)
+    with pytest.raises(TrainingError, match=r"--train-dir .*textures \(the run's: .*good\)"):
+        Detector.train(textures, out, device="cpu", resume=True)  # other images
     resumed = Detector.train(BOTTLE / "train" / "good", out, device="cpu", resume=True, progress=False)
     meta = resumed.meta
     assert (meta["preset"], meta["rotation"], meta["textures"]) == ("tiny", "none", str(textures.resolve()))

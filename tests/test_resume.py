@@ -134,16 +134,20 @@ def test_interrupted_run_resumes_bit_exactly(data, reference: tuple[str, Path], 
     monkeypatch.setattr(Trainer, "train_step", real_step)
     # a setting the run cannot change half-way is refused, naming it and the run's value
     flag, other = ("--aff", "destseg+aff") if model == "destseg" else ("--no-aff", "destseg+pcar+rcm")
+    root, textures = data
+    good = (root / CATEGORY / "train" / "good").resolve()
     for extra, words in ((("--stage2-steps", "5"), "--stage2-steps 5 (the run's: 2)"),
+                         (("--train-dir", str(textures)),
+                          f"--train-dir {textures.resolve()} (the run's: {good})"),
                          ((flag,), f"model {other} (the run's: {model})"),
                          (("--rotation", "small"), "--rotation small (the run's: none)")):
         assert cli.main([*train_argv(model, *data, out, "--resume"), *extra]) == 2, extra
         assert words in capsys.readouterr().err
     assert state_step(out) == 3
-    # options left out come from the run: model, schedule, textures (none of them given here)
-    root, textures = data
-    assert cli.main(["--threads", "1", "train", "--data", str(root), "--category", CATEGORY,
-                     "--device", "cpu", "--out", str(out), "--resume"]) == 0
+    # options left out come from the run: images, model, schedule, textures (none given here);
+    # the teacher's weights too, from the state file (the file named here is never read)
+    assert cli.main(["--threads", "1", "train", "--device", "cpu", "--out", str(out), "--resume",
+                     "--teacher-weights", str(tmp_path / "gone.pth")]) == 0
     assert not (out / STATE_NAME).exists()
     assert_same_weights(out, ref)
     assert cli.main(train_argv(model, *data, out, "--resume")) == 2  # finished: nothing to resume
@@ -152,6 +156,7 @@ def test_interrupted_run_resumes_bit_exactly(data, reference: tuple[str, Path], 
     assert seconds == sorted(seconds)  # the wall clock counts on over the resumes
     config = json.loads((out / "config.json").read_text())
     assert config["preset"] == "tiny" and config["textures"] == str(textures.resolve())
+    assert (config["train_dir"], config["category"]) == (str(good), CATEGORY)
 
 
 def _kill_self() -> None:

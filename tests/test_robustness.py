@@ -21,7 +21,7 @@ from pfadseg import checkpoint as ckpt
 from pfadseg import cli, data
 from pfadseg.checkpoint import CheckpointError, load_checkpoint
 from pfadseg.config import preset
-from pfadseg.data import (DataError, list_images, load_rgb, load_test_set, load_textures,
+from pfadseg.data import (DataError, list_images, load_rgb, load_test_set, load_textures, to_rgb,
                           load_train_images)
 from pfadseg.models import AnomalyModel, ModelConfig
 from pfadseg.models.teacher import RANDOM
@@ -193,6 +193,13 @@ def test_palette_and_alpha(tmp_path: Path) -> None:
     assert np.abs(out[0, 2].astype(int) - [100, 50, 25]).max() <= 1
     la = Image.fromarray(np.array([[[90, 0], [90, 255]]], dtype=np.uint8), "LA")
     assert _load(tmp_path, la, "la.png").tolist() == [[[0, 0, 0], [90, 90, 90]]]
+
+
+@pytest.mark.parametrize("mode", ["1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "CMYK",
+                                  "YCbCr", "LAB", "HSV", "I", "I;16", "I;16B", "F"])
+def test_every_pil_mode_becomes_rgb(mode: str) -> None:
+    """An image in memory may come in any PIL mode (premultiplied "La" had no way to RGB)."""
+    assert to_rgb(Image.new(mode, (4, 2))).mode == "RGB"
 
 
 def test_exif_orientation_and_webp(tmp_path: Path) -> None:
