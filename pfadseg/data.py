@@ -116,14 +116,14 @@ def list_images(folder: Path, recursive: bool = False) -> list[Path]:
 
 
 def load_images(paths: list[Path], size: int, skip_bad: bool = False,
-                desc: str = "loading images") -> tuple[torch.Tensor, list[Path]]:
+                desc: str = "loading images", progress: bool = True) -> tuple[torch.Tensor, list[Path]]:
     """Decode and resize once: uint8 (N, 3, size, size) and the paths kept.
 
     An unreadable file stops with its name, unless `skip_bad`, when it is logged
     and left out.
     """
     arrays, kept = [], []
-    quiet = len(paths) < 8 or not dist.is_main()  # torchrun: rank 0's bar only
+    quiet = not progress or len(paths) < 8 or not dist.is_main()  # torchrun: rank 0's bar only
     for p in tqdm(paths, desc=desc, unit="img", leave=False, disable=quiet):
         try:
             arrays.append(load_rgb(p, size))
@@ -156,11 +156,12 @@ def category_of(train_dir: Path) -> str:
     return train_dir.name
 
 
-def load_train_images(folder: Path, size: int, skip_bad: bool = False) -> torch.Tensor:
+def load_train_images(folder: Path, size: int, skip_bad: bool = False,
+                      progress: bool = True) -> torch.Tensor:
     """All good training images of a folder; an empty folder is an error."""
     paths = train_image_paths(folder)
     try:
-        images, kept = load_images(paths, size, skip_bad, desc="loading training images")
+        images, kept = load_images(paths, size, skip_bad, "loading training images", progress)
     except DataError as exc:  # only without skip_bad
         raise DataError(f"{exc} Or add --skip-bad-images (Python: skip_bad=True) to train "
                         "without the unreadable images, each logged.") from exc
@@ -193,13 +194,14 @@ def texture_paths(folder: Path, limit: int | None = None) -> list[Path]:
     return paths
 
 
-def load_textures(folder: Path, size: int, limit: int | None = None) -> torch.Tensor:
+def load_textures(folder: Path, size: int, limit: int | None = None,
+                  progress: bool = True) -> torch.Tensor:
     """Texture images for synthetic defects (the DTD `images/` folder or any folder,
     searched recursively) as float (K, 3, size, size) in [0, 1]; `limit` as in
     `texture_paths`."""
     paths = texture_paths(folder, limit)
     try:
-        images, _ = load_images(paths, size, desc="loading textures")
+        images, _ = load_images(paths, size, desc="loading textures", progress=progress)
     except DataError as exc:
         raise DataError(f"cannot read texture image {exc}") from exc
     return images.float().div_(255.0)

@@ -267,7 +267,7 @@ class Detector:
         # bad overrides fail before any image loads; a resumed run's train() takes its own schedule
         train_config = preset(preset_name, **schedule)
         data = TrainData.from_folder(train_dir, model_cfg.image_size, textures, texture_limit, rotation,
-                                     category, skip_bad=skip_bad)
+                                     category, skip_bad=skip_bad, progress=progress)
         path = train(model_cfg, train_config, data, Path(out_dir),
                      teacher_weights=teacher_weights, resume=resume, progress=progress, device=device,
                      extra_meta={"category": category, "train_dir": str(train_dir.resolve()),

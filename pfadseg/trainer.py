@@ -57,15 +57,16 @@ class TrainData:
     @classmethod
     def from_folder(cls, train_dir: Path, size: int, textures: Path | None = None,
                     texture_limit: int | None = None, rotation: str = "auto", category: str | None = None,
-                    skip_bad: bool = False) -> "TrainData":
+                    skip_bad: bool = False, progress: bool = True) -> "TrainData":
         """The good images of a folder at size x size, with defects from the texture
         folder (built-in procedural textures without one) and the rotation policy
-        (`auto`: the official choice for an MVTec `category`, else none)."""
+        (`auto`: the official choice for an MVTec `category`, else none); `progress`
+        shows the loading bars."""
         if rotation not in ROTATIONS:
             raise ValueError(f"unknown rotation {rotation!r}; choose from {ROTATIONS}")
-        images = load_train_images(Path(train_dir), size, skip_bad=skip_bad)
+        images = load_train_images(Path(train_dir), size, skip_bad, progress)
         if textures is not None:
-            texture_images = load_textures(Path(textures), size, texture_limit)
+            texture_images = load_textures(Path(textures), size, texture_limit, progress)
         else:
             log.warning("no textures given: using built-in procedural textures "
                         "(DTD textures give the paper's results)")

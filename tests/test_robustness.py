@@ -73,6 +73,16 @@ def test_non_image_and_hidden_files_are_skipped(dataset: Path) -> None:
     assert load_train_images(good, SIZE).shape == (4, 3, SIZE, SIZE)
 
 
+def test_loading_bar_only_when_asked(tmp_path: Path, capsys) -> None:
+    """progress=False (Detector.train's) draws no loading bar; 8 or more images get one."""
+    for i in range(8):
+        Image.new("RGB", (8, 8), (i, 0, 0)).save(tmp_path / f"{i}.png")
+    load_train_images(tmp_path, SIZE, progress=False)
+    assert "loading" not in capsys.readouterr().err
+    load_train_images(tmp_path, SIZE)
+    assert "loading training images" in capsys.readouterr().err
+
+
 def test_text_file_with_image_suffix_is_refused(dataset: Path) -> None:
     fake = dataset / CATEGORY / "train" / "good" / "fake.png"
     fake.write_text("not a picture")
