@@ -108,7 +108,7 @@ def _rgb(item: ImageInput, index: int) -> np.ndarray:
         if item.dtype != np.uint8 or item.ndim != 3 or item.shape[2] != 3:
             raise DataError(f"image {index}: an array must be uint8 (H, W, 3) RGB, got "
                             f"{item.dtype} {item.shape}. Fix: convert it, e.g. np.asarray(pil_image.convert('RGB')).")
-        rgb = item
+        rgb = item.copy()  # the Prediction keeps its own: the caller may reuse the buffer
     else:
         raise DataError(f"image {index}: {type(item).__name__} is not an image. Fix: pass a path, "
                         "a PIL image or a uint8 (H, W, 3) array.")

@@ -50,8 +50,10 @@ def test_predict_holds_scores_verdicts_maps_and_masks(trained: Detector) -> None
 def test_paths_pil_images_and_arrays_score_alike(trained: Detector) -> None:
     path = IMAGES[1]
     pil = Image.open(path)
-    array = np.asarray(Image.open(path).convert("RGB"))
+    array = np.array(Image.open(path).convert("RGB"))
     by_path, by_pil, by_array = trained.predict([path, pil, array])
+    array[:] = 0  # a camera loop reuses its buffer: the prediction keeps the image it scored
+    assert np.array_equal(by_array.image, by_path.image)
     assert by_pil.score == pytest.approx(by_path.score, abs=1e-4)
     assert by_array.score == pytest.approx(by_path.score, abs=1e-4)
     assert (by_pil.name, by_array.name) == ("000.jpg", "image_2.png")
