@@ -30,7 +30,9 @@ from typing import IO
 import torch
 
 from . import JOB_ENV
+from .config import preset
 from .data import DataError, mvtec_category
+from .models import ModelConfig
 from .report import ABLATION, CATEGORIES, MODULES, modules_of, read_results, write_report
 from .runtime import resolve_device
 from .trainer import CHECKPOINT_NAME, STATE_NAME
@@ -51,7 +53,9 @@ TEST_OPTIONS = (("no_bf16", False), ("skip_bad_images", False))
 # the train options that change results: a benchmark folder holds pairs trained alike
 RESULT_OPTIONS = tuple(o for o in TRAIN_OPTIONS
                        if o[0] not in ("save_every", "no_compile", "skip_bad_images"))
-_PATH_OPTIONS = {"teacher_weights", "textures"}
+_PATH_OPTIONS = ("teacher_weights", "textures")
+SCHEDULE_OPTIONS = ("batch_size", "stage1_steps", "stage2_steps", "lr_student", "lr_schedule",
+                    "student_checks", "seed")
 
 
 @dataclass(frozen=True)
@@ -206,19 +210,40 @@ def plan_jobs(out: Path, categories: list[str], variants: list[str]) -> list[Job
     return [Job(c, v, out / c / v) for c in categories for v in variants]
 
 
-def _check_settings(out: Path, train_options: list[str]) -> None:
-    """Refuse to mix pairs trained with other options into one benchmark
-    folder; record the options on first use."""
+def result_settings(args: argparse.Namespace) -> dict[str, object]:
+    """What every pair's results depend on, as train resolves it: an option given
+    with the value train takes anyway is the same as one left out."""
+    schedule = preset(args.preset, **{name: getattr(args, name) for name in SCHEDULE_OPTIONS})
+    paths = {name: getattr(args, name) and str(Path(getattr(args, name)).resolve())
+             for name in _PATH_OPTIONS}
+    return json.loads(json.dumps({
+        "teacher": args.teacher, **paths, "texture_limit": args.texture_limit,
+        "rotation": args.rotation or "auto", "image_size": args.image_size or ModelConfig.image_size,
+        "preset": args.preset, **{name: getattr(schedule, name) for name in SCHEDULE_OPTIONS},
+        "bf16": schedule.bf16 and not args.no_bf16}))
+
+
+def _check_settings(out: Path, args: argparse.Namespace) -> None:
+    """Refuse to mix pairs trained with other settings into one benchmark folder
+    (naming those that differ); record the settings on first use."""
     path = Path(out) / SETTINGS_NAME
+    now = result_settings(args)
     if path.is_file():
-        before = json.loads(path.read_text()).get("train_options")
-        if before != train_options:
-            raise ValueError(f"{out} holds a benchmark trained with other options ({path}: "
-                             f"{' '.join(before or [])!r}; now: {' '.join(train_options)!r}). Fix: "
-                             "rerun with the same options to continue it, or choose another --out")
+        before = json.loads(path.read_text())
+        if "settings" not in before:  # an older file: the options as given, not resolved
+            if before.get("train_options") == _options(args, RESULT_OPTIONS):
+                path.write_text(json.dumps({"settings": now}, indent=2) + "\n")
+                return
+            before["settings"] = {}
+        differ = [f"{name} {now[name]} (the folder's: {before['settings'].get(name, 'unrecorded')})"
+                  for name in now if now[name] != before["settings"].get(name)]
+        if differ:
+            raise ValueError(f"{out} holds a benchmark trained with other settings ({path}): "
+                             f"{'; '.join(differ)}. Fix: rerun with the same options to continue "
+                             "it, or choose another --out")
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"train_options": train_options}, indent=2) + "\n")
+    path.write_text(json.dumps({"settings": now}, indent=2) + "\n")
 
 
 class Progress:
@@ -390,7 +415,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
     variants = parse_variants(args.variants)
     slots = device_slots(args.device, args.devices)
     out = Path(args.out).resolve()
-    _check_settings(out, _options(args, RESULT_OPTIONS))
+    _check_settings(out, args)
     jobs = plan_jobs(out, categories, variants)
     todo = [job for job in jobs if not job.finished]
     if missing:

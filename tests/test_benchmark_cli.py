@@ -20,6 +20,7 @@ from pfadseg import benchmark
 from pfadseg.benchmark import (Job, Progress, Slot, device_slots, find_categories, parse_variants,
                                plan_jobs, run_jobs, subprocess_runner, evaluate_argv, train_argv)
 from pfadseg.cli import build_parser, main
+from pfadseg.config import PRESETS
 from pfadseg.data import DataError
 from pfadseg.demo import demo_root
 from pfadseg.models import ModelConfig
@@ -60,9 +61,22 @@ def test_rerun_skips_finished_pairs(ci_run: Path, capsys: pytest.CaptureFixture)
 
 
 def test_rerun_with_other_training_options_is_refused(ci_run: Path, capsys: pytest.CaptureFixture) -> None:
-    assert main(CI_ARGS + ["--out", str(ci_run), "--seed", "7"]) == 2
+    assert main(CI_ARGS + ["--out", str(ci_run), "--seed", "7", "--rotation", "small"]) == 2
     err = capsys.readouterr().err
-    assert "trained with other options" in err and "--seed 7" in err and "another --out" in err
+    assert "trained with other settings" in err and "another --out" in err
+    assert "rotation small (the folder's: auto); seed 7 (the folder's: 0)" in err
+    # the preset's own values given explicitly, or an older benchmark.json that listed the
+    # options as given, are the same settings
+    tiny = PRESETS["tiny"]
+    same = ["--batch-size", str(tiny.batch_size), "--seed", str(tiny.seed), "--rotation", "auto"]
+    assert main(CI_ARGS + ["--out", str(ci_run), *same]) == 0
+    assert "1 finished, 0 to run" in capsys.readouterr().out
+    settings = ci_run / "benchmark.json"
+    recorded = settings.read_text()
+    args = build_parser().parse_args(CI_ARGS + ["--out", str(ci_run)])
+    settings.write_text(json.dumps({"train_options": benchmark._options(args, benchmark.RESULT_OPTIONS)}))
+    assert main(CI_ARGS + ["--out", str(ci_run)]) == 0
+    assert settings.read_text() == recorded
 
 
 def test_failed_pair_leaves_the_others_and_names_its_log(ci_run: Path, tmp_path: Path,
