@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -18,11 +19,13 @@ from .visualize import mask_image
 if TYPE_CHECKING:  # detector imports this module (MapFn)
     from .detector import Detector
 
+log = logging.getLogger(__name__)
 MapFn = Callable[[torch.Tensor], tuple[np.ndarray, np.ndarray]]  # uint8 batch -> (maps, scores)
 SUMMARY_FIELDS = ["image", "name", "score", "normalized_score", "anomalous", "threshold",
                   "defect_area", "error"]
 MAX_NAME_BYTES = 200  # a file system's name limit is 255 bytes
 OUTPUT_SUFFIXES = ("_overlay.png", "_mask.png")  # the images predict_files writes per input
+PER_IMAGE = (*OUTPUT_SUFFIXES, "_map.npy")  # all it writes per input
 
 
 def collect_inputs(inputs: list[Path], skip: Path | None = None) -> list[Path]:
@@ -116,4 +119,17 @@ def predict_files(detector: Detector, paths: list[Path], out_dir: Path, batch_si
             writer = csv.DictWriter(fh, fieldnames=SUMMARY_FIELDS)
             writer.writeheader()
             writer.writerows(rows)
+        _warn_of_older_files(out_dir, set(names.values()))
     return rows
+
+
+def _warn_of_older_files(out_dir: Path, names: set[str]) -> None:
+    """A reused --out keeps an earlier run's per-image files that this one did not
+    overwrite (never deleted: they may be someone's results); say so, as the
+    summary files now list this run's images alone."""
+    older = [p for suffix in PER_IMAGE for p in out_dir.glob(f"*{suffix}")
+             if p.name.removesuffix(suffix) not in names]
+    if older:
+        log.warning("%s also holds %d per-image files of an earlier run (e.g. %s), not in this "
+                    "run's summary.csv. Fix: use a new --out, or delete them.", out_dir, len(older),
+                    older[0].name)

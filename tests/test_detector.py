@@ -139,7 +139,8 @@ def test_a_file_also_inside_a_given_folder_is_scored_once() -> None:
     assert paths == collect_inputs([folder]) and len(set(output_names(paths))) == len(paths)
 
 
-def test_predict_leaves_out_its_own_output_folder_and_long_names(trained: Detector, tmp_path: Path) -> None:
+def test_predict_leaves_out_its_own_output_folder_and_long_names(trained: Detector, tmp_path: Path,
+                                                                  caplog) -> None:
     """--out inside an input folder: a rerun scored its own overlays and masks before."""
     from pfadseg.predict import collect_inputs, output_names, predict_files
 
@@ -151,6 +152,12 @@ def test_predict_leaves_out_its_own_output_folder_and_long_names(trained: Detect
         for _ in range(2):
             rows = predict_files(trained, collect_inputs([folder], skip=out), out, progress=False)
             assert len(rows) == 2
+    # a reused --out: the earlier run's other images are left, and the warning says so
+    paths = sorted(folder.glob("*.jpg"))
+    predict_files(trained, paths, tmp_path / "again", progress=False)
+    with caplog.at_level("WARNING", logger="pfadseg.predict"):
+        predict_files(trained, paths[:1], tmp_path / "again", progress=False)
+    assert "holds 3 per-image files of an earlier run" in caplog.text
     long = output_names([tmp_path / ("検" * 83 + ".png")])[0]
     assert len(long.encode()) <= 200 and long.startswith("検")  # + "_overlay.png" fits 255 bytes
 
