@@ -82,12 +82,18 @@ def load_rgb(path: Path, size: int | None) -> np.ndarray:
 
 
 def load_mask(path: Path, size: int | None, expected: tuple[int, int] | None = None) -> np.ndarray:
-    """Binary mask (H, W): resized bilinearly then thresholded at 0.5 (the official protocol)."""
-    img = open_image(path)
+    """Binary mask (H, W): resized bilinearly then thresholded at 0.5 (the official protocol).
+
+    Black/white masks (0/255, soft or JPEG edges) mark a defect from 128 up.
+    A mask whose values all lie below 128 is a label mask (0/1, or class ids):
+    every non-zero pixel is a defect, where the 0.5 threshold read it as empty.
+    """
+    img = ImageOps.exif_transpose(open_image(path))
     if expected is not None and img.size != expected:
         raise DataError(f"{path}: mask is {img.size[0]}x{img.size[1]} but its image is "
                         f"{expected[0]}x{expected[1]}. Fix: give a mask of the image's size.")
-    arr = np.asarray(img.convert("L"), dtype=np.float32) / 255.0
+    values = np.asarray(img.convert("L"))
+    arr = (values > 0).astype(np.float32) if values.max() < 128 else values / np.float32(255.0)
     if size is not None:
         t = torch.from_numpy(arr)[None, None]
         arr = torch.nn.functional.interpolate(t, size=(size, size), mode="bilinear",
@@ -331,6 +337,7 @@ def load_folder_test_set(test_dir: Path, size: int, mask_dir: Path | None = None
                 log.warning("skipped: %s", exc)
                 continue
             raise
+        img = to_rgb(img)  # upright: a mask is drawn on the image as viewers show it
         if mask_dir is not None:
             if mask_path is None:
                 shape = (img.height, img.width) if msize is None else (msize, msize)
@@ -341,7 +348,7 @@ def load_folder_test_set(test_dir: Path, size: int, mask_dir: Path | None = None
                     raise DataError(f"{mask_path}: marks a defect on {path}, which is in "
                                     "good/. Fix: move the image to its defect type's folder.")
             masks.append(mask)
-        rgb = to_rgb(img).resize((size, size), Image.BILINEAR)
+        rgb = img.resize((size, size), Image.BILINEAR)
         images.append(np.asarray(rgb, dtype=np.uint8))
         labels.append(int(defect != "good"))
         defects.append(defect)
@@ -396,7 +403,7 @@ def load_defect_set(defect_dir: Path, mask_dir: Path, size: int) -> tuple[torch.
                         "one). Fix: add <stem>_mask.png (or <stem>.png) for each defect image.")
     images, masks = [], []
     for path in paths:
-        img = open_image(path)
+        img = to_rgb(open_image(path))
         masks.append(load_mask(matched[path], size, expected=img.size))
-        images.append(np.asarray(to_rgb(img).resize((size, size), Image.BILINEAR), dtype=np.uint8))
+        images.append(np.asarray(img.resize((size, size), Image.BILINEAR), dtype=np.uint8))
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), np.stack(masks)

@@ -185,3 +185,31 @@ def test_cli_test_needs_one_way_to_name_the_data(checkpoint: Path, folder: tuple
     code = main(["test", "--checkpoint", str(checkpoint), "--test-dir", str(folder[0] / "good"),
                  "--out", str(tmp_path / "o"), "--device", "cpu"])
     assert code == 2 and "no good/ folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", [1, 3, 255])
+def test_label_masks_mark_every_non_zero_pixel(folder: tuple[Path, Path], value: int) -> None:
+    """Masks saved as 0/1 (or class ids) read as empty under the 0.5 threshold before."""
+    test, masks = folder
+    band = np.zeros((SRC, SRC), dtype=np.uint8)
+    band[12:24] = value
+    Image.fromarray(band).save(masks / "scratch" / "002.png")
+    ts = load_folder_test_set(test, SIZE, masks, mask_size=None)
+    mask = ts.masks[[p.name for p in ts.paths].index("002.tif")]
+    assert mask.sum() == 12 * SRC and _band_start(mask) == 12
+
+
+def test_mask_of_an_exif_rotated_photo_matches_it_upright(folder: tuple[Path, Path]) -> None:
+    """A camera JPEG stored landscape with orientation 6 shows (and is scored) portrait:
+    its mask is drawn portrait and must be compared with the upright size."""
+    test, masks = folder
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to show
+    Image.fromarray(np.zeros((SRC, 2 * SRC, 3), dtype=np.uint8)).save(
+        test / "dent" / "001.jpeg", exif=exif)
+    upright = np.zeros((2 * SRC, SRC), dtype=np.uint8)
+    upright[:10] = 255
+    Image.fromarray(upright).save(masks / "dent" / "001_mask.png")
+    ts = load_folder_test_set(test, SIZE, masks)  # was refused: "mask is 48x96 but its image is 96x48"
+    mask = ts.masks[[p.name for p in ts.paths].index("001.jpeg")]
+    assert mask[:6].all() and not mask[8:].any()  # the top 10 of 96 rows, at 64 px
