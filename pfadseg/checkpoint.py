@@ -178,6 +178,11 @@ def load_checkpoint(path: Path, expect_variant: str | None = None) -> tuple[Anom
     """Rebuild the model from a checkpoint alone (no download: the teacher's
     weights are in the file) and return it in eval mode with its metadata."""
     tensors, meta = read(path)
+    broken = [k for k, v in tensors.items() if v.is_floating_point() and not v.isfinite().all()]
+    if broken:  # a NaN model scores every image NaN, which no threshold calls anomalous
+        raise CheckpointError(f"{path}: {len(broken)} weight tensor(s) hold NaN or infinite values "
+                              f"(e.g. {broken[0]}): the file is damaged or the training diverged. "
+                              "Fix: use an earlier copy of the checkpoint, or train again.")
     try:
         cfg_dict = dict(meta["model"])
         cfg_dict["pcar_dilations"] = tuple(cfg_dict.get("pcar_dilations", (1, 2, 3)))

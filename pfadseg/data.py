@@ -34,6 +34,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
     img = ImageOps.exif_transpose(img)
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         arr = np.asarray(img, dtype=np.float64)
+        arr[~np.isfinite(arr)] = 0.0  # a float image's NaN/inf pixels: black, not an all-NaN scale
         top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
         if img.mode == "F":
             top = max(float(arr.max()), 1.0) if arr.max() > 1 else 1.0

@@ -212,6 +212,12 @@ def test_every_pil_mode_becomes_rgb(mode: str) -> None:
     assert to_rgb(Image.new(mode, (4, 2))).mode == "RGB"
 
 
+def test_float_image_with_nan_pixels_keeps_its_scale() -> None:
+    """A NaN pixel made the whole scale NaN (a garbage image, scored NaN)."""
+    arr = np.array([[0.0, 2.0, np.nan, 4.0, np.inf]], dtype=np.float32)
+    assert to_rgb(Image.fromarray(arr, "F")).getchannel(0).tobytes() == bytes([0, 128, 0, 255, 0])
+
+
 def test_exif_orientation_and_webp(tmp_path: Path) -> None:
     """A camera's JPEG comes upright, as viewers show it; WebP files count as images."""
     arr = np.zeros((10, 20, 3), np.uint8)
@@ -270,6 +276,11 @@ def test_checkpoint_with_the_old_teacher_stages_loads(destseg_ckpt: Path, tmp_pa
     save_file({**tensors, "segmentation.extra": torch.zeros(1)}, str(odd), metadata=metadata)
     with pytest.raises(CheckpointError, match="weights do not fit"):
         load_checkpoint(odd)
+    nan = tmp_path / "nan.safetensors"  # loaded before, then scored every image NaN: "normal"
+    save_file({**tensors, "segmentation.head.2.weight": torch.full_like(
+        tensors["segmentation.head.2.weight"], float("nan"))}, str(nan), metadata=metadata)
+    with pytest.raises(CheckpointError, match="1 weight tensor.*NaN or infinite.*segmentation.head"):
+        load_checkpoint(nan)
 
 
 def test_truncated_and_random_files(destseg_ckpt: Path, tmp_path: Path) -> None:
