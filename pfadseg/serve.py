@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import ipaddress
+import logging
 import queue
 import secrets
 import socket
@@ -38,6 +39,7 @@ try:
     from fastapi.responses import HTMLResponse, JSONResponse
     from starlette.concurrency import run_in_threadpool
     from starlette.datastructures import UploadFile
+    from starlette.requests import ClientDisconnect
     from starlette.types import ASGIApp, Message, Receive, Scope, Send
 except ImportError as exc:  # optional dependency
     raise ImportError("`pfadseg serve` needs FastAPI and uvicorn: pip install 'pfadseg[serve]'") from exc
@@ -49,6 +51,7 @@ MAX_QUEUED = 64  # requests waiting for the model before new ones get 503
 DEFAULT_MAX_UPLOAD_MB = 20.0
 DEFAULT_MAX_MEGAPIXELS = 40.0
 LOCAL_HOSTS = ("localhost",)
+log = logging.getLogger(__name__)
 
 
 class UploadError(HTTPException):
@@ -314,6 +317,10 @@ def create_app(detector: Detector, token: str | None = None,
             predictions = await model_queue.predict(images, names)
             threshold = detector.thresholds.image
             return {"results": [await run_in_threadpool(result_json, p, threshold) for p in predictions]}
+        except ClientDisconnect:  # a closed page or a dropped line: one log line, no traceback
+            client = request.client.host if request.client else "a client"
+            log.warning("%s closed the connection during its upload; nothing was scored", client)
+            raise HTTPException(400, "connection closed during the upload") from None
         finally:
             budget.give(held)
 
@@ -331,4 +338,6 @@ def serve(detector: Detector, host: str = "127.0.0.1", port: int = 8000, token: 
     shown = f"[{host}]" if ":" in host else host
     print(f"pfadseg serve: {detector.info()['variant']} on {detector.device}, "
           f"page at http://{shown}:{port}/" + ("?token=..." if token else ""), flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+    # Ctrl-C waited for a stalled upload to end before: give open requests 5 s
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False,
+                timeout_graceful_shutdown=5)

@@ -177,6 +177,31 @@ def test_upload_limits(detector: Detector) -> None:
         assert response.status_code == 400 and "files" in response.json()["detail"].lower()
 
 
+def test_a_client_gone_mid_upload_is_one_log_line(detector: Detector, caplog) -> None:
+    """A closed page or a dropped line raised ClientDisconnect: a traceback per upload."""
+    app = create_app(detector)
+    head = (f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n'
+            "\r\n").encode()
+    messages = [{"type": "http.request", "body": head + b"\0" * 1000, "more_body": True}]
+    sent: list = []
+
+    async def receive() -> dict:
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+             "scheme": "http", "path": "/predict", "raw_path": b"/predict", "query_string": b"",
+             "root_path": "", "server": ("testserver", 80), "client": ("10.0.0.7", 5000),
+             "headers": [(b"host", b"testserver"),
+                         (b"content-type", f"multipart/form-data; boundary={BOUNDARY}".encode())]}
+    with caplog.at_level("WARNING", logger="pfadseg.serve"):
+        asyncio.run(app(scope, receive, send))
+    assert sent[0]["status"] == 400
+    assert caplog.messages == ["10.0.0.7 closed the connection during its upload; nothing was scored"]
+
+
 def test_decoded_pixels_are_bounded_over_requests(detector: Detector) -> None:
     """Small files of huge images could fill the memory: the server holds at most 4x
     --max-megapixels of decoded images; a request alone over it gets 413, one arriving
