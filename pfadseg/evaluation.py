@@ -226,8 +226,11 @@ def run_folder_test(model: AnomalyModel, test_dir: Path, out_dir: Path, meta: di
                     mask_dir: Path | None = None, batch_size: int = 16, bf16: bool = True,
                     skip_bad: bool = False, eval_size: int | None | str = "input",
                     compile: bool = False, report: bool = True) -> dict:
-    """Any folder holding good/ and <defect type>/ (masks optional): see `write_results`."""
+    """Any folder holding good/ and <defect type>/ (masks optional): see `write_results`.
+    The results' category is the one the model was trained on, else the folder's
+    name (its parent's for an MVTec-layout <category>/test folder)."""
     test = load_folder_test_set(test_dir, model.config.image_size, mask_dir, skip_bad=skip_bad,
                                 mask_size=eval_size)
-    return write_results(model, test, Path(test_dir).name, out_dir, meta, batch_size, bf16,
-                         compile, report)
+    folder = Path(test_dir).resolve()
+    category = meta.get("category") or (folder.parent.name if folder.name == "test" else folder.name)
+    return write_results(model, test, category, out_dir, meta, batch_size, bf16, compile, report)

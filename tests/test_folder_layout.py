@@ -162,6 +162,8 @@ def test_cli_test_dir_without_masks_gives_image_metrics_only(
     assert result["pixel_metrics"] is False and "pixel_ap" not in result
     assert 0.0 <= result["image_auroc"] <= 1.0 and set(result["per_defect"]) == {"dent", "scratch"}
     assert "No ground-truth masks were given" in (out / "report.html").read_text()
+    # <category>/test without a category in the checkpoint: the parent names it (was "test")
+    assert result["category"] == folder[0].parent.name
 
 
 def test_cli_test_dir_with_masks_gives_all_metrics(
