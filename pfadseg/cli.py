@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -96,6 +97,12 @@ def out_folder(path: Path) -> Path:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise DataError(f"--out {path}: cannot create it ({exc.strerror}). Fix: give a folder "
+                        "you can write to.") from exc
+    try:  # an existing read-only folder failed only when the results were written
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise DataError(f"--out {path}: cannot write there ({exc.strerror}). Fix: give a folder "
                         "you can write to.") from exc
     return path
 
@@ -208,6 +215,7 @@ def _check_train_paths(args: argparse.Namespace) -> None:
     decoded or a teacher is built, so a typo fails in a second, not minutes in.
     Under --resume, the options the run keeps are filled in from it first."""
     check_out_dir(args.out, args.resume)
+    out_folder(args.out)
     if args.resume:
         _resume_settings(args)
         if args.train_dir is None:  # a run from before config.json recorded its images
@@ -387,7 +395,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from .report import write_report
 
-    paths = write_report(args.results, args.out, labels=args.label)
+    paths = write_report(args.results, out_folder(args.out), labels=args.label)
     print(paths[0].read_text())
     print(f"tables: {' '.join(map(str, paths))}")
     return 0

@@ -553,6 +553,22 @@ def test_cli_out_paths_are_checked_before_any_work(destseg_ckpt: Path, tmp_path:
         assert cli.main(argv) == 2, argv
         err = capsys.readouterr().err
         assert err.startswith(f"pfadseg {argv[0]}: error: ") and words in err, (argv, err)
+    # a read-only mount (root ignores chmod, so the file system's refusal is simulated)
+    ro = tmp_path / "ro"
+    ro.mkdir()
+
+    def read_only(*args: object, **kwargs: object) -> None:
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr("pfadseg.cli.tempfile.TemporaryFile", read_only)
+    for argv in (["test", "--checkpoint", ck, "--test-dir", str(a_folder), "--out", str(ro)],
+                 ["predict", "--checkpoint", ck, "--out", str(ro), str(a_folder)],
+                 ["train", "--train-dir", str(a_folder), "--out", str(ro)],
+                 ["report", str(a_file), "--out", str(ro)]):
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert f"--out {ro}: cannot write there (Read-only file system). Fix:" in err, (argv, err)
+    monkeypatch.undo()
     with pytest.raises(IsADirectoryError):  # the library's own writer leaves no copy either
         ckpt.atomic_save({"x": torch.zeros(1)}, {}, a_folder)
     ckpt.atomic_save({"x": torch.zeros(1)}, {}, a_folder / "ok.safetensors")
