@@ -90,27 +90,33 @@ def predict_files(detector: Detector, paths: list[Path], out_dir: Path, batch_si
     bar = tqdm(total=len(paths), desc="predict", unit="img", disable=not progress, leave=False)
     try:
         for start in range(0, len(paths), batch_size):
-            batch, images = [], []
-            for path in paths[start:start + batch_size]:
+            chunk = paths[start:start + batch_size]
+            batch, images, done, failure = [], [], {}, None
+            for path in chunk:
                 try:
                     images.append(load_rgb(path, None))
                     batch.append(path)
                 except DataError as exc:
-                    if not skip_bad:
-                        raise DataError(f"{exc} The {len(rows)} images scored before it are in "
-                                        f"{out_dir / 'summary.csv'}; to go on past unreadable "
-                                        "files, pass --skip-bad-images.") from exc
-                    rows.append({"image": str(path), "error": str(exc)})
+                    if not skip_bad:  # the images read before it are still scored
+                        failure = exc
+                        break
+                    done[path] = {"image": str(path), "error": str(exc)}
             for path, p in zip(batch, detector.predict(images, batch_size, [names[q] for q in batch])):
                 gallery.add(p.name, p.image, p.anomaly_map, p.score)
                 mask = p.mask_at(p.output_size())
                 p.overlay().save(out_dir / f"{p.name}_overlay.png")
                 mask_image(mask).save(out_dir / f"{p.name}_mask.png")
                 np.save(out_dir / f"{p.name}_map.npy", p.anomaly_map)
-                rows.append({"image": str(path), "name": p.name, "score": p.score,
-                             "normalized_score": p.normalized_score, "anomalous": p.anomalous,
-                             "threshold": detector.thresholds.image, "defect_area": float(mask.mean())})
-            bar.update(len(paths[start:start + batch_size]))
+                done[path] = {"image": str(path), "name": p.name, "score": p.score,
+                              "normalized_score": p.normalized_score, "anomalous": p.anomalous,
+                              "threshold": detector.thresholds.image,
+                              "defect_area": float(mask.mean())}
+            rows.extend(done[path] for path in chunk if path in done)  # in the inputs' order
+            if failure is not None:
+                raise DataError(f"{failure} The {len(rows)} images scored before it are in "
+                                f"{out_dir / 'summary.csv'}; to go on past unreadable files, "
+                                "pass --skip-bad-images.") from failure
+            bar.update(len(chunk))
     finally:
         bar.close()
         write_gallery_page(out_dir / "report.html", gallery)

@@ -94,16 +94,18 @@ def test_predict_skips_bad_images_when_asked(trained: Path, tmp_path: Path, caps
     folder.mkdir()
     good = demo_root() / "bottle" / "test" / "good" / "000.jpg"
     (folder / "good.jpg").write_bytes(good.read_bytes())
-    (folder / "zz_broken.png").write_bytes(b"not a png")  # after the good image
-    args = ["predict", "--checkpoint", str(trained / "checkpoint.safetensors"), "--batch-size", "1",
+    (folder / "m_broken.png").write_bytes(b"not a png")  # between two good images of one batch
+    (folder / "z_good.jpg").write_bytes(good.read_bytes())
+    args = ["predict", "--checkpoint", str(trained / "checkpoint.safetensors"), "--batch-size", "3",
             "--out", str(tmp_path / "out"), str(folder)]
     assert main(args) == 2  # without --skip-bad-images the bad file stops the run ...
-    assert "zz_broken.png" in capsys.readouterr().err.splitlines()[-1].split("--skip-bad-images")[0]
+    assert "m_broken.png" in capsys.readouterr().err.splitlines()[-1].split("--skip-bad-images")[0]
     done = json.loads((tmp_path / "out" / "summary.json").read_text())  # ... keeping what was done
-    assert [Path(r["image"]).name for r in done] == ["good.jpg"]
+    assert [Path(r["image"]).name for r in done] == ["good.jpg"]  # read before it in its batch
     assert main(args + ["--skip-bad-images"]) == 0
-    rows = {Path(r["image"]).name: r for r in json.loads((tmp_path / "out" / "summary.json").read_text())}
-    assert "zz_broken.png" in rows["zz_broken.png"]["error"] and "score" in rows["good.jpg"]
+    rows = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert [Path(r["image"]).name for r in rows] == ["good.jpg", "m_broken.png", "z_good.jpg"]
+    assert "m_broken.png" in rows[1]["error"] and "score" in rows[0] and "score" in rows[2]
     assert (tmp_path / "out" / "good_overlay.png").is_file()
 
 
