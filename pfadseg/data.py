@@ -145,13 +145,25 @@ def load_images(paths: list[Path], size: int, skip_bad: bool = False,
 
 
 def train_image_paths(folder: Path) -> list[Path]:
-    """The image files of a training folder, checked before any is decoded: a
-    missing folder or one without images is an error."""
+    """The image files of a training folder (not its sub-folders), checked before
+    any is decoded: a missing folder or one without images is an error."""
+    folder = Path(folder)
     paths = list_images(folder)
     if not paths:
-        raise DataError(f"{folder}: no training images (.png/.jpg/.bmp/.tif). Fix: point "
-                        "--data/--category (or --train-dir) at a folder of defect-free images.")
+        nested = image_subfolders(folder)
+        good = [g for g in (folder / "good", folder / "train" / "good") if g.is_dir()]
+        hint = (f" Its sub-folders ({', '.join(f'{s.name}/' for s in nested[:4])}) hold images "
+                f"but are not read: give the folder of good images, e.g. --train-dir "
+                f"{(good or nested)[0]}." if nested else "")
+        raise DataError(f"{folder}: no training images ({'/'.join(IMAGE_SUFFIXES)}).{hint} Fix: "
+                        "point --data/--category (or --train-dir) at a folder of defect-free images.")
     return paths
+
+
+def image_subfolders(folder: Path) -> list[Path]:
+    """The sub-folders of `folder` with image files anywhere below them."""
+    return sorted(sub for sub in Path(folder).iterdir() if sub.is_dir() and not sub.name.startswith(".")
+                  and any(f.suffix.lower() in IMAGE_SUFFIXES for f in sub.rglob("*")))
 
 
 def category_of(train_dir: Path) -> str:
@@ -167,6 +179,10 @@ def load_train_images(folder: Path, size: int, skip_bad: bool = False,
                       progress: bool = True) -> torch.Tensor:
     """All good training images of a folder; an empty folder is an error."""
     paths = train_image_paths(folder)
+    nested = image_subfolders(folder)
+    if nested and dist.is_main():
+        log.warning("%s: training on its %d images; its sub-folders (%s) are not read", folder,
+                    len(paths), ", ".join(f"{s.name}/" for s in nested[:4]))
     try:
         images, kept = load_images(paths, size, skip_bad, "loading training images", progress)
     except DataError as exc:  # only without skip_bad

@@ -98,6 +98,21 @@ def test_empty_and_missing_training_folders(tmp_path: Path) -> None:
         load_train_images(empty, SIZE)
     assert str(empty) in str(err.value) and "no training images" in str(err.value)
     assert "Fix:" in str(err.value)
+    # the category folder given instead of its train/good: the error points at it
+    good = tmp_path / "cat" / "train" / "good"
+    good.mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(good / "000.png")
+    with pytest.raises(DataError, match=f"sub-folders \\(train/\\) hold images.*--train-dir {good}"):
+        load_train_images(tmp_path / "cat", SIZE)
+
+
+def test_sub_folders_beside_training_images_are_named(tmp_path: Path, caplog) -> None:
+    for name in ("a.png", "more/b.png"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
+    with caplog.at_level("WARNING", logger="pfadseg.data"):
+        assert len(load_train_images(tmp_path, SIZE, progress=False)) == 1
+    assert "its sub-folders (more/) are not read" in caplog.text
     with pytest.raises(DataError, match="not a folder"):
         load_train_images(tmp_path / "missing", SIZE)
 
