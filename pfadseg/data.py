@@ -262,7 +262,7 @@ def _mask_key(relative: Path) -> str:
 
 
 def _match_masks(entries: list[tuple[str, Path]], test_dir: Path,
-                 mask_dir: Path) -> dict[Path, Path]:
+                 mask_dir: Path, strict: bool = True) -> dict[Path, Path]:
     """Image path -> mask path, for the masks found recursively under `mask_dir`.
 
     A mask matches by its path relative to `mask_dir` (crack/000_mask.png or
@@ -270,6 +270,7 @@ def _match_masks(entries: list[tuple[str, Path]], test_dir: Path,
     without one then takes the mask of the same stem among those still unmatched,
     when exactly one has it. A mask that matches no image is an error: a typo
     in a name would otherwise silently drop a defect from the pixel metrics.
+    Not `strict` (MVTec's fixed names, a test set trimmed to a subset), a warning.
     """
     masks: dict[str, Path] = {}
     for mask in list_images(mask_dir, recursive=True):
@@ -296,7 +297,10 @@ def _match_masks(entries: list[tuple[str, Path]], test_dir: Path,
         if candidates:
             found[path] = candidates.pop()
     orphans = sorted(set(masks.values()) - set(found.values()))
-    if orphans:
+    if orphans and not strict:
+        log.warning("%s: %d mask(s) without an image (e.g. %s), not used", mask_dir, len(orphans),
+                    orphans[0].relative_to(mask_dir))
+    elif orphans:
         raise DataError(
             f"{orphans[0]}: mask without an image ({len(orphans)} such mask(s) under {mask_dir}). "
             "Fix: name each mask after its image (<stem>_mask.png or <stem>.png, in the same "
@@ -324,7 +328,8 @@ def _test_images(test_dir: Path) -> list[tuple[str, Path]]:
 
 
 def load_folder_test_set(test_dir: Path, size: int, mask_dir: Path | None = None,
-                         skip_bad: bool = False, mask_size: int | None | str = "input") -> TestSet:
+                         skip_bad: bool = False, mask_size: int | None | str = "input",
+                         strict_masks: bool = True) -> TestSet:
     """A test set from any folder: `test_dir`/good/ and `test_dir`/<defect type>/,
     nested folders and mixed image types allowed.
 
@@ -333,10 +338,11 @@ def load_folder_test_set(test_dir: Path, size: int, mask_dir: Path | None = None
     masks (image metrics only). Images are resized to `size`; masks to
     `mask_size` ("input": the same size, the official protocol; None: each
     image's original resolution, which must then be the same for all images).
+    A mask without an image is an error, or a warning when not `strict_masks`.
     """
     test_dir = Path(test_dir)
     entries = _test_images(test_dir)
-    matched = _match_masks(entries, test_dir, Path(mask_dir)) if mask_dir is not None else {}
+    matched = _match_masks(entries, test_dir, Path(mask_dir), strict_masks) if mask_dir is not None else {}
     msize = size if mask_size == "input" else mask_size
     images, masks, labels, defects, paths = [], [], [], [], []
     for defect, path in entries:
@@ -389,14 +395,14 @@ def load_test_set(root: Path, category: str, size: int, skip_bad: bool = False,
         raise DataError(f"{test_dir}: no test folder (MVTec layout test/<defect>/*.png)")
     truth = base / "ground_truth"
     return load_folder_test_set(test_dir, size, truth if truth.is_dir() else None, skip_bad,
-                                mask_size)
+                                mask_size, strict_masks=False)
 
 
 def load_image_folder(folder: Path, size: int, skip_bad: bool = False) -> torch.Tensor:
     """Every image under a folder (recursively) as uint8 (N, 3, size, size); none is an error."""
     paths = list_images(folder, recursive=True)
     if not paths:
-        raise DataError(f"{folder}: no images (.png/.jpg/.jpeg/.bmp/.tif). Fix: point at a "
+        raise DataError(f"{folder}: no images ({'/'.join(IMAGE_SUFFIXES)}). Fix: point at a "
                         "folder of images.")
     images, kept = load_images(paths, size, skip_bad)
     if not kept:

@@ -126,6 +126,15 @@ def test_missing_mask_is_named(dataset: Path) -> None:
     assert str(mask) in msg and "missing" in msg and "Fix:" in msg
 
 
+def test_a_trimmed_mvtec_test_set_leaves_its_spare_masks(dataset: Path, caplog) -> None:
+    """MVTec's mask names are fixed: masks of removed test images were refused."""
+    image = dataset / CATEGORY / "test" / "crack" / "001.png"
+    image.unlink()
+    with caplog.at_level("WARNING", logger="pfadseg.data"):
+        ts = load_test_set(dataset, CATEGORY, SIZE)
+    assert image not in ts.paths and "1 mask(s) without an image (e.g. crack/001_mask.png)" in caplog.text
+
+
 def test_mask_of_another_size_is_refused(dataset: Path) -> None:
     mask = dataset / CATEGORY / "ground_truth" / "crack" / "000_mask.png"
     Image.new("L", (40, 40), 255).save(mask)
