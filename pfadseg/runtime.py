@@ -26,9 +26,7 @@ DEVICE_HELP = ("where to run: auto (CUDA when available, else CPU), cpu, cuda, c
 # --- device ---------------------------------------------------------------------
 def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
     """The torch.device for a --device value; a clear error when it is not there."""
-    if isinstance(name, torch.device):
-        return name
-    name = (name or "auto").strip().lower()
+    name = str(name) if isinstance(name, torch.device) else (name or "auto").strip().lower()
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:

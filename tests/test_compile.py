@@ -173,3 +173,18 @@ def test_one_cuda_gpu_compiles_as_cuda_compile_says(monkeypatch: pytest.MonkeyPa
     runtime.compiled(torch.neg, torch.device("cuda"))
     runtime.compiled(torch.neg, CPU)
     assert calls == [{"dynamic": False, **expected}, {"dynamic": False, "backend": "inductor"}]
+
+
+def test_a_device_is_checked_whether_named_or_given_as_torch_device(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A torch.device("cuda") passed through the Python API was taken unchecked before."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for device in ("cuda", torch.device("cuda"), torch.device("cuda", 1)):
+        with pytest.raises(ValueError, match="this torch sees no CUDA GPU.*Fix: use --device cpu"):
+            runtime.resolve_device(device)
+    assert runtime.resolve_device(torch.device("cpu")) == torch.device("cpu")
+    assert runtime.resolve_device(" Auto ") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match="only 1 CUDA device"):
+        runtime.resolve_device(torch.device("cuda", 1))
