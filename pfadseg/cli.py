@@ -387,6 +387,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     out = out_file(args.out or args.checkpoint.with_suffix(".onnx"), "checkpoint.onnx")
     model, _ = load_checkpoint(args.checkpoint)
     place(model, _device(args))
+    print(f"exporting to {out}, then checking it with onnxruntime (up to a minute)...", flush=True)
     export_onnx(model, out)
     print(f"exported: {out}")
     return 0

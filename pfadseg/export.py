@@ -145,6 +145,10 @@ def export_onnx(model: AnomalyModel, path: Path, opset: int = OPSET) -> Path:
                 dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
                 external_data=False, verbose=False, report=False)
             difference = _largest_difference(tmp, wrapper, check)
+    except KeyboardInterrupt:  # nothing failed: leave neither the partial file nor its log
+        tmp.unlink(missing_ok=True)
+        log_path.unlink(missing_ok=True)
+        raise
     except Exception as exc:  # noqa: BLE001 - any exporter failure, reported in one line
         tmp.unlink(missing_ok=True)
         raise ExportError(f"ONNX export to {path} failed: {_first_line(exc)} "

@@ -72,7 +72,8 @@ def test_cli_export_is_quiet_and_matches_torch(checkpoint: Path, tmp_path: Path,
     assert cli.main(["export", "--checkpoint", str(checkpoint), "--out", str(out),
                      "--device", "cpu"]) == 0
     printed = capfd.readouterr()
-    assert printed.out.splitlines() == [f"exported: {out}"]
+    assert printed.out.splitlines() == [f"exporting to {out}, then checking it with onnxruntime "
+                                        "(up to a minute)...", f"exported: {out}"]
     assert printed.err == ""  # no exporter progress, IR dumps, warnings or tracebacks
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]  # no .tmp, no .log
     model, _ = ckpt.load_checkpoint(checkpoint)
@@ -115,13 +116,26 @@ def test_failed_export_says_why_in_one_line(checkpoint: Path, tmp_path: Path, ca
                      "--device", "cpu"]) == 2
     printed = capfd.readouterr()
     log = tmp_path / "model.onnx.log"
-    assert printed.out == ""
+    assert printed.out.startswith("exporting to")
     assert printed.err.splitlines() == [
         f"pfadseg export: error: ONNX export to {out} failed: RuntimeError: Failed to export "
         f"a node '%6713' (exporter log: {log})"]
     noise = log.read_text()  # the exporter's output is kept for a bug report
     assert "Torch IR graph" in noise and "Traceback" in noise and "Assertion failed" in noise
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx.log"]  # no half file
+
+
+def test_interrupted_export_leaves_nothing_behind(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C left model.onnx.tmp and model.onnx.log (the log is kept only for a failure)."""
+    def interrupted(*args: object, **kwargs: object) -> None:
+        Path(args[2]).write_bytes(b"half a file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch.onnx, "export", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        export_onnx(random_model("destseg", "resnet18"), tmp_path / "model.onnx")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_export_that_computes_otherwise_is_refused(tmp_path: Path,
