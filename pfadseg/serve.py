@@ -9,6 +9,7 @@
                    8-bit grayscale at the model's input size (128 = the pixel threshold)
     GET  /health   {"status": "ok"}
     GET  /model    variant, teacher, thresholds, versions
+    GET  /docs     the API's schema page (Swagger UI, whose scripts come from a CDN)
     GET  /         the page: drop images, see overlays and verdicts, move a threshold
 
 The model is loaded once and runs in one thread of its own: requests queue for
@@ -279,15 +280,18 @@ def create_app(detector: Detector, token: str | None = None,
                                      "or ?token=<token>", headers={"WWW-Authenticate": "Bearer"})
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    @app.head("/", response_class=HTMLResponse, include_in_schema=False)  # uptime monitors
     async def index() -> str:
         return page
 
-    @app.api_route("/health", methods=["GET", "HEAD"])
+    @app.get("/health")
+    @app.head("/health", include_in_schema=False)  # one operation in the schema, not two
     async def health() -> dict:
         """Open, like the page: load balancers' probes send no token, and it tells nothing."""
         return {"status": "ok"}
 
     @app.get("/model")
+    @app.head("/model", include_in_schema=False)
     async def model(request: Request) -> dict:
         authorize(request)
         return detector.info()

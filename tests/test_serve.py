@@ -9,6 +9,7 @@ import io
 import socket
 import struct
 import threading
+import warnings
 import zlib
 from pathlib import Path
 
@@ -84,7 +85,12 @@ def png_header(width: int, height: int) -> bytes:
 
 def test_health_and_model(client: TestClient) -> None:
     assert client.get("/health").json() == {"status": "ok"}
-    assert client.head("/health").status_code == 200  # probes that send HEAD
+    for path in ("/health", "/", "/model"):  # probes and uptime monitors that send HEAD
+        assert client.head(path).status_code == 200, path
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # GET and HEAD /health warned: one operation id, two ops
+        schema = client.get("/openapi.json").json()
+    assert sorted(schema["paths"]) == ["/health", "/model", "/predict"]
     info = client.get("/model").json()
     assert info["variant"] == "pfadseg" and info["teacher"] == "efficientnet_lite0"
     assert info["threshold"] == 0.4 and info["pixel_threshold"] == 0.6
