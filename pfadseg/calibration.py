@@ -140,13 +140,19 @@ class Thresholds:
         return cls(image=value, pixel=value, method="legacy")
 
 
+def held_out_count(n: int) -> int:
+    """How many of n good images are held out for the thresholds: about
+    HELD_OUT_FRACTION, at least MIN_HELD_OUT and at most MAX_HELD_OUT; none when
+    fewer than 2 * MIN_HELD_OUT images (then calibrate on the training ones)."""
+    return 0 if n < 2 * MIN_HELD_OUT else min(MAX_HELD_OUT, max(MIN_HELD_OUT, round(HELD_OUT_FRACTION * n)))
+
+
 def held_out_split(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(training, held-out) indices of n good images, drawn with `seed`: about
-    HELD_OUT_FRACTION held out, at least MIN_HELD_OUT and at most MAX_HELD_OUT;
-    none when fewer than 2 * MIN_HELD_OUT images (then calibrate on the training ones)."""
-    if n < 2 * MIN_HELD_OUT:
+    """(training, held-out) indices of n good images, `held_out_count(n)` of them
+    held out, drawn with `seed`."""
+    k = held_out_count(n)
+    if k == 0:
         return torch.arange(n), torch.arange(0)
-    k = min(MAX_HELD_OUT, max(MIN_HELD_OUT, round(HELD_OUT_FRACTION * n)))
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     return order[k:].sort().values, order[:k].sort().values
 

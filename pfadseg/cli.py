@@ -16,11 +16,11 @@ from tqdm import tqdm
 
 from . import __version__
 from . import distributed as dist
-from .calibration import DEFAULT_FALSE_ALARM_RATE, DEFAULT_PIXEL_FALSE_ALARM_RATE, FEW_GOOD_IMAGES
+from .calibration import DEFAULT_FALSE_ALARM_RATE, DEFAULT_PIXEL_FALSE_ALARM_RATE, FEW_GOOD_IMAGES, held_out_count
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import LR_SCHEDULES, PRESETS, preset
-from .data import (DataError, category_of, load_textures, mvtec_category, texture_paths,
-                   train_image_paths)
+from .data import (IMAGE_SUFFIXES, DataError, category_of, load_textures, mvtec_category,
+                   texture_paths, train_image_paths)
 from .models import TEACHERS, ModelConfig, TeacherWeightsError
 from .models.teacher import RANDOM
 from .runtime import DEVICE_HELP, cpu_heap_settings, place, resolve_device
@@ -178,8 +178,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     _add_device_arg(p)
 
 
-def _add_device_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+def _add_device_arg(p: argparse.ArgumentParser, note: str = "") -> None:
+    p.add_argument("--device", default="auto", help=DEVICE_HELP + note)
 
 
 def _device(args: argparse.Namespace) -> torch.device:
@@ -254,8 +254,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     data = TrainData.from_folder(train_dir, args.image_size, args.textures, args.texture_limit,
                                  args.rotation, category, skip_bad=args.skip_bad_images)
     if dist.is_main():
-        print(f"training {model_cfg.variant} ({model_cfg.teacher} teacher) on {len(data.images)} "
-              f"images from {train_dir}, preset {args.preset}, rotation {data.rotation}", file=sys.stderr)
+        held = held_out_count(len(data.images))
+        print(f"training {model_cfg.variant} ({model_cfg.teacher} teacher) on {len(data.images) - held} "
+              f"of the {len(data.images)} images in {train_dir} ({held} held out for the thresholds), "
+              f"preset {args.preset}, rotation {data.rotation}", file=sys.stderr)
     start = time.perf_counter()
     path = train(model_cfg, train_cfg, data, args.out, teacher_weights=args.teacher_weights,
                  resume=args.resume, device=device,
@@ -385,8 +387,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .export import export_onnx
 
     out = out_file(args.out or args.checkpoint.with_suffix(".onnx"), "checkpoint.onnx")
+    _device(args)  # a wrong --device is still an error, as on the other commands
     model, _ = load_checkpoint(args.checkpoint)
-    place(model, _device(args))
     print(f"exporting to {out}, then checking it with onnxruntime (up to a minute)...", flush=True)
     export_onnx(model, out)
     print(f"exported: {out}")
@@ -450,7 +452,8 @@ def _add_benchmark_args(p: argparse.ArgumentParser) -> None:
     m.add_argument("--student-checks", type=int,
                    help="stage-1 student checks to choose the best student from (default: the preset's)")
     m.add_argument("--seed", type=int, help="random seed (default: the preset's)")
-    m.add_argument("--save-every", type=positive_int, help="steps between resumable state files")
+    m.add_argument("--save-every", type=positive_int,
+                   help="steps between resumable state files (default: the preset's)")
     m.add_argument("--no-bf16", action="store_true", help="train and test in plain fp32")
     m.add_argument("--no-compile", action="store_true", help="train eagerly, without torch.compile")
     m.add_argument("--skip-bad-images", action="store_true", help="log and skip unreadable images")
@@ -495,7 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--category", help="category folder under --data (e.g. bottle)")
     p.add_argument("--test-dir", type=Path,
                    help="or: any folder holding good/ and one folder per defect type (searched "
-                        "recursively; .png/.jpg/.jpeg/.bmp/.tif/.webp)")
+                        f"recursively; {'/'.join(IMAGE_SUFFIXES)})")
     p.add_argument("--mask-dir", type=Path,
                    help="with --test-dir: ground-truth masks, searched recursively and matched "
                         "by file stem with or without _mask; without it, image metrics only")
@@ -532,7 +535,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-bf16", action="store_true", help="run inference in plain fp32")
     p.add_argument("--compile", action="store_true", help=COMPILE_HELP + " (torch backend)")
     p.add_argument("--skip-bad-images", action="store_true", help="log and skip unreadable images")
-    _add_device_arg(p)
+    _add_device_arg(p, "; the torch backend's (onnx runs on the CPU)")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("calibrate", help="set a checkpoint's image and pixel thresholds from "
@@ -572,7 +575,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint.safetensors of a `pfadseg train` run")
     p.add_argument("--out", type=Path,
                    help="ONNX file to write (default: the checkpoint's path with .onnx)")
-    _add_device_arg(p)
+    _add_device_arg(p, "; checked only: the export traces an fp32 copy on the CPU, and the "
+                       "file runs on any device")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("report", help="merge metrics.json files into the paper's tables")

@@ -167,11 +167,11 @@ def image_subfolders(folder: Path) -> list[Path]:
 
 
 def category_of(train_dir: Path) -> str:
-    """The category a folder of good images stands for: the folder's name, or
-    <category> for an MVTec-layout <category>/train/good folder."""
+    """The category a folder of good images stands for: the folder's name, or the
+    part's for <part>/good and an MVTec-layout <category>/train/good folder."""
     train_dir = Path(train_dir).resolve()
-    if train_dir.name == "good" and train_dir.parent.name == "train":
-        return train_dir.parent.parent.name
+    if train_dir.name == "good":
+        train_dir = train_dir.parent.parent if train_dir.parent.name == "train" else train_dir.parent
     return train_dir.name
 
 
@@ -377,7 +377,7 @@ def load_folder_test_set(test_dir: Path, size: int, mask_dir: Path | None = None
         defects.append(defect)
         paths.append(path)
     if not images:
-        raise DataError(f"{test_dir}: no test images found (.png/.jpg/.jpeg/.bmp/.tif)")
+        raise DataError(f"{test_dir}: no test images found ({'/'.join(IMAGE_SUFFIXES)})")
     if masks and len({m.shape for m in masks}) > 1:
         raise DataError(f"{test_dir}: test images differ in size; evaluate at a fixed size "
                         "(--eval-size 256) instead of the original resolution")

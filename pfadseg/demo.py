@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from .calibration import held_out_count
 from .config import preset
 from .data import list_images
 from .detector import Detector
@@ -37,8 +38,10 @@ def run_demo(out_dir: Path, quick: bool = False, device: str | torch.device = "a
     train_dir = root / CATEGORY / "train" / "good"
     size, preset_name = (64, "tiny") if quick else (DEMO_SIZE, "demo")
     schedule = preset(preset_name)
-    print(f"[1/3] training PFADSeg on {len(list_images(train_dir))} bundled bottle images "
-          f"({size}x{size}, {schedule.stage1_steps}+{schedule.stage2_steps} steps)")
+    n = len(list_images(train_dir))
+    print(f"[1/3] training PFADSeg on {n - held_out_count(n)} of {n} bundled bottle images "
+          f"({held_out_count(n)} held out for the thresholds; {size}x{size}, "
+          f"{schedule.stage1_steps}+{schedule.stage2_steps} steps)")
     run_dir = out_dir / ("run-quick" if quick else "run")
     ckpt_path = run_dir / "checkpoint.safetensors"
     if ckpt_path.is_file():

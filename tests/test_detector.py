@@ -211,7 +211,7 @@ def test_an_mvtec_train_good_folder_stands_for_its_category(tmp_path: Path) -> N
     from pfadseg.data import category_of
 
     assert category_of(BOTTLE / "train" / "good") == "bottle"  # bottle's official rotation, as --category
-    assert category_of(tmp_path / "my_parts" / "good") == "good"
+    assert category_of(tmp_path / "my_parts" / "good") == "my_parts"  # was "good" in every report
     assert category_of(tmp_path / "parts") == "parts"
 
 
