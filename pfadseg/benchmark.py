@@ -54,6 +54,7 @@ TEST_OPTIONS = (("no_bf16", False), ("skip_bad_images", False))
 RESULT_OPTIONS = tuple(o for o in TRAIN_OPTIONS
                        if o[0] not in ("save_every", "no_compile", "skip_bad_images"))
 _PATH_OPTIONS = ("teacher_weights", "textures")
+ADDED_SETTINGS = ("data",)  # settings that benchmark.json files of older versions lack: taken as equal
 SCHEDULE_OPTIONS = ("batch_size", "stage1_steps", "stage2_steps", "lr_student", "lr_schedule",
                     "student_checks", "seed")
 
@@ -217,7 +218,8 @@ def result_settings(args: argparse.Namespace) -> dict[str, object]:
     paths = {name: getattr(args, name) and str(Path(getattr(args, name)).resolve())
              for name in _PATH_OPTIONS}
     return json.loads(json.dumps({
-        "teacher": args.teacher, **paths, "texture_limit": args.texture_limit,
+        "data": str(Path(args.data).resolve()), "teacher": args.teacher, **paths,
+        "texture_limit": args.texture_limit,
         "rotation": args.rotation or "auto", "image_size": args.image_size or ModelConfig.image_size,
         "preset": args.preset, **{name: getattr(schedule, name) for name in SCHEDULE_OPTIONS},
         "bf16": schedule.bf16 and not args.no_bf16}))
@@ -225,25 +227,53 @@ def result_settings(args: argparse.Namespace) -> dict[str, object]:
 
 def _check_settings(out: Path, args: argparse.Namespace) -> None:
     """Refuse to mix pairs trained with other settings into one benchmark folder
-    (naming those that differ); record the settings on first use."""
+    (naming those that differ); record the settings on first use, and again while
+    no pair has trained (a first command that failed early does not bind the folder)."""
     path = Path(out) / SETTINGS_NAME
     now = result_settings(args)
     if path.is_file():
-        before = json.loads(path.read_text())
-        if "settings" not in before:  # an older file: the options as given, not resolved
+        before = _read_settings(path)
+        strict = "settings" in before
+        if not strict:  # an older file: the options as given, not resolved
             if before.get("train_options") == _options(args, RESULT_OPTIONS):
-                path.write_text(json.dumps({"settings": now}, indent=2) + "\n")
-                return
+                return _write_settings(path, now)
             before["settings"] = {}
-        differ = [f"{name} {now[name]} (the folder's: {before['settings'].get(name, 'unrecorded')})"
-                  for name in now if now[name] != before["settings"].get(name)]
-        if differ:
+        recorded = before["settings"]
+        differ = [f"{name} {now[name]} (the folder's: {recorded.get(name, 'unrecorded')})"
+                  for name in now if now[name] != recorded.get(name)
+                  and (name in recorded or name not in ADDED_SETTINGS or not strict)]
+        trained = any(Path(out).glob(f"*/*/{CHECKPOINT_NAME}")) or any(Path(out).glob(f"*/*/{STATE_NAME}"))
+        if differ and trained:
             raise ValueError(f"{out} holds a benchmark trained with other settings ({path}): "
                              f"{'; '.join(differ)}. Fix: rerun with the same options to continue "
                              "it, or choose another --out")
+        if differ or any(name not in recorded for name in now):
+            _write_settings(path, now)
         return
+    _write_settings(path, now)
+
+
+def _read_settings(path: Path) -> dict:
+    """A benchmark.json as a dict, or an error naming the file and the fix."""
+    try:
+        data = json.loads(path.read_text())
+        ok = isinstance(data, dict) and isinstance(data.get("settings", {}), dict)
+        problem = "" if ok else "not a settings object"
+    except (OSError, ValueError) as exc:
+        problem = str(exc)
+    if problem:
+        raise ValueError(f"{path}: damaged benchmark settings ({problem}). Fix: delete it to "
+                         "record this command's settings (finished pairs are kept and skipped), "
+                         "or choose another --out")
+    return data
+
+
+def _write_settings(path: Path, settings: dict) -> None:
+    """benchmark.json, replaced whole: an interrupted write leaves the old file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"settings": now}, indent=2) + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"settings": settings}, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 class Progress:
@@ -414,7 +444,9 @@ def run_benchmark(args: argparse.Namespace) -> int:
     categories, missing = find_categories(args.data, args.categories)
     variants = parse_variants(args.variants)
     slots = device_slots(args.device, args.devices)
-    out = Path(args.out).resolve()
+    from .cli import out_folder  # here: the CLI imports this module
+
+    out = out_folder(Path(args.out).resolve())
     _check_settings(out, args)
     jobs = plan_jobs(out, categories, variants)
     todo = [job for job in jobs if not job.finished]

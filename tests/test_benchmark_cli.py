@@ -77,6 +77,41 @@ def test_rerun_with_other_training_options_is_refused(ci_run: Path, capsys: pyte
     settings.write_text(json.dumps({"train_options": benchmark._options(args, benchmark.RESULT_OPTIONS)}))
     assert main(CI_ARGS + ["--out", str(ci_run)]) == 0
     assert settings.read_text() == recorded
+    # other data: its results would be reported as the folder's (a rerun said "1 finished")
+    other = ci_run.parent / "other_data"
+    other.mkdir(exist_ok=True)
+    (other / "bottle").symlink_to(demo_root() / "bottle")
+    assert main([a if a != str(demo_root()) else str(other) for a in CI_ARGS] + ["--out", str(ci_run)]) == 2
+    assert f"data {other.resolve()} (the folder's: {demo_root().resolve()})" in capsys.readouterr().err
+    # a file of a version that did not record the data: the same settings, now recorded
+    older = json.loads(recorded)
+    del older["settings"]["data"]
+    settings.write_text(json.dumps(older))
+    assert main(CI_ARGS + ["--out", str(ci_run)]) == 0
+    assert settings.read_text() == recorded
+    for damaged in ("", "[]", '{"settings": null}'):  # a traceback or a bare JSON error before
+        settings.write_text(damaged)
+        assert main(CI_ARGS + ["--out", str(ci_run)]) == 2
+        err = capsys.readouterr().err
+        assert f"{settings}: damaged benchmark settings" in err and "Fix: delete it" in err
+    settings.write_text(recorded)
+
+
+def test_settings_bind_a_folder_only_once_a_pair_trained(tmp_path: Path, capsys) -> None:
+    """A first command whose pairs all failed before training (a wrong --textures) locked
+    the folder to its settings: the fixed command was refused."""
+    wrong = build_parser().parse_args(CI_ARGS + ["--out", str(tmp_path), "--textures", str(tmp_path / "x")])
+    benchmark._check_settings(tmp_path, wrong)
+    right = build_parser().parse_args(CI_ARGS + ["--out", str(tmp_path)])
+    benchmark._check_settings(tmp_path, right)  # nothing trained: the settings are replaced
+    assert json.loads((tmp_path / "benchmark.json").read_text())["settings"]["textures"] is None
+    (tmp_path / "bottle" / "destseg").mkdir(parents=True)
+    (tmp_path / "bottle" / "destseg" / "train_state.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match="trained with other settings"):
+        benchmark._check_settings(tmp_path, wrong)
+    (tmp_path / "a_file").write_text("")
+    assert main(CI_ARGS + ["--out", str(tmp_path / "a_file")]) == 2
+    assert f"--out {tmp_path / 'a_file'} is a file, not a folder" in capsys.readouterr().err
 
 
 def test_failed_pair_leaves_the_others_and_names_its_log(ci_run: Path, tmp_path: Path,
