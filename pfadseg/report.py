@@ -91,7 +91,8 @@ def _metrics_of(result: dict) -> dict[str, float]:
     (the layout of `pfadseg test`'s metrics.json), leaving out counts."""
     if "metrics" in result:
         return result["metrics"]
-    return {k: v for k, v in result.items() if isinstance(v, float)}  # counts are ints
+    return {k: v for k, v in result.items()  # other numbers are counts (ints)
+            if isinstance(v, float) or (k in METRIC_NAMES and _numbers({k: v}))}
 
 
 def _is_reported(metric: str) -> bool:
@@ -315,6 +316,15 @@ def read_results(path: Path) -> list[dict]:
             raise ValueError(f"{path}: the metrics (\"metrics\" or the top-level ones) and each "
                              "\"per_defect\" entry must map names to numbers. Fix: give the "
                              "metrics.json files that `pfadseg test` wrote")
+        values = [(k, v) for table in (_metrics_of(result), *per_defect.values())
+                  for k, v in table.items() if _is_reported(k) and v is not None]
+        if not values:
+            raise ValueError(f"{path}: no metrics in the result for {result['category']}. Fix: "
+                             "give the metrics.json files that `pfadseg test` wrote")
+        for name, value in values:
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{path}: {name} is {value}, not a fraction in [0, 1] (the tables "
+                                 "print percentages of fractions). Fix: divide percentages by 100")
     return results
 
 

@@ -218,6 +218,17 @@ def test_bad_files_are_named(tmp_path):
             write_report([path], tmp_path / "out")
     unmeasured = write_json(tmp_path / "none.json", result("bottle", iap=None, pixel_ap=0.5))
     assert "| bottle | 50.0 |" in (write_report([unmeasured], tmp_path / "out")[0]).read_text()
+    # another tool's file: percentages printed 8810.0, no metric gave an empty table (and
+    # counted a benchmark pair finished), a whole-number metric vanished at the top level
+    percent = write_json(tmp_path / "percent.json", {"category": "bottle", "pixel_ap": 88.1})
+    with pytest.raises(ValueError, match=r"percent.json: pixel_ap is 88.1, not a fraction .* Fix: divide"):
+        write_report([percent], tmp_path / "out")
+    empty = write_json(tmp_path / "empty.json", {"category": "bottle", "image_threshold": 0.3})
+    with pytest.raises(ValueError, match="empty.json: no metrics in the result for bottle"):
+        write_report([empty], tmp_path / "out")
+    whole = write_json(tmp_path / "whole.json", {"category": "bottle", "image_auroc": 1,
+                                                 "pixel_ap": 0.5, "n_images": 83})
+    assert "| bottle | 100.0 | 50.0 |" in (write_report([whole], tmp_path / "out")[0]).read_text()
 
 
 def test_report_command_labels_runs(tmp_path, capsys):
