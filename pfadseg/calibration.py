@@ -297,13 +297,18 @@ def calibrate(model: AnomalyModel, good_images: torch.Tensor,
     return replace(thresholds, source=source)
 
 
+def check_calibrated_path(source: Path, out: Path) -> None:
+    """The calibrated copy never replaces its original (checked before any work)."""
+    if Path(out).resolve() == Path(source).resolve():
+        raise CalibrationError(f"{out}: is the checkpoint being calibrated. Fix: choose another "
+                               "--out; the original stays as it is.")
+
+
 def write_calibrated_checkpoint(source: Path, out: Path, thresholds: Thresholds) -> Path:
     """A copy of checkpoint `source` at `out` with `thresholds` in its metadata
     (weights and everything else unchanged; `source` itself is never rewritten)."""
     source, out = Path(source), Path(out)
-    if out.resolve() == source.resolve():
-        raise CalibrationError(f"{out}: is the checkpoint being calibrated. Fix: choose another "
-                               "--out; the original stays as it is.")
+    check_calibrated_path(source, out)
     tensors, meta = ckpt.read(source)
     meta.update(thresholds.to_meta())
     ckpt.atomic_save(tensors, meta, out)

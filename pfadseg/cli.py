@@ -338,7 +338,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from .calibration import Thresholds, calibrate, write_calibrated_checkpoint
+    from .calibration import Thresholds, calibrate, check_calibrated_path, write_calibrated_checkpoint
     from .data import load_defect_set, load_image_folder
 
     if (args.defects is None) != (args.masks is None):
@@ -351,6 +351,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                         "Fix: leave out the rates, or --defects and --masks.")
     out = args.out or args.checkpoint.with_name(args.checkpoint.stem + ".calibrated.safetensors")
     out_file(out, "checkpoint.calibrated.safetensors")
+    check_calibrated_path(args.checkpoint, out)
     device = _device(args)
     model, meta = load_checkpoint(args.checkpoint)
     place(model, device)
@@ -372,8 +373,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     write_calibrated_checkpoint(args.checkpoint, out, thresholds)
     if meta.get("threshold") is not None:
         before = Thresholds.from_meta(meta)
-        print(f"before: image {before.image:.4f}, pixel {before.pixel:.4f} ({before.method})")
-    print(f"after:  image {thresholds.image:.4f}, pixel {thresholds.pixel:.4f} "
+        print(f"before: image {before.image:.6g}, pixel {before.pixel:.6g} ({before.method})")
+    print(f"after:  image {thresholds.image:.6g}, pixel {thresholds.pixel:.6g} "
           f"({thresholds.method}; {thresholds.n_good} good, {thresholds.n_defects} "
           f"{'synthetic ' if thresholds.synthetic_recall is not None else ''}defect images)")
     if thresholds.synthetic_recall is not None:

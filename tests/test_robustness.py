@@ -572,6 +572,8 @@ def test_cli_out_paths_are_checked_before_any_work(destseg_ckpt: Path, tmp_path:
          f"--out {a_folder} is a folder. Fix: give a file name, e.g. "
          f"{a_folder / 'checkpoint.calibrated.safetensors'}"),
         (["export", "--checkpoint", ck, "--out", str(a_folder)], f"--out {a_folder} is a folder"),
+        (["calibrate", "--checkpoint", ck, "--good", str(a_folder), "--out", ck],
+         f"{ck}: is the checkpoint being calibrated"),  # was refused after the inference
     ]
     for argv, words in cases:
         assert cli.main(argv) == 2, argv
