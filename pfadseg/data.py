@@ -6,7 +6,9 @@ training and evaluation then never touch the disk again.
 from __future__ import annotations
 
 import logging
+import os
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,6 +104,19 @@ def load_mask(path: Path, size: int | None, expected: tuple[int, int] | None = N
     return arr >= 0.5
 
 
+def _walk(folder: Path) -> Iterator[Path]:
+    """Every path below `folder`, into linked folders too (Path.rglob skips them before
+    Python 3.13: a test set of symlinked defect folders looked empty); each real folder once."""
+    seen: set[str] = set()
+    for root, dirs, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:  # a link back up the tree, or two links to one folder
+            dirs.clear()
+            continue
+        seen.add(real)
+        yield from (Path(root) / name for name in dirs + names)
+
+
 def list_images(folder: Path, recursive: bool = False) -> list[Path]:
     """Image files in a folder, sorted; other files (notes, thumbnails) are skipped with a log line.
 
@@ -112,7 +127,7 @@ def list_images(folder: Path, recursive: bool = False) -> list[Path]:
     if not folder.is_dir():
         raise DataError(f"{folder}: not a folder. Fix: check the path (it must be a folder "
                         "of images).")
-    files = sorted(p for p in (folder.rglob("*") if recursive else folder.iterdir()) if p.is_file())
+    files = sorted(p for p in (_walk(folder) if recursive else folder.iterdir()) if p.is_file())
     images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")]
     for p in files:
         if p.name.startswith("."):
@@ -163,7 +178,7 @@ def train_image_paths(folder: Path) -> list[Path]:
 def image_subfolders(folder: Path) -> list[Path]:
     """The sub-folders of `folder` with image files anywhere below them."""
     return sorted(sub for sub in Path(folder).iterdir() if sub.is_dir() and not sub.name.startswith(".")
-                  and any(f.suffix.lower() in IMAGE_SUFFIXES for f in sub.rglob("*")))
+                  and any(f.suffix.lower() in IMAGE_SUFFIXES for f in _walk(sub)))
 
 
 def category_of(train_dir: Path) -> str:

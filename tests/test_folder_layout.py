@@ -215,3 +215,20 @@ def test_mask_of_an_exif_rotated_photo_matches_it_upright(folder: tuple[Path, Pa
     ts = load_folder_test_set(test, SIZE, masks)  # was refused: "mask is 48x96 but its image is 96x48"
     mask = ts.masks[[p.name for p in ts.paths].index("001.jpeg")]
     assert mask[:6].all() and not mask[8:].any()  # the top 10 of 96 rows, at 64 px
+
+
+def test_linked_defect_folders_are_searched(tmp_path: Path, folder: tuple[Path, Path]) -> None:
+    """Path.rglob skipped linked folders: a test set of linked defect folders had no
+    defect images, and a link back up the tree must not loop."""
+    test, masks = folder
+    linked = tmp_path / "linked"
+    (linked / "good").mkdir(parents=True)
+    Image.fromarray(_image(9)).save(linked / "good" / "a.png")
+    (linked / "dent").symlink_to(test / "dent", target_is_directory=True)
+    (linked / "good" / "loop").symlink_to(linked / "good", target_is_directory=True)
+    only_dent = tmp_path / "dent_masks"
+    only_dent.mkdir()
+    (only_dent / "dent").symlink_to(masks / "dent", target_is_directory=True)
+    ts = load_folder_test_set(linked, SIZE, only_dent)
+    assert sorted(p.relative_to(linked).as_posix() for p in ts.paths) == ["dent/001.jpeg", "good/a.png"]
+    assert ts.masks[[p.name for p in ts.paths].index("001.jpeg")].any()
