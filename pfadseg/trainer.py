@@ -7,18 +7,24 @@ segmentation forward, stage 2 runs teacher and student without autograd.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
+
+try:
+    import fcntl
+except ImportError:  # Windows: no lock
+    fcntl = None
 
 from . import checkpoint as ckpt
 from . import distributed as dist
@@ -523,6 +529,38 @@ def _variant(modules: dict[str, bool]) -> str:
     return ModelConfig.named("destseg", **modules).variant
 
 
+def run_lock(out_dir: Path) -> contextlib.AbstractContextManager:
+    """One training run in a folder at a time: an OS lock on out_dir/.lock, held by
+    rank 0 while it trains and released when it ends, also when it is killed. A
+    second `train` there (a benchmark rerun beside a job its killed parent left,
+    or two commands given one --out) would write the same files."""
+    if fcntl is None or not dist.is_main():
+        return contextlib.nullcontext()
+    return _flock(Path(out_dir))
+
+
+@contextlib.contextmanager
+def _flock(out_dir: Path) -> Iterator[None]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / ".lock"
+    with open(path, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            raise TrainingError(f"{out_dir}: another pfadseg train is running in it (process "
+                                f"{fh.read().strip() or 'unknown'}). Fix: let it finish or stop it, "
+                                "or choose another --out.") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(str(os.getpid()))
+        fh.flush()
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)
+
+
 def train(model_config: ModelConfig, train_config: TrainConfig, data: TrainData, out_dir: Path,
           teacher_weights: str | None = None, resume: bool = False, progress: bool = True,
           extra_meta: dict | None = None, device: str | torch.device = "auto") -> Path:
@@ -533,44 +571,45 @@ def train(model_config: ModelConfig, train_config: TrainConfig, data: TrainData,
     out_dir = Path(out_dir)
     device = dist.setup(resolve_device(device))
     check_out_dir(out_dir, resume)
-    state_path = out_dir / STATE_NAME
-    if resume:  # the run's own schedule; bf16 and compiling may be turned off for the rest
-        kept = TrainConfig.from_dict(ckpt.read_meta(state_path, kind=STATE_FORMAT)["train"])
-        train_config = replace(kept, bf16=kept.bf16 and train_config.bf16,
-                               compile=kept.compile and train_config.compile,
-                               compile_stage1=kept.compile_stage1 and train_config.compile_stage1)
-    torch.manual_seed(train_config.seed)
-    train_idx, held_idx = held_out_split(len(data.images), train_config.seed)
-    held_out = data.images[held_idx]  # for calibration only: never trained on
-    data = replace(data, images=data.images[train_idx])
-    # a resumed run's teacher comes from its state file: nothing to download or give again
-    model = AnomalyModel.build(model_config, RANDOM if resume else teacher_weights)
-    trainer = Trainer(model, train_config, data, out_dir, device, held_out)
-    if resume:
-        trainer.load_state(state_path)
-        log.info("resumed at step %d of %d", trainer.step, train_config.total_steps)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if dist.is_main():
-        (out_dir / "config.json").write_text(json.dumps(
-            {"model": model.config.to_dict(), "train": train_config.to_dict(),
-             "processes": dist.world_size(), **(extra_meta or {})}, indent=2))
-    trainer.run(progress)
-    path = out_dir / CHECKPOINT_NAME
-    if dist.is_main():
-        if len(held_out):
-            thresholds = trainer.calibrate_threshold(held_out, "held-out good images")
-        else:  # too few images to hold any out
-            log.warning("%d training images are too few to hold any out (8 or more are needed): "
-                        "the thresholds come from the training images and may flag too little. "
-                        "Fix: pfadseg calibrate --checkpoint %s --good DIR with other good images.",
-                        len(data.images), path)
-            thresholds = trainer.calibrate_threshold(data.images, "training images (too few to "
-                                                     "hold any out)")
-        meta = dict(extra_meta or {})
-        validation = _report_validation(trainer, out_dir)
-        if validation is not None:
-            meta["validation"] = validation
-        ckpt.save_checkpoint(model.cpu(), path, train_config.to_dict(), thresholds, meta)
-        state_path.unlink(missing_ok=True)  # a finished run resumes no more: free its 100s of MB
-    dist.barrier()
-    return path
+    with run_lock(out_dir):
+        state_path = out_dir / STATE_NAME
+        if resume:  # the run's own schedule; bf16 and compiling may be turned off for the rest
+            kept = TrainConfig.from_dict(ckpt.read_meta(state_path, kind=STATE_FORMAT)["train"])
+            train_config = replace(kept, bf16=kept.bf16 and train_config.bf16,
+                                   compile=kept.compile and train_config.compile,
+                                   compile_stage1=kept.compile_stage1 and train_config.compile_stage1)
+        torch.manual_seed(train_config.seed)
+        train_idx, held_idx = held_out_split(len(data.images), train_config.seed)
+        held_out = data.images[held_idx]  # for calibration only: never trained on
+        data = replace(data, images=data.images[train_idx])
+        # a resumed run's teacher comes from its state file: nothing to download or give again
+        model = AnomalyModel.build(model_config, RANDOM if resume else teacher_weights)
+        trainer = Trainer(model, train_config, data, out_dir, device, held_out)
+        if resume:
+            trainer.load_state(state_path)
+            log.info("resumed at step %d of %d", trainer.step, train_config.total_steps)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if dist.is_main():
+            (out_dir / "config.json").write_text(json.dumps(
+                {"model": model.config.to_dict(), "train": train_config.to_dict(),
+                 "processes": dist.world_size(), **(extra_meta or {})}, indent=2))
+        trainer.run(progress)
+        path = out_dir / CHECKPOINT_NAME
+        if dist.is_main():
+            if len(held_out):
+                thresholds = trainer.calibrate_threshold(held_out, "held-out good images")
+            else:  # too few images to hold any out
+                log.warning("%d training images are too few to hold any out (8 or more are needed): "
+                            "the thresholds come from the training images and may flag too little. "
+                            "Fix: pfadseg calibrate --checkpoint %s --good DIR with other good images.",
+                            len(data.images), path)
+                thresholds = trainer.calibrate_threshold(data.images, "training images (too few to "
+                                                         "hold any out)")
+            meta = dict(extra_meta or {})
+            validation = _report_validation(trainer, out_dir)
+            if validation is not None:
+                meta["validation"] = validation
+            ckpt.save_checkpoint(model.cpu(), path, train_config.to_dict(), thresholds, meta)
+            state_path.unlink(missing_ok=True)  # a finished run resumes no more: free its 100s of MB
+        dist.barrier()
+        return path

@@ -274,3 +274,27 @@ def test_out_folder_states_that_resume_cannot_or_must_finish(tmp_path: Path) -> 
 if __name__ == "__main__":  # the killed child: python test_resume.py WHERE STEP PFADSEG-ARGS...
     kill_hooks(sys.argv[1], int(sys.argv[2]))
     sys.exit(cli.main(sys.argv[3:]))
+
+
+def test_one_training_run_per_folder_at_a_time(tmp_path: Path) -> None:
+    """A benchmark killed with -9 left its job training; the rerun started a second
+    trainer in the same folder, and both wrote its checkpoint and state file."""
+    from pfadseg.trainer import TrainingError, run_lock
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, pathlib; from pfadseg.trainer import run_lock\n"
+         f"with run_lock(pathlib.Path({str(tmp_path)!r})):\n"
+         "    print('locked', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(TrainingError, match=f"another pfadseg train is running in it "
+                                                f"\\(process {holder.pid}\\)"):
+            with run_lock(tmp_path):
+                pass
+    finally:
+        holder.kill()  # as kill -9: the OS releases the lock
+        holder.wait()
+    with run_lock(tmp_path):
+        assert (tmp_path / ".lock").read_text() == str(os.getpid())
+    assert not (tmp_path / ".lock").exists()
