@@ -242,7 +242,7 @@ def _check_settings(out: Path, args: argparse.Namespace) -> None:
         differ = [f"{name} {now[name]} (the folder's: {recorded.get(name, 'unrecorded')})"
                   for name in now if now[name] != recorded.get(name)
                   and (name in recorded or name not in ADDED_SETTINGS or not strict)]
-        trained = any(Path(out).glob(f"*/*/{CHECKPOINT_NAME}")) or any(Path(out).glob(f"*/*/{STATE_NAME}"))
+        trained = any(any(Path(out).glob(f"*/*/{name}")) for name in (CHECKPOINT_NAME, STATE_NAME))
         if differ and trained:
             raise ValueError(f"{out} holds a benchmark trained with other settings ({path}): "
                              f"{'; '.join(differ)}. Fix: rerun with the same options to continue "
@@ -441,11 +441,11 @@ def subprocess_runner(args: argparse.Namespace) -> Runner:
 def run_benchmark(args: argparse.Namespace) -> int:
     """`pfadseg benchmark`: plan, run the unfinished pairs, write the report.
     Returns 0 when every pair finished, 1 when some failed."""
+    from .cli import out_folder  # here: the CLI imports this module
+
     categories, missing = find_categories(args.data, args.categories)
     variants = parse_variants(args.variants)
     slots = device_slots(args.device, args.devices)
-    from .cli import out_folder  # here: the CLI imports this module
-
     out = out_folder(Path(args.out).resolve())
     _check_settings(out, args)
     jobs = plan_jobs(out, categories, variants)

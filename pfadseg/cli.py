@@ -16,7 +16,8 @@ from tqdm import tqdm
 
 from . import __version__
 from . import distributed as dist
-from .calibration import DEFAULT_FALSE_ALARM_RATE, DEFAULT_PIXEL_FALSE_ALARM_RATE, FEW_GOOD_IMAGES, held_out_count
+from .calibration import (DEFAULT_FALSE_ALARM_RATE, DEFAULT_PIXEL_FALSE_ALARM_RATE, FEW_GOOD_IMAGES,
+                          held_out_count)
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import LR_SCHEDULES, PRESETS, preset
 from .data import (IMAGE_SUFFIXES, DataError, category_of, load_textures, mvtec_category,
