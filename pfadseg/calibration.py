@@ -17,7 +17,8 @@ threshold tuned to them sits too high for real defects. Measured on the demo
 sample (two GPU runs with `pfadseg demo`'s settings, 16 labelled test images):
 pixel F1 at the synthetic-F1 threshold was 0.076 and 0.152 under the test
 set's best pixel F1, at the 0.1% false-alarm rate 0.043 and 0.001 under it;
-the 1% image threshold reached the best image F1 (1.0) in both. The good
+the 1% image threshold (the normal quantile then, narrower than today's
+prediction bound) reached the best image F1 (1.0) in both. The good
 images are the one population a held-out split really samples. The synthetic
 defects still serve as a check that needs no labels: the fraction of them each
 threshold catches is stored beside the thresholds.
