@@ -231,26 +231,21 @@ def _check_settings(out: Path, args: argparse.Namespace) -> None:
     no pair has trained (a first command that failed early does not bind the folder)."""
     path = Path(out) / SETTINGS_NAME
     now = result_settings(args)
-    if path.is_file():
-        before = _read_settings(path)
-        strict = "settings" in before
-        if not strict:  # an older file: the options as given, not resolved
-            if before.get("train_options") == _options(args, RESULT_OPTIONS):
-                return _write_settings(path, now)
-            before["settings"] = {}
-        recorded = before["settings"]
-        differ = [f"{name} {now[name]} (the folder's: {recorded.get(name, 'unrecorded')})"
-                  for name in now if now[name] != recorded.get(name)
-                  and (name in recorded or name not in ADDED_SETTINGS or not strict)]
-        trained = any(any(Path(out).glob(f"*/*/{name}")) for name in (CHECKPOINT_NAME, STATE_NAME))
-        if differ and trained:
-            raise ValueError(f"{out} holds a benchmark trained with other settings ({path}): "
-                             f"{'; '.join(differ)}. Fix: rerun with the same options to continue "
-                             "it, or choose another --out")
-        if differ or any(name not in recorded for name in now):
-            _write_settings(path, now)
-        return
-    _write_settings(path, now)
+    before = _read_settings(path) if path.is_file() else {}
+    if "settings" in before:  # settings older versions did not record are taken as equal
+        recorded = {**{name: now[name] for name in ADDED_SETTINGS}, **before["settings"]}
+    elif not path.is_file() or before.get("train_options") == _options(args, RESULT_OPTIONS):
+        recorded = now  # a new folder, or an older file (the options as given) with these
+    else:
+        recorded = {}  # an older file with other options
+    differ = [f"{name} {now[name]} (the folder's: {recorded.get(name, 'unrecorded')})"
+              for name in now if now[name] != recorded.get(name)]
+    if differ and any(any(Path(out).glob(f"*/*/{name}")) for name in (CHECKPOINT_NAME, STATE_NAME)):
+        raise ValueError(f"{out} holds a benchmark trained with other settings ({path}): "
+                         f"{'; '.join(differ)}. Fix: rerun with the same options to continue "
+                         "it, or choose another --out")
+    if before.get("settings") != now:
+        _write_settings(path, now)
 
 
 def _read_settings(path: Path) -> dict:

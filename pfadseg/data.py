@@ -194,8 +194,7 @@ def load_train_images(folder: Path, size: int, skip_bad: bool = False,
                       progress: bool = True) -> torch.Tensor:
     """All good training images of a folder; an empty folder is an error."""
     paths = train_image_paths(folder)
-    nested = image_subfolders(folder)
-    if nested and dist.is_main():
+    if dist.is_main() and (nested := image_subfolders(folder)):  # torchrun: one walk, one line
         log.warning("%s: training on its %d images; its sub-folders (%s) are not read", folder,
                     len(paths), ", ".join(f"{s.name}/" for s in nested[:4]))
     try:

@@ -39,8 +39,9 @@ def run_demo(out_dir: Path, quick: bool = False, device: str | torch.device = "a
     size, preset_name = (64, "tiny") if quick else (DEMO_SIZE, "demo")
     schedule = preset(preset_name)
     n = len(list_images(train_dir))
-    print(f"[1/3] training PFADSeg on {n - held_out_count(n)} of {n} bundled bottle images "
-          f"({held_out_count(n)} held out for the thresholds; {size}x{size}, "
+    held = held_out_count(n)
+    print(f"[1/3] training PFADSeg on {n - held} of {n} bundled bottle images "
+          f"({held} held out for the thresholds; {size}x{size}, "
           f"{schedule.stage1_steps}+{schedule.stage2_steps} steps)")
     run_dir = out_dir / ("run-quick" if quick else "run")
     ckpt_path = run_dir / "checkpoint.safetensors"
