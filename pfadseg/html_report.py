@@ -22,12 +22,11 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
-from scipy import ndimage
 
 from .calibration import Thresholds
 from .data import TestSet
 from .evaluation import TestOutputs
-from .visualize import colorize
+from .visualize import colorize, outline
 
 THUMB = 192  # longest side of a gallery thumbnail, in pixels
 MAX_CURVE_POINTS = 2000  # points drawn per curve (pixel curves have millions of thresholds)
@@ -64,11 +63,6 @@ def _resize_map(values: np.ndarray, size: tuple[int, int]) -> np.ndarray:
         return values.astype(np.float32, copy=False)
     img = Image.fromarray(values.astype(np.float32), mode="F")
     return np.asarray(img.resize(size, Image.BOX if size[0] < values.shape[1] else Image.BILINEAR))
-
-
-def _outline(mask: np.ndarray) -> np.ndarray:
-    """The 2-pixel-wide border of a boolean mask, inside it."""
-    return mask & ~ndimage.binary_erosion(mask, iterations=2, border_value=1)
 
 
 def _paint(rgb: np.ndarray, edge: np.ndarray, colour: tuple[int, int, int]) -> np.ndarray:
@@ -133,7 +127,7 @@ class Gallery:
         shown = np.where(predicted[..., None], 255, 0).astype(np.uint8).repeat(3, axis=2)
         panels = [("input", _data_uri(Image.fromarray(rgb)))]
         if mask is not None:
-            edge = _outline(_resize_map(mask.astype(np.float32), size) >= 0.5)
+            edge = outline(_resize_map(mask.astype(np.float32), size) >= 0.5, width=2)
             panels.append(("ground truth", _data_uri(Image.fromarray(_paint(rgb, edge, GT_COLOUR)))))
             shown = _paint(shown, edge, GT_COLOUR)
         panels += [("anomaly map", _data_uri(Image.fromarray(colorize(heat)))),

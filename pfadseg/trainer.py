@@ -194,7 +194,9 @@ class Trainer:
         if stage == 1:
             self.model.student.train()
             with autocast(self.device, self.use_bf16):
-                loss = self._stage1_loss()(clean, augmented, self._clean_targets(idx))
+                # Eq. 4 sums over the batch and DDP averages the ranks' gradients: times
+                # the rank count, the gradient is the whole batch's, as on one process
+                loss = self._stage1_loss()(clean, augmented, self._clean_targets(idx)) * dist.world_size()
             parts = {"cosine": loss}
             optimizer = self.opt_student
         else:
@@ -203,7 +205,7 @@ class Trainer:
             features, segment = self._stage2_forward()
             with autocast(self.device, self.use_bf16):
                 with torch.no_grad():
-                    feats = features(augmented)[0]
+                    feats = features(augmented)
                 logits = segment(feats)
             focal, l1 = segmentation_loss(logits, mask, self.config.focal_gamma)  # Eqs. 10-11
             loss = focal + l1

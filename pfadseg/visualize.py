@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 from PIL import Image
+from scipy import ndimage
 
 # anchors of a perceptually ordered blue -> cyan -> yellow -> red colour map
 _ANCHORS = np.array([[0.0, 0.0, 0.5], [0.0, 0.4, 1.0], [0.0, 0.9, 0.9],
@@ -27,9 +28,14 @@ def overlay(image: np.ndarray, amap: np.ndarray, mask: np.ndarray | None = None,
     a = alpha * (0.3 + 0.7 * np.clip(amap, 0.0, 1.0))[..., None]
     out = image.astype(np.float32) * (1 - a) + heat * a
     if mask is not None and mask.any():
-        edge = mask & ~(np.roll(mask, 1, 0) & np.roll(mask, -1, 0) & np.roll(mask, 1, 1) & np.roll(mask, -1, 1))
-        out[edge] = 255.0
+        out[outline(mask)] = 255.0
     return Image.fromarray(out.clip(0, 255).astype(np.uint8))
+
+
+def outline(mask: np.ndarray, width: int = 1) -> np.ndarray:
+    """The border of a boolean mask, `width` pixels wide, inside it; where the mask
+    meets the image's edge there is no border (the region goes on out of view)."""
+    return mask & ~ndimage.binary_erosion(mask, iterations=width, border_value=1)
 
 
 def mask_image(mask: np.ndarray) -> Image.Image:

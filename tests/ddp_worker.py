@@ -2,11 +2,16 @@
 processes (gloo), then every rank saves its own final weights for comparison.
 With PFADSEG_TEST_DIE_AT=K, rank 1 dies at step K (a crashed GPU, a killed process).
 With PFADSEG_TEST_PICK=1, 4 of 8 images are held out and rank 0's validation scores the
-student of step 3 best, so rank 0 puts it back when stage 1 ends (step 4)."""
+student of step 3 best, so rank 0 puts it back when stage 1 ends (step 4).
+With PFADSEG_TEST_SAME_BATCH=1, one step per stage without gradient clipping, each on the
+same two images repeated to fill each rank's share (two ranks of two see what one process
+of four sees), DeSTSeg (AFF's batch norm of two pooled values magnifies rounding), and
+the weights before training are saved too (init_rank<r>.pt)."""
 from __future__ import annotations
 
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -29,12 +34,27 @@ if die_at:
         return step(self)
     Trainer.train_step = dying_step  # type: ignore[method-assign]
 
+same = os.environ.get("PFADSEG_TEST_SAME_BATCH") == "1"
+if same:
+    draw = Trainer._batch
+
+    def same_batch(self: Trainer) -> tuple:
+        share, self.batch_size = self.batch_size, 2
+        self.generator = torch.Generator().manual_seed(self.step)
+        two = draw(self)
+        self.batch_size = share
+        return tuple(torch.cat([t] * (share // 2)) for t in two)
+    Trainer._batch = same_batch  # type: ignore[method-assign]
+
 trainers: list[Trainer] = []
 run = Trainer.run
 
 
 def recording_run(self: Trainer, progress: bool = True) -> None:
     trainers.append(self)
+    if same:
+        torch.save({k: v.detach().clone() for k, v in self.model.state_dict().items()},
+                   Path(os.environ["PFADSEG_TEST_WEIGHTS"]) / f"init_rank{dist.rank()}.pt")
     run(self, progress)
 
 
@@ -49,8 +69,9 @@ gen = torch.Generator().manual_seed(0)
 images = torch.randint(0, 256, (8 if pick else 6, 3, 64, 64), dtype=torch.uint8, generator=gen)
 data = TrainData(images, DefectSynthesizer(procedural_textures(2, 64)), "none")
 cfg = (preset("tiny", batch_size=4, stage1_steps=4, stage2_steps=1, student_checks=2, bf16=False)
-       if pick else preset("tiny", batch_size=4, stage1_steps=3, stage2_steps=2, bf16=False))
-train(ModelConfig.named("pfadseg", teacher="efficientnet_lite0", image_size=64), cfg, data, out,
+       if pick else replace(preset("tiny", batch_size=4, stage1_steps=1, stage2_steps=1, bf16=False), grad_clip=None)
+       if same else preset("tiny", batch_size=4, stage1_steps=3, stage2_steps=2, bf16=False))
+train(ModelConfig.named("destseg" if same else "pfadseg", teacher="efficientnet_lite0", image_size=64), cfg, data, out,
       teacher_weights="random", resume=resume, progress=False, device="cpu")
 weights = {k: v.detach().cpu() for k, v in trainers[0].model.state_dict().items()}
 torch.save(weights, Path(os.environ["PFADSEG_TEST_WEIGHTS"]) / f"rank{dist.rank()}.pt")

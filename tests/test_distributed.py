@@ -38,6 +38,30 @@ def test_two_ranks_train_identical_weights_and_rank0_writes(tmp_path: Path) -> N
     assert [r[0] for r in rows[1:]] == ["1", "2", "3", "4", "5"]  # one writer: each step once
 
 
+def test_two_ranks_learn_what_one_process_learns_from_the_same_batch(tmp_path: Path) -> None:
+    """Stage 1's loss sums over the batch (Eq. 4) and DDP averages gradients: without
+    scaling by the rank count, two ranks stepped at half the learning rate. Two ranks
+    of 2 images move the student as one process of the same 4 does (up to rounding,
+    which batch norm of 2x2 features makes ~0.1%). Stage 2's losses are means: right
+    as they were."""
+    env = {"PFADSEG_TEST_SAME_BATCH": "1", "OMP_NUM_THREADS": "1"}
+    result = torchrun(WORKER, tmp_path / "two", env={**env, "PFADSEG_TEST_WEIGHTS": str(tmp_path)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    (tmp_path / "one").mkdir()
+    single = subprocess.run([sys.executable, WORKER, tmp_path / "one" / "run"], capture_output=True,
+                            text=True, env={**os.environ, **env, "PFADSEG_TEST_WEIGHTS": str(tmp_path / "one")},
+                            timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+    init = torch.load(tmp_path / "one" / "init_rank0.pt")
+    assert all(torch.equal(init[k], v) for k, v in torch.load(tmp_path / "init_rank0.pt").items())
+    one, two = torch.load(tmp_path / "one" / "rank0.pt"), torch.load(tmp_path / "rank0.pt")
+    keys = [k for k in init if k.startswith("student.") and init[k].is_floating_point() and "running_" not in k]
+    moved_one = torch.cat([(one[k] - init[k]).flatten() for k in keys])
+    moved_two = torch.cat([(two[k] - init[k]).flatten() for k in keys])
+    assert float(moved_one.norm()) > 0
+    assert float((moved_two - moved_one).norm() / moved_one.norm()) < 0.02  # was 0.5: half the step
+
+
 def test_the_student_rank0_picks_goes_on_on_every_rank(tmp_path: Path) -> None:
     """Rank 0 alone validates; the student it puts back at the end of stage 1 (step 3's,
     not the last) reaches the other rank, and the ranks end with identical weights."""

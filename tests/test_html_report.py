@@ -127,3 +127,15 @@ def test_summarize_refuses_a_test_set_of_one_class(model: AnomalyModel, dataset:
         summarize(outputs, test, None)
     with pytest.raises(ValueError, match="no defect images"):  # before the model runs
         write_results(None, test, CATEGORY, tmp_path, {})  # type: ignore[arg-type]
+
+
+def test_overlay_outlines_a_region_where_it_ends_not_across_the_image() -> None:
+    """The white outline follows the mask's border inside the image; a region that
+    runs off the image has no line along the image's edge (np.roll wrapped around and
+    drew one on the left edge for a mask touching the right edge)."""
+    from pfadseg.visualize import overlay
+    mask = np.zeros((8, 8), bool)
+    mask[:, 4:] = True  # the right half, touching three edges of the image
+    shown = np.asarray(overlay(np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8)), mask))
+    white = (shown == 255).all(axis=2)
+    assert white[:, 4].all() and white.sum() == 8  # the one column where the region ends

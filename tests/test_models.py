@@ -471,7 +471,7 @@ def test_channels_last_model_feeds_every_conv_channels_last(name: str) -> None:
     model.train()
     model.student_loss(images, images).backward()
     model.student.eval()
-    model.segmentation_logits(images).sum().backward()
+    model.segmentation(model.segmentation_input(images)).sum().backward()
     model.eval()
     model(images)
     assert not fed_nchw

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .losses import l2_normalize, student_loss
+from .losses import cosine_distance, l2_normalize, student_loss
 from .residual import BlockOptions
 from .segmentation import SegmentationNet
 from .student import Student
@@ -93,25 +93,16 @@ class AnomalyModel(nn.Module):
             targets = self.teacher_features(clean)
         return student_loss(targets, self.student(self.normalize(augmented)))
 
-    def segmentation_input(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Frozen teacher and student on the same images: the 448-channel (for
-        ResNet18) map -T_l*S_l at 1/4 size, and the per-level cosine distances."""
-        x = self.normalize(images)
-        with torch.no_grad():
-            t_feats = self.teacher(x)
-            s_feats = self.student(x)
-        size = t_feats[0].shape[-2:]
-        parts, dists = [], []
-        for t, s in zip(t_feats, s_feats):
-            t, s = l2_normalize(t), l2_normalize(s)
-            parts.append(F.interpolate(-t * s, size=size, mode="bilinear", align_corners=False))
-            dists.append(1 - (t.float() * s.float()).sum(dim=1, keepdim=True))
-        return torch.cat(parts, dim=1), dists
+    def segmentation_input(self, images: torch.Tensor) -> torch.Tensor:
+        """Stage 2's input: the frozen teacher and student on the same images, each
+        level's product -T_l*S_l of the l2-normalised features upsampled to 1/4 of the
+        input size, concatenated (448 channels for ResNet18)."""
+        return _products(*self._frozen_features(images))
 
-    def segmentation_logits(self, images: torch.Tensor) -> torch.Tensor:
-        """Stage 2 forward: segmentation logits at 1/4 of the input size."""
-        feats, _ = self.segmentation_input(images)
-        return self.segmentation(feats)
+    @torch.no_grad()
+    def _frozen_features(self, images: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        x = self.normalize(images)
+        return self.teacher(x), self.student(x)
 
     # --- inference ----------------------------------------------------------------
     @torch.no_grad()
@@ -121,20 +112,20 @@ class AnomalyModel(nn.Module):
         The DeST map is the product over levels of 1 - cos(T_l, S_l), the
         un-learned student-teacher map, useful for diagnosis.
         """
-        feats, dists = self.segmentation_input(images)
-        return self.anomaly_maps(self.segmentation(feats), dists, images.shape[-2:])
-
-    @staticmethod
-    def anomaly_maps(logits: torch.Tensor, dists: list[torch.Tensor],
-                     size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Segmentation logits and per-level cosine distances -> (segmentation map,
-        DeST map), each (B, 1, *size) in float32."""
-        seg = torch.sigmoid(logits.float())
-        seg = F.interpolate(seg, size=size, mode="bilinear", align_corners=False)
+        t_feats, s_feats = self._frozen_features(images)
+        logits = self.segmentation(_products(t_feats, s_feats))
+        size = images.shape[-2:]
+        seg = F.interpolate(torch.sigmoid(logits.float()), size=size, mode="bilinear", align_corners=False)
         dest = torch.ones_like(seg)
-        for d in dists:
-            dest = dest * F.interpolate(d.float(), size=size, mode="bilinear", align_corners=False)
+        for t, s in zip(t_feats, s_feats):
+            dest = dest * F.interpolate(cosine_distance(t, s), size=size, mode="bilinear", align_corners=False)
         return seg, dest
+
+
+def _products(t_feats: list[torch.Tensor], s_feats: list[torch.Tensor]) -> torch.Tensor:
+    size = t_feats[0].shape[-2:]
+    return torch.cat([F.interpolate(-l2_normalize(t) * l2_normalize(s), size=size, mode="bilinear",
+                                    align_corners=False) for t, s in zip(t_feats, s_feats)], dim=1)
 
 
 def image_scores(maps: torch.Tensor, k: int = TOP_K) -> torch.Tensor:
