@@ -109,17 +109,18 @@ class AnomalyModel(nn.Module):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Anomaly maps at the input size: (segmentation map, DeST map), each (B, 1, H, W).
 
-        The DeST map is the product over levels of 1 - cos(T_l, S_l), the
-        un-learned student-teacher map, useful for diagnosis.
+        The DeST map is the product over levels of 1 - cos(T_l, S_l) at 1/4 size
+        (as the official code), the un-learned student-teacher map, for diagnosis.
         """
         t_feats, s_feats = self._frozen_features(images)
         logits = self.segmentation(_products(t_feats, s_feats))
-        size = images.shape[-2:]
-        seg = F.interpolate(torch.sigmoid(logits.float()), size=size, mode="bilinear", align_corners=False)
-        dest = torch.ones_like(seg)
+        quarter = t_feats[0].shape[-2:]
+        dest = torch.ones_like(logits, dtype=torch.float32)
         for t, s in zip(t_feats, s_feats):
-            dest = dest * F.interpolate(cosine_distance(t, s), size=size, mode="bilinear", align_corners=False)
-        return seg, dest
+            dest = dest * F.interpolate(cosine_distance(t, s), size=quarter, mode="bilinear", align_corners=False)
+        maps = torch.cat([torch.sigmoid(logits.float()), dest], dim=1)
+        maps = F.interpolate(maps, size=images.shape[-2:], mode="bilinear", align_corners=False)
+        return maps[:, :1], maps[:, 1:]
 
 
 def _products(t_feats: list[torch.Tensor], s_feats: list[torch.Tensor]) -> torch.Tensor:
