@@ -29,10 +29,10 @@ def demo_root() -> Path:
 
 
 def run_demo(out_dir: Path, quick: bool = False, device: str | torch.device = "auto") -> dict:
-    """Train (or reuse the finished run in out_dir/run, or out_dir/run-quick for a smoke
-    test, so that one never stands in for the other), test and predict; returns the test
-    metrics."""
-    out_dir = Path(out_dir)
+    """Train (or reuse the finished run in out_dir/run), test and predict; returns the
+    test metrics. A `quick` smoke test writes all of it under out_dir/quick, so that it
+    never stands in for, or overwrites, the full demo's results."""
+    out_dir = Path(out_dir) / ("quick" if quick else "")
     start = time.perf_counter()
     root = demo_root()
     train_dir = root / CATEGORY / "train" / "good"
@@ -43,7 +43,7 @@ def run_demo(out_dir: Path, quick: bool = False, device: str | torch.device = "a
     print(f"[1/3] training PFADSeg on {n - held} of {n} bundled bottle images "
           f"({held} held out for the thresholds; {size}x{size}, "
           f"{schedule.stage1_steps}+{schedule.stage2_steps} steps)")
-    run_dir = out_dir / ("run-quick" if quick else "run")
+    run_dir = out_dir / "run"
     ckpt_path = run_dir / "checkpoint.safetensors"
     if ckpt_path.is_file():
         print(f"      reusing {ckpt_path}")

@@ -28,7 +28,7 @@ from .checkpoint import load_checkpoint, weights_fingerprint
 from .config import check_whole, preset
 from .data import DataError, category_of, load_rgb, to_rgb
 from .models import AnomalyModel, ModelConfig
-from .predict import MapFn
+from .predict import MapFn, output_names
 from .runtime import place, resolve_device
 from .trainer import MODULES, TrainData, check_out_dir, resumed_settings, train
 from .visualize import mask_image, overlay
@@ -117,13 +117,15 @@ def _rgb(item: ImageInput, index: int) -> np.ndarray:
     return rgb
 
 
-def _name(item: ImageInput, index: int) -> str:
-    """The input's file name; image_<index>.png for images in memory (still a file
-    name, so that e.g. f"overlay_{name}" saves as a PNG)."""
-    if isinstance(item, (str, Path)):
-        return Path(item).name
-    filename = getattr(item, "filename", "")  # PIL images opened from a file know it
-    return Path(filename).name if filename else f"image_{index}.png"
+def _names(items: Sequence[ImageInput]) -> list[str]:
+    """Each input's file name, or image_<index>.png for an image in memory (still a file
+    name, so that f"overlay_{name}" saves as a PNG). Names that occur more than once
+    get their folder in front, as predict's output files (good/005.png, crack/005.png:
+    good_005.png, crack_005.png), so that files saved by name do not overwrite each other."""
+    paths = [Path(item) if isinstance(item, (str, Path))
+             else Path(getattr(item, "filename", "") or f"image_{i}.png")  # PIL knows its file
+             for i, item in enumerate(items)]
+    return [stem + path.suffix for stem, path in zip(output_names(paths), paths)]
 
 
 class Detector:
@@ -198,7 +200,8 @@ class Detector:
                                                             and images.ndim != 4):
             raise TypeError(f"predict takes a list of images, got one {type(images).__name__}. "
                             "Fix: predict([image]).")
-        images, names = list(images), None if names is None else list(names)
+        images = list(images)
+        names = _names(images) if names is None else list(names)
         check_whole("batch_size", batch_size)
         if names is not None and len(names) != len(images):
             raise ValueError(f"{len(names)} names for {len(images)} images")
@@ -215,7 +218,7 @@ class Detector:
                 score = float(score)
                 amap = np.asarray(amap, dtype=np.float32)
                 out.append(Prediction(
-                    name=names[index] if names is not None else _name(item, index), score=score,
+                    name=names[index], score=score,
                     normalized_score=float(self.thresholds.normalize_image(score)),
                     anomalous=score >= self.thresholds.image, anomaly_map=amap,
                     mask=amap >= self.thresholds.pixel, image=image, thresholds=self.thresholds))

@@ -138,9 +138,12 @@ def test_test_at_original_resolution(trained: Path, tmp_path: Path) -> None:
 
 
 def test_demo_quick_writes_metrics_and_overlays(tmp_path: Path, capsys) -> None:
+    """All under quick/: a full demo in the same folder trains its own model, and a
+    quick one after it leaves the full one's metrics and overlays alone."""
     assert main(["demo", "--quick", "--out", str(tmp_path)]) == 0
-    assert json.loads((tmp_path / "test" / "metrics.json").read_text())["n_images"] == 16
-    assert len(list((tmp_path / "predictions").glob("*_overlay.png"))) == 16
-    assert str(tmp_path.resolve()) in capsys.readouterr().out
-    assert (tmp_path / "run-quick" / "checkpoint.safetensors").is_file()
-    assert not (tmp_path / "run").exists()  # a full demo in the same folder trains its own model
+    quick = tmp_path / "quick"
+    assert json.loads((quick / "test" / "metrics.json").read_text())["n_images"] == 16
+    assert len(list((quick / "predictions").glob("*_overlay.png"))) == 16
+    assert str(quick.resolve()) in capsys.readouterr().out
+    assert (quick / "run" / "checkpoint.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["quick"]

@@ -37,7 +37,8 @@ def test_train_writes_a_checkpoint_and_returns_it_loaded(trained: Detector) -> N
 def test_predict_holds_scores_verdicts_maps_and_masks(trained: Detector) -> None:
     t = trained.thresholds
     predictions = trained.predict(IMAGES)
-    assert [p.name for p in predictions] == ["000.jpg", "000.jpg"]
+    # two folders' 000.jpg: saving by name would overwrite one with the other
+    assert [p.name for p in predictions] == [f"{path.parent.name}_000.jpg" for path in IMAGES]
     for p in predictions:
         assert 0.0 <= p.score <= 1.0
         assert p.normalized_score == pytest.approx(t.normalize_image(p.score))
@@ -56,7 +57,10 @@ def test_paths_pil_images_and_arrays_score_alike(trained: Detector) -> None:
     assert np.array_equal(by_array.image, by_path.image)
     assert by_pil.score == pytest.approx(by_path.score, abs=1e-4)
     assert by_array.score == pytest.approx(by_path.score, abs=1e-4)
-    assert (by_pil.name, by_array.name) == ("000.jpg", "image_2.png")
+    folder = path.parent.name  # the same file twice: numbered
+    assert [p.name for p in (by_path, by_pil, by_array)] == [f"{folder}_000.jpg", f"{folder}_000_1.jpg",
+                                                            "image_2.png"]
+    assert trained.predict([pil])[0].name == "000.jpg"
     assert [p.name for p in trained.predict([array], names=["mine"])] == ["mine"]
 
 
