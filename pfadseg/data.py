@@ -22,7 +22,10 @@ from . import distributed as dist
 
 log = logging.getLogger(__name__)
 MAX_PIXELS = 20_000 * 20_000  # decompression-bomb guard: 400 megapixels
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+if Image.MAX_IMAGE_PIXELS is not None:  # Pillow's own guard (89 MP) would refuse first: raised to ours
+    Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS, MAX_PIXELS)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif",
+                  ".pgm", ".ppm", ".pbm", ".pnm", ".tga")  # a multi-frame file: its first frame
 
 
 class DataError(ValueError):
@@ -38,6 +41,11 @@ def to_rgb(img: Image.Image) -> Image.Image:
         arr = np.asarray(img, dtype=np.float64)
         arr[~np.isfinite(arr)] = 0.0  # a float image's NaN/inf pixels: black, not an all-NaN scale
         top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        if top == 65535.0 and 0 < arr.max() < 4096:  # once per process: the same camera made them all
+            warnings.warn("a 16-bit image uses 12 or fewer of its bits (a 10- or 12-bit camera?): "
+                          "read on the 16-bit scale, it is nearly black with few grey levels. "
+                          "Fix: scale the images to the full 16-bit range, or save them as 8-bit.",
+                          stacklevel=2)
         if img.mode == "F":
             top = max(float(arr.max()), 1.0) if arr.max() > 1 else 1.0
         arr = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
@@ -71,6 +79,9 @@ def open_image(path: Path) -> Image.Image:
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
         raise DataError(f"{path}: too many pixels to decode safely ({exc}). Fix: downscale the "
                         "file.") from exc
+    except PermissionError as exc:
+        raise DataError(f"{path}: permission denied. Fix: make it readable (chmod a+r), or "
+                        "remove it from the folder.") from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"{path}: cannot read image ({exc}). Fix: re-export it as PNG or "
                         "JPEG, or remove it from the folder.") from exc
@@ -108,13 +119,19 @@ def _walk(folder: Path) -> Iterator[Path]:
     """Every path below `folder`, into linked folders too (Path.rglob skips them before
     Python 3.13: a test set of symlinked defect folders looked empty); each real folder once."""
     seen: set[str] = set()
-    for root, dirs, names in os.walk(folder, followlinks=True):
+    for root, dirs, names in os.walk(folder, followlinks=True, onerror=_unlisted):
         real = os.path.realpath(root)
         if real in seen:  # a link back up the tree, or two links to one folder
             dirs.clear()
             continue
         seen.add(real)
         yield from (Path(root) / name for name in dirs + names)
+
+
+def _unlisted(exc: OSError) -> None:
+    """A folder that cannot be listed fails loudly: skipped, a test set silently lost a defect type."""
+    fix = " Fix: make it readable (chmod a+rx)." if isinstance(exc, PermissionError) else ""
+    raise DataError(f"{exc.filename}: cannot list this folder ({exc.strerror}).{fix}") from exc
 
 
 def list_images(folder: Path, recursive: bool = False) -> list[Path]:
@@ -127,8 +144,16 @@ def list_images(folder: Path, recursive: bool = False) -> list[Path]:
     if not folder.is_dir():
         raise DataError(f"{folder}: not a folder. Fix: check the path (it must be a folder "
                         "of images).")
-    files = sorted(p for p in (_walk(folder) if recursive else folder.iterdir()) if p.is_file())
+    try:
+        entries = list(_walk(folder) if recursive else folder.iterdir())
+    except OSError as exc:
+        _unlisted(exc)
+    files = sorted(p for p in entries if p.is_file())
     images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")]
+    dangling = [p for p in entries if p.is_symlink() and not p.exists()]
+    if dangling:
+        log.warning("%s: skipping %d link(s) to nothing, e.g. %s. Fix: mend or remove them.",
+                    folder, len(dangling), dangling[0].name)
     for p in files:
         if p.name.startswith("."):
             log.debug("skipping hidden file %s", p)

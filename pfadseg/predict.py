@@ -31,18 +31,23 @@ PER_IMAGE = (*OUTPUT_SUFFIXES, "_map.npy")  # all it writes per input
 def collect_inputs(inputs: list[Path], skip: Path | None = None) -> list[Path]:
     """Files as given plus the images of given folders (recursively), in order,
     each file once (a file also inside a given folder is not scored twice). The
-    overlays and masks `predict_files` wrote under the folder `skip` (--out) are
-    left out: with --out among the inputs, a rerun would score them too."""
+    overlays and masks `predict_files` wrote, under the folder `skip` (--out) or
+    beside an earlier run's summary.csv, are left out of folders: a rerun with
+    its output inside an input folder would score them too."""
     paths: list[Path] = []
     skip = skip.resolve() if skip is not None else None
 
     def ours(path: Path) -> bool:
-        return (skip is not None and path.name.endswith(OUTPUT_SUFFIXES)
-                and path.resolve().is_relative_to(skip))
+        return path.name.endswith(OUTPUT_SUFFIXES) and (
+            (path.parent / "summary.csv").is_file() or (skip is not None and path.resolve().is_relative_to(skip)))
 
     for item in map(Path, inputs):
         if item.is_dir():
-            found = [p for p in list_images(item, recursive=True) if not ours(p)]
+            listed = list_images(item, recursive=True)
+            found = [p for p in listed if not ours(p)]
+            if len(found) < len(listed):
+                log.info("%s: leaving out %d overlays and masks that predict wrote", item,
+                         len(listed) - len(found))
             if not found:
                 raise DataError(f"{item}: folder holds no images")
             paths += found

@@ -119,7 +119,8 @@ def decode_upload(name: str, data: bytes, max_pixels: int, budget: PixelBudget |
     """Decode one uploaded file, refusing empty, non-image, corrupt and oversized ones.
 
     The size is checked from the header, before any pixel is decoded; PIL itself
-    refuses anything over twice its MAX_IMAGE_PIXELS (179 megapixels) whatever
+    refuses anything over twice its MAX_IMAGE_PIXELS (800 megapixels, as pfadseg.data
+    sets it) whatever
     `max_pixels` says. (No warnings filter: that is process-wide, and this runs
     in several threads at once.)"""
     if not data:
@@ -140,7 +141,7 @@ def decode_upload(name: str, data: bytes, max_pixels: int, budget: PixelBudget |
                 budget.give(pixels)
             raise
     except UnidentifiedImageError:
-        raise UploadError(415, f"{name}: not an image (send PNG, JPEG, BMP, TIFF or WebP)") from None
+        raise UploadError(415, f"{name}: not an image of a format this server reads (send PNG, JPEG, BMP, TIFF or WebP)") from None
     except Image.DecompressionBombError as exc:
         raise UploadError(413, f"{name}: refused as a decompression bomb ({exc})") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:

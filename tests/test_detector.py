@@ -82,10 +82,10 @@ def test_bad_inputs_are_named(trained: Detector, tmp_path: Path) -> None:
         trained.predict([3])  # type: ignore[list-item]
     with pytest.raises(DataError, match=r"image 0: empty \(0x0 pixels\)"):
         trained.predict([np.zeros((0, 0, 3), dtype=np.uint8)])
-    bomb = tmp_path / "bomb.png"  # a PNG header claiming 20000 x 20000 pixels
+    bomb = tmp_path / "bomb.png"  # a PNG header claiming 30000 x 30000 pixels
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    bomb.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 20000, 20000, 8, 0, 0, 0, 0))
+    bomb.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 30000, 30000, 8, 0, 0, 0, 0))
                      + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
     with pytest.raises(DataError, match="bomb.png: too many pixels to decode safely.*Fix: downscale"):
         trained.predict([bomb])
@@ -145,7 +145,8 @@ def test_a_file_also_inside_a_given_folder_is_scored_once() -> None:
 
 def test_predict_leaves_out_its_own_output_folder_and_long_names(trained: Detector, tmp_path: Path,
                                                                   caplog) -> None:
-    """--out inside an input folder: a rerun scored its own overlays and masks before."""
+    """--out inside an input folder: a rerun scored its own overlays and masks before,
+    and a run with another --out those of earlier runs (beside their summary.csv)."""
     from pfadseg.predict import collect_inputs, output_names, predict_files
 
     folder = tmp_path / "line"
@@ -156,6 +157,7 @@ def test_predict_leaves_out_its_own_output_folder_and_long_names(trained: Detect
         for _ in range(2):
             rows = predict_files(trained, collect_inputs([folder], skip=out), out, progress=False)
             assert len(rows) == 2
+    assert len(collect_inputs([folder], skip=tmp_path / "new")) == 2  # earlier runs' outputs too
     # a reused --out: the earlier run's other images are left, and the warning says so
     paths = sorted(folder.glob("*.jpg"))
     predict_files(trained, paths, tmp_path / "again", progress=False)

@@ -178,6 +178,14 @@ def test_decompression_bomb_guard(tmp_path: Path, monkeypatch) -> None:
     assert str(path) in msg and "80x80" in msg and "decompression-bomb" in msg and "Fix:" in msg
 
 
+def test_images_up_to_the_stated_limit_load(tmp_path: Path) -> None:
+    """A 98-megapixel line-scan image is under MAX_PIXELS (400 MP): Pillow's own
+    89-megapixel guard refused it first."""
+    path = tmp_path / "line_scan.png"
+    Image.new("L", (16384, 6000), 128).save(path)
+    assert load_rgb(path, SIZE).shape == (SIZE, SIZE, 3)
+
+
 def test_texture_folder_without_images(tmp_path: Path, textures: Path) -> None:
     empty = tmp_path / "no_textures"
     empty.mkdir()
@@ -650,3 +658,42 @@ def test_cli_error_closes_a_bar_left_open(capsys, monkeypatch) -> None:
     err = capsys.readouterr().err
     assert "training:  30%" in err and "non-finite loss" in err
     assert _error_line_starts_a_line(err, "export"), err[-400:]
+
+
+def test_unreadable_folders_and_files_are_named_with_the_fix(tmp_path: Path, monkeypatch, caplog) -> None:
+    """A sub-folder that cannot be listed stops the search (os.walk skipped it: a test set
+    lost a defect type without a word); a file that cannot be opened says so, not "re-export
+    it"; a link to nothing is named. (Simulated: the tests may run as root, whom chmod
+    does not stop.)"""
+    folder = tmp_path / "test"
+    (folder / "crack").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(folder / "crack" / "000.png")
+    (folder / "gone.png").symlink_to(tmp_path / "nothing.png")
+    walk = data.os.walk
+
+    def walk_denied(top, **kwargs):
+        for root, dirs, names in walk(top, **kwargs):
+            if root.endswith("crack"):
+                kwargs["onerror"](PermissionError(13, "Permission denied", root))
+            yield root, dirs, names
+    monkeypatch.setattr(data.os, "walk", walk_denied)
+    with pytest.raises(DataError, match=r"crack: cannot list this folder \(Permission denied\)\. Fix: make it readable"):
+        list_images(folder, recursive=True)
+    monkeypatch.setattr(data.os, "walk", walk)
+    with caplog.at_level(logging.WARNING, logger="pfadseg.data"):
+        assert list_images(folder, recursive=True) == [folder / "crack" / "000.png"]
+    assert "1 link(s) to nothing, e.g. gone.png" in caplog.text
+
+    def open_denied(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+    monkeypatch.setattr(data.Image, "open", open_denied)
+    with pytest.raises(DataError, match=r"000.png: permission denied\. Fix: make it readable"):
+        load_rgb(folder / "crack" / "000.png", None)
+
+
+def test_twelve_bit_data_in_a_sixteen_bit_file_is_warned_of(tmp_path: Path) -> None:
+    """A 12-bit camera's values (0..4095) in a 16-bit PNG read as 0..16 of 255: said, not silent."""
+    path = tmp_path / "mono12.png"
+    Image.fromarray(np.linspace(0, 4095, 64 * 64).reshape(64, 64).astype(np.uint16)).save(path)
+    with pytest.warns(UserWarning, match="uses 12 or fewer of its bits"):
+        assert load_rgb(path, None).max() <= 16
