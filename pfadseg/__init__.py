@@ -1,4 +1,9 @@
 """pfadseg: unsupervised anomaly detection and segmentation (PFADSeg and DeSTSeg)."""
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # for type checkers and editors; at run time __getattr__ imports them on use
+    from .detector import Detector, Prediction
+
 __version__ = "0.1.0"
 __all__ = ["Detector", "Prediction", "__version__"]
 JOB_ENV = "PFADSEG_BENCHMARK_JOB"  # set by `pfadseg benchmark` for the subprocesses it starts
@@ -21,3 +26,7 @@ def __getattr__(name: str) -> object:
 
         return getattr(detector, name)
     raise AttributeError(f"module 'pfadseg' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

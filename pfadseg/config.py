@@ -103,4 +103,8 @@ def preset(name: str, **overrides: object) -> TrainConfig:
     """A preset's TrainConfig with some fields replaced (None values ignored)."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+    unknown = sorted(set(overrides) - {f.name for f in fields(TrainConfig)})
+    if unknown:
+        raise ValueError(f"unknown training setting(s) {', '.join(unknown)}; the schedule's are "
+                         f"{', '.join(f.name for f in fields(TrainConfig))}")
     return replace(PRESETS[name], **{k: v for k, v in overrides.items() if v is not None})

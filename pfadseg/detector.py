@@ -233,8 +233,9 @@ class Detector:
               skip_bad: bool = False, **schedule: object) -> "Detector":
         """Train on a folder of defect-free images and load the result.
 
-        `model` is "pfadseg", "destseg" or a ModelConfig (then `teacher` and
-        `image_size` are its own); `schedule` overrides fields of the preset's
+        `model` is "pfadseg", "destseg", an ablation row such as "destseg+aff+rcm",
+        or a ModelConfig (which holds its own `teacher` and `image_size`); `schedule`
+        overrides fields of the preset's
         TrainConfig (batch_size, stage1_steps, ...). Without `textures` (a folder
         of texture images such as DTD's) synthetic defects use built-in
         procedural textures; `skip_bad` logs and skips unreadable images. With
@@ -245,6 +246,11 @@ class Detector:
         train_dir = Path(train_dir)
         if texture_limit is not None:
             check_whole("texture_limit", texture_limit)
+        if isinstance(model, ModelConfig) and (teacher, image_size) not in (
+                ("resnet18", 256), (model.teacher, model.image_size)):
+            raise ValueError(f"teacher={teacher!r}, image_size={image_size} differ from the "
+                             f"ModelConfig's ({model.teacher!r}, {model.image_size}). Fix: set "
+                             "them in the ModelConfig, or pass the model by name.")
         model_cfg = model if isinstance(model, ModelConfig) else ModelConfig.named(
             model, teacher=teacher, image_size=image_size)
         if resume:

@@ -294,8 +294,9 @@ def run_labels(paths: list[Path]) -> list[str]:
     return ["/".join(p[prefix:len(p) - suffix]) or p[max(prefix - 1, 0)] for p in parts]
 
 
-def read_results(path: Path) -> list[dict]:
+def read_results(path: str | Path) -> list[dict]:
     """The results in one file (a dict or a list of dicts), checked."""
+    path = Path(path)
     try:
         data = json.loads(path.read_text())
     except OSError as exc:

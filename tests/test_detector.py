@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 import struct
 import zlib
 from pathlib import Path
@@ -10,10 +12,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import pfadseg
 from pfadseg.calibration import Thresholds
 from pfadseg.data import DataError
 from pfadseg.demo import demo_root
 from pfadseg.detector import Detector, Prediction
+from pfadseg.models import ModelConfig
 
 BOTTLE = demo_root() / "bottle"
 IMAGES = [BOTTLE / "test" / "good" / "000.jpg", BOTTLE / "test" / "broken_large" / "000.jpg"]
@@ -128,7 +132,10 @@ def test_train_checks_python_arguments_before_any_work(tmp_path: Path) -> None:
                             ({"batch_size": "4"}, "batch_size must be a whole number of 1"),
                             ({"lr_student": 0}, "lr_student must be a number above 0"),
                             ({"rotation": "big"}, "unknown rotation 'big'; choose from"),
-                            ({"texture_limit": 0}, "texture_limit must be a whole number of 1")):
+                            ({"texture_limit": 0}, "texture_limit must be a whole number of 1"),
+                            ({"aff": False}, "unknown training setting.s. aff; the schedule's are"),
+                            ({"model": "destseg+spr"}, "choose destseg, pfadseg or destseg[+]<modules>"),
+                            ({"model": ModelConfig(image_size=128)}, "image_size=64 differ from the ModelConfig")):
         with pytest.raises(ValueError, match=words):
             Detector.train(BOTTLE / "train" / "good", tmp_path / "run", teacher="efficientnet_lite0",
                            image_size=64, preset_name="tiny", device="cpu", **schedule)
@@ -257,3 +264,12 @@ def test_map_image_is_the_normalised_map_with_the_pixel_threshold_at_128() -> No
     values = np.asarray(p.map_image())
     assert p.map_image().size == (8, 8)
     assert np.array_equal(values >= 128, p.mask)
+
+
+def test_the_package_names_its_api_without_importing_torch() -> None:
+    """`import pfadseg` stays light (torch loads on first use of Detector), yet dir() and
+    type checkers see Detector and Prediction (they saw a bare module attribute)."""
+    code = ("import sys, pfadseg; assert {'Detector', 'Prediction'} <= set(dir(pfadseg)); "
+            "assert 'torch' not in sys.modules; pfadseg.Detector; assert 'torch' in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    assert (Path(pfadseg.__file__).parent / "py.typed").is_file()

@@ -401,8 +401,11 @@ def test_variant_names() -> None:
     d, p = ModelConfig.named("destseg"), ModelConfig.named("pfadseg")
     assert (d.aff, d.pcar, d.rcm) == (False, False, False) and d.variant == "destseg"
     assert (p.aff, p.pcar, p.rcm) == (True, True, True) and p.variant == "pfadseg"
-    with pytest.raises(ValueError):
-        ModelConfig.named("patchcore")
+    assert all(ModelConfig.named(name).variant == name for name in names)  # each row by its name
+    assert ModelConfig.named("destseg+aff", rcm=True).variant == "destseg+aff+rcm"
+    for bad in ("patchcore", "pfadseg+aff", "destseg+spr", "destseg+"):
+        with pytest.raises(ValueError, match="choose destseg, pfadseg or destseg"):
+            ModelConfig.named(bad)
 
 
 # --- frozen teacher under training -------------------------------------------------------

@@ -35,11 +35,15 @@ class ModelConfig:
 
     @classmethod
     def named(cls, model: str, **kwargs: object) -> "ModelConfig":
-        """`destseg` (no modules) or `pfadseg` (AFF+PCAR+RCM); kwargs override."""
-        if model not in ("destseg", "pfadseg"):
-            raise ValueError(f"unknown model {model!r}; choose destseg or pfadseg")
-        on = model == "pfadseg"
-        base = dict(aff=on, pcar=on, rcm=on)
+        """`destseg` (no modules), `pfadseg` (AFF+PCAR+RCM) or an ablation row by its
+        `variant` name such as `destseg+aff+rcm`; non-None kwargs override."""
+        base_name, *mods = model.split("+")
+        if base_name not in ("destseg", "pfadseg") or (mods and base_name == "pfadseg") or \
+                not set(mods) <= {"aff", "pcar", "rcm"}:
+            raise ValueError(f"unknown model {model!r}; choose destseg, pfadseg or destseg+<modules> "
+                             "(modules: aff, pcar, rcm, e.g. destseg+aff+rcm)")
+        on = base_name == "pfadseg"
+        base = {m: on or m in mods for m in ("aff", "pcar", "rcm")}
         base.update({k: v for k, v in kwargs.items() if v is not None})
         return cls(**base)  # type: ignore[arg-type]
 
