@@ -594,7 +594,10 @@ def train(model_config: ModelConfig, train_config: TrainConfig, data: TrainData,
         if dist.is_main():
             (out_dir / "config.json").write_text(json.dumps(
                 {"model": model.config.to_dict(), "train": train_config.to_dict(),
-                 "processes": dist.world_size(), **(extra_meta or {})}, indent=2))
+                 "processes": dist.world_size(), **(extra_meta or {}),
+                 # what else a seed's result depends on (kernels differ with each of them)
+                 "runtime": {"device": str(device), "bf16": trainer.use_bf16, "threads": torch.get_num_threads(),
+                             "torch": torch.__version__}}, indent=2))
         trainer.run(progress)
         path = out_dir / CHECKPOINT_NAME
         if dist.is_main():
