@@ -52,6 +52,12 @@ positive_int = whole_number(1)  # batch sizes, counts
 non_negative_int = whole_number(0)  # numbers of steps
 
 
+def user_path(text: str) -> Path:
+    """argparse type: a path with ~ expanded, which the shell leaves in --out=~/runs
+    (results went to a folder named "~" while the message named the home folder)."""
+    return Path(text).expanduser()
+
+
 def image_size(text: str) -> int:
     """argparse type: an input size the model takes, a multiple of 32 pixels."""
     value = whole_number(32)(text)
@@ -118,11 +124,11 @@ def out_file(path: Path, example: str) -> Path:
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     src = p.add_argument_group("data")
-    src.add_argument("--data", type=Path, help="MVTec-layout root holding <category>/train/good")
+    src.add_argument("--data", type=user_path, help="MVTec-layout root holding <category>/train/good")
     src.add_argument("--category", help="category folder under --data (e.g. bottle)")
-    src.add_argument("--train-dir", type=Path,
+    src.add_argument("--train-dir", type=user_path,
                      help="or: any folder of defect-free images (with --resume: the run's)")
-    src.add_argument("--textures", type=Path,
+    src.add_argument("--textures", type=user_path,
                      help="folder of texture images for synthetic defects (DTD images/); "
                           "default: built-in procedural textures")
     src.add_argument("--texture-limit", type=positive_int,
@@ -143,7 +149,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="frozen ImageNet teacher: resnet18 (the paper's; its weights are "
                         "downloaded once) or efficientnet_lite0 (weights installed with "
                         "pfadseg, works offline) (default: %(default)s)")
-    m.add_argument("--teacher-weights", help="local teacher weights file (no download needed)")
+    m.add_argument("--teacher-weights", type=user_path, help="local teacher weights file (no download needed)")
     m.add_argument("--image-size", type=image_size, default=256,
                    help="input size in pixels, a multiple of 32: images are resized to N x N "
                         "(default: %(default)s)")
@@ -173,7 +179,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     t.add_argument("--no-compile", action="store_true",
                    help="run eagerly instead of compiled by torch.compile (Inductor): stage 2, "
                         "and stage 1 where the preset compiles it (paper, official)")
-    p.add_argument("--out", type=Path, required=True, help="run folder (checkpoint, logs)")
+    p.add_argument("--out", type=user_path, required=True, help="run folder (checkpoint, logs)")
     p.add_argument("--resume", action="store_true",
                    help="continue the unfinished run in --out on its images and settings")
     _add_device_arg(p)
@@ -229,7 +235,7 @@ def _check_train_paths(args: argparse.Namespace) -> None:
     if args.resume and weights is not None:
         log.info("--teacher-weights is not needed with --resume: the run's teacher is in its "
                  "state file")
-    elif weights is not None and weights != RANDOM and not Path(weights).is_file():
+    elif weights is not None and str(weights) != RANDOM and not weights.is_file():
         raise TeacherWeightsError(f"--teacher-weights {weights}: file not found. Fix: give a local "
                                   "weights file (.pth or .safetensors), or leave the option out "
                                   "for the standard ImageNet weights.")
@@ -414,7 +420,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
 
 def _add_benchmark_args(p: argparse.ArgumentParser) -> None:
     """`pfadseg benchmark`: what to run, where, and train's model and schedule options."""
-    p.add_argument("--data", type=Path, required=True,
+    p.add_argument("--data", type=user_path, required=True,
                    help="MVTec AD root holding <category>/train/good and <category>/test")
     p.add_argument("--categories", default="all",
                    help="all (the MVTec AD categories found under --data; the missing ones are "
@@ -423,7 +429,7 @@ def _add_benchmark_args(p: argparse.ArgumentParser) -> None:
                    help="ablation (the 8 combinations of AFF, PCAR and RCM: Table 4) or a comma "
                         "list of pfadseg, destseg, destseg+<modules> such as destseg+aff+rcm "
                         "(default: %(default)s)")
-    p.add_argument("--out", type=Path, required=True,
+    p.add_argument("--out", type=user_path, required=True,
                    help="benchmark folder: <category>/<variant>/ per pair, report/ for the "
                         "tables; rerunning continues it (finished pairs are skipped)")
     p.add_argument("--devices", type=positive_int, metavar="N",
@@ -433,10 +439,10 @@ def _add_benchmark_args(p: argparse.ArgumentParser) -> None:
     m = p.add_argument_group("model and schedule (passed to every `pfadseg train`)")
     m.add_argument("--teacher", choices=sorted(TEACHERS), default="resnet18",
                    help="ImageNet teacher (default: %(default)s)")
-    m.add_argument("--teacher-weights", help="local teacher weights file (no download needed)")
+    m.add_argument("--teacher-weights", type=user_path, help="local teacher weights file (no download needed)")
     m.add_argument("--image-size", type=image_size,
                    help="input size in pixels, a multiple of 32 (train's default: 256)")
-    m.add_argument("--textures", type=Path,
+    m.add_argument("--textures", type=user_path,
                    help="folder of texture images for synthetic defects (DTD images/); "
                         "default: built-in procedural textures")
     m.add_argument("--texture-limit", type=positive_int, help="use at most this many texture images")
@@ -493,18 +499,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("test", help="evaluate a checkpoint on a labelled test set (MVTec "
                        "layout or any folder of good/ and defect-type folders)")
-    p.add_argument("--checkpoint", type=Path, required=True,
+    p.add_argument("--checkpoint", type=user_path, required=True,
                    help="checkpoint.safetensors of a `pfadseg train` run")
-    p.add_argument("--data", type=Path, help="MVTec-layout root holding <category>/test and "
+    p.add_argument("--data", type=user_path, help="MVTec-layout root holding <category>/test and "
                    "<category>/ground_truth")
     p.add_argument("--category", help="category folder under --data (e.g. bottle)")
-    p.add_argument("--test-dir", type=Path,
+    p.add_argument("--test-dir", type=user_path,
                    help="or: any folder holding good/ and one folder per defect type (searched "
                         f"recursively; {'/'.join(IMAGE_SUFFIXES)})")
-    p.add_argument("--mask-dir", type=Path,
+    p.add_argument("--mask-dir", type=user_path,
                    help="with --test-dir: ground-truth masks, searched recursively and matched "
                         "by file stem with or without _mask; without it, image metrics only")
-    p.add_argument("--out", type=Path, required=True,
+    p.add_argument("--out", type=user_path, required=True,
                    help="folder for metrics.json, metrics.md and report.html")
     p.add_argument("--no-report", action="store_true", help="skip report.html")
     p.add_argument("--batch-size", type=positive_int, default=16,
@@ -520,10 +526,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_test)
 
     p = sub.add_parser("predict", help="score images and paint their defects")
-    p.add_argument("inputs", nargs="+", type=Path, help="image files or folders")
-    p.add_argument("--checkpoint", type=Path, required=True,
+    p.add_argument("inputs", nargs="+", type=user_path, help="image files or folders")
+    p.add_argument("--checkpoint", type=user_path, required=True,
                    help="checkpoint.safetensors of a `pfadseg train` run")
-    p.add_argument("--out", type=Path, required=True,
+    p.add_argument("--out", type=user_path, required=True,
                    help="folder for the maps, overlays, masks and summary.csv/.json")
     p.add_argument("--threshold", type=probability,
                    help="image-score threshold between 0 and 1 (scores are probabilities; "
@@ -533,7 +539,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=("torch", "onnx"), default="torch",
                    help="run the checkpoint in PyTorch, or its ONNX export in onnxruntime "
                         "(default: %(default)s)")
-    p.add_argument("--onnx", type=Path, help="exported model (default: checkpoint with .onnx)")
+    p.add_argument("--onnx", type=user_path, help="exported model (default: checkpoint with .onnx)")
     p.add_argument("--no-bf16", action="store_true", help="run inference in plain fp32")
     p.add_argument("--compile", action="store_true", help=COMPILE_HELP + " (torch backend)")
     p.add_argument("--skip-bad-images", action="store_true", help="log and skip unreadable images")
@@ -542,16 +548,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("calibrate", help="set a checkpoint's image and pixel thresholds from "
                        "your own images; writes a new checkpoint")
-    p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint to calibrate "
+    p.add_argument("--checkpoint", type=user_path, required=True, help="checkpoint to calibrate "
                    "(left unchanged)")
-    p.add_argument("--good", type=Path, required=True,
+    p.add_argument("--good", type=user_path, required=True,
                    help="folder of defect-free images the model did not train on (recursive)")
-    p.add_argument("--defects", type=Path,
+    p.add_argument("--defects", type=user_path,
                    help="folder of real defect images (recursive); with --masks, both "
                         "thresholds maximise F1 on them")
-    p.add_argument("--masks", type=Path, help="masks of the --defects images, matched by file "
+    p.add_argument("--masks", type=user_path, help="masks of the --defects images, matched by file "
                    "stem with or without _mask (recursive)")
-    p.add_argument("--out", type=Path, help="new checkpoint (default: <checkpoint>.calibrated"
+    p.add_argument("--out", type=user_path, help="new checkpoint (default: <checkpoint>.calibrated"
                    ".safetensors beside it)")
     p.add_argument("--false-alarm-rate", type=probability,
                    help="without --defects: the fraction of good images the image threshold "
@@ -559,7 +565,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pixel-false-alarm-rate", type=probability,
                    help="without --defects: the fraction of good pixels the pixel threshold "
                         f"may put in the mask (default: {DEFAULT_PIXEL_FALSE_ALARM_RATE})")
-    p.add_argument("--textures", type=Path, help="without --defects: texture images for the "
+    p.add_argument("--textures", type=user_path, help="without --defects: texture images for the "
                    "synthetic defects that check the thresholds (default: built-in "
                    "procedural textures)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic defects "
@@ -573,17 +579,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("export", help="export a checkpoint to ONNX")
-    p.add_argument("--checkpoint", type=Path, required=True,
+    p.add_argument("--checkpoint", type=user_path, required=True,
                    help="checkpoint.safetensors of a `pfadseg train` run")
-    p.add_argument("--out", type=Path,
+    p.add_argument("--out", type=user_path,
                    help="ONNX file to write (default: the checkpoint's path with .onnx)")
     _add_device_arg(p, "; checked only: the export traces an fp32 copy on the CPU, and the "
                        "file runs on any device")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("report", help="merge metrics.json files into the paper's tables")
-    p.add_argument("results", nargs="+", type=Path, help="metrics.json files of `pfadseg test`")
-    p.add_argument("--out", type=Path, required=True,
+    p.add_argument("results", nargs="+", type=user_path, help="metrics.json files of `pfadseg test`")
+    p.add_argument("--out", type=user_path, required=True,
                    help="folder for results.md, results.csv and (several variants) variants.csv")
     p.add_argument("--label", action="append",
                    help="run label of each file, in order (repeat it: --label a --label b), to "
@@ -597,14 +603,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_benchmark)
 
     p = sub.add_parser("demo", help="train and evaluate on the bundled bottle sample, offline")
-    p.add_argument("--out", type=Path, default=Path("pfadseg-demo"),
+    p.add_argument("--out", type=user_path, default=Path("pfadseg-demo"),
                    help="folder for the run, test metrics and predictions (default: %(default)s)")
     p.add_argument("--quick", action="store_true", help="a much shorter run (smoke test)")
     _add_device_arg(p)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("serve", help="a web page and JSON API that score uploaded images")
-    p.add_argument("--checkpoint", type=Path, required=True, help="trained model to serve")
+    p.add_argument("--checkpoint", type=user_path, required=True, help="trained model to serve")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default: %(default)s, this machine only); any other "
                         "needs --token")

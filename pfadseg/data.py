@@ -104,8 +104,10 @@ def load_mask(path: Path, size: int | None, expected: tuple[int, int] | None = N
     """
     img = ImageOps.exif_transpose(open_image(path))
     if expected is not None and img.size != expected:
+        turned = " upright (turned as its EXIF orientation says)" if img.size == expected[::-1] else ""
         raise DataError(f"{path}: mask is {img.size[0]}x{img.size[1]} but its image is "
-                        f"{expected[0]}x{expected[1]}. Fix: give a mask of the image's size.")
+                        f"{expected[0]}x{expected[1]}{turned}. Fix: give a mask of the image's "
+                        f"size{', drawn on the upright image' if turned else ''}.")
     values = np.asarray(img.convert("L"))
     arr = (values > 0).astype(np.float32) if values.max() < 128 else values / np.float32(255.0)
     if size is not None:
@@ -355,6 +357,10 @@ def _test_images(test_dir: Path) -> list[tuple[str, Path]]:
         raise DataError(f"{test_dir}: test folder not found. Fix: give a folder holding good/ "
                         "and one folder per defect type.")
     if not (test_dir / "good").is_dir():
+        if (test_dir / "test" / "good").is_dir():  # an MVTec category's root
+            raise DataError(f"{test_dir}: no good/ folder, but {test_dir / 'test'} has one. Fix: "
+                            f"--test-dir {test_dir / 'test'} (or --data {test_dir.parent} "
+                            f"--category {test_dir.name} for the MVTec layout).")
         raise DataError(f"{test_dir}: no good/ folder. Fix: put the defect-free test images in "
                         f"{test_dir / 'good'} and each defect type in a folder of its own.")
     loose = list_images(test_dir)

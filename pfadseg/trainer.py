@@ -564,7 +564,7 @@ def _flock(out_dir: Path) -> Iterator[None]:
 
 
 def train(model_config: ModelConfig, train_config: TrainConfig, data: TrainData, out_dir: Path,
-          teacher_weights: str | None = None, resume: bool = False, progress: bool = True,
+          teacher_weights: str | Path | None = None, resume: bool = False, progress: bool = True,
           extra_meta: dict | None = None, device: str | torch.device = "auto") -> Path:
     """Train a model and write out_dir/checkpoint.safetensors; returns its path.
 

@@ -47,3 +47,16 @@ def test_every_option_has_help_and_shows_its_default(name: str) -> None:
     for action in options(parser):
         if not isinstance(action, FLAGS) and action.default is not None:
             assert f"default: {action.default}" in " ".join(text.split())
+
+
+def test_paths_given_with_a_tilde_mean_the_home_folder(tmp_path, monkeypatch) -> None:
+    """The shell leaves ~ alone in --out=~/runs: the results went to a folder named "~"."""
+    from pathlib import Path
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    args = build_parser().parse_args(["predict", "--checkpoint=~/run/checkpoint.safetensors",
+                                      "--out=~/preds", "~/new"])
+    assert (args.checkpoint, args.out, args.inputs) == (
+        tmp_path / "run" / "checkpoint.safetensors", tmp_path / "preds", [tmp_path / "new"])
+    path_options = [a.dest for parser in commands().values() for a in options(parser) if a.type is Path]
+    assert not path_options, f"options whose ~ is not expanded: {path_options}"

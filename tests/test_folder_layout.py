@@ -87,6 +87,8 @@ def test_flat_mask_folder_is_matched_by_stem(tmp_path: Path, folder: tuple[Path,
 
 def test_missing_good_folder_is_a_clear_error(folder: tuple[Path, Path]) -> None:
     test, _ = folder
+    with pytest.raises(DataError, match=r"but .*test has one\. Fix: --test-dir .*test \(or --data"):
+        load_folder_test_set(test.parent, SIZE)  # an MVTec category's root: --test-dir bottle
     (test / "good").rename(test / "ok")
     with pytest.raises(DataError) as err:
         load_folder_test_set(test, SIZE)
@@ -215,6 +217,9 @@ def test_mask_of_an_exif_rotated_photo_matches_it_upright(folder: tuple[Path, Pa
     ts = load_folder_test_set(test, SIZE, masks)  # was refused: "mask is 48x96 but its image is 96x48"
     mask = ts.masks[[p.name for p in ts.paths].index("001.jpeg")]
     assert mask[:6].all() and not mask[8:].any()  # the top 10 of 96 rows, at 64 px
+    Image.fromarray(upright.T.copy()).save(masks / "dent" / "001_mask.png")  # drawn on the stored image
+    with pytest.raises(DataError, match=r"turned as its EXIF orientation says\). Fix: .* drawn on the upright image"):
+        load_folder_test_set(test, SIZE, masks)
 
 
 def test_linked_defect_folders_are_searched(tmp_path: Path, folder: tuple[Path, Path]) -> None:

@@ -334,6 +334,10 @@ def test_truncated_and_random_files(destseg_ckpt: Path, tmp_path: Path) -> None:
         load_checkpoint(empty)
     with pytest.raises(CheckpointError, match="checkpoint not found"):
         load_checkpoint(tmp_path / "nowhere.safetensors")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoint.safetensors").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"run: a folder\. Fix: --checkpoint .*run/checkpoint.safetensors"):
+        load_checkpoint(tmp_path / "run")  # --checkpoint RUN_FOLDER
 
 
 def test_foreign_safetensors(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ turns on all three PFADSeg modules, and the switches give every ablation row.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -76,7 +77,7 @@ class AnomalyModel(nn.Module):
         self.register_buffer("std", torch.tensor(teacher.std).view(1, 3, 1, 1), persistent=False)
 
     @classmethod
-    def build(cls, config: ModelConfig, teacher_weights: str | None = None) -> "AnomalyModel":
+    def build(cls, config: ModelConfig, teacher_weights: str | Path | None = None) -> "AnomalyModel":
         """Build with the teacher's pretrained weights (or a local/random source)."""
         return cls(config, build_teacher(config.teacher, teacher_weights))
 
