@@ -192,6 +192,7 @@ def write_results(model: AnomalyModel, test: TestSet, name: str, out_dir: Path, 
     result = summarize(outputs, test, thresholds)
     eval_size = list(test.masks.shape[1:]) if test.masks is not None else None
     result = {"category": name, "variant": meta.get("variant"), "teacher": model.config.teacher,
+              "preset": meta.get("preset"), "image_size": model.config.image_size,
               "eval_size": eval_size, **result}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -8,9 +8,10 @@ with an optional ``"per_defect": {defect_type: {name: value}}`` and an optional
 commits). Values print in percent with one decimal.
 
 Table 1 has one row per category and one column per (series, metric), where a
-series is a variant, or "variant (run)" for labelled runs; texture, object and
+series is a variant, or "variant (run)" for labelled runs (results.md splits it
+into one table per metric when there are several series); texture, object and
 overall means cover only the categories present, and only groups of two or
-more. With several series, Table 4 gives each series' mean over its categories,
+more. results.md starts with the settings the results ran with. With several series, Table 4 gives each series' mean over its categories,
 with RCM / AFF / PCAR columns when the series are DeSTSeg module combinations.
 """
 from __future__ import annotations
@@ -262,21 +263,52 @@ def build_tables(results: list[dict]) -> dict[str, str]:
 
     body = _rows(by_category, categories, columns) + _rows(means, list(means), columns)
     defects = _rows(by_defect, sorted(by_defect), columns)
-    parts = ["## Table 1: results per category", _markdown(["Category"] + header, body)]
     files = {"results.csv": _csv(["category"] + header, body + defects)}
+    parts = [_settings(results), "## Table 1: results per category",
+             *_tables("Category", [(by_category, categories), (means, list(means))], series, metrics)]
     if several:
         scope, lacking = _coverage(by_category, series)
         notes += lacking
+    if notes:
+        parts.append("\n".join(f"- {note}" for note in notes))
+    if several:
         table4_header, table4 = _series_table(by_category, variants, metrics)
         text_columns = len(table4_header) - len(metrics)
         parts += [f"## Table 4: variants ({scope})", _markdown(table4_header, table4, text_columns)]
         files["variants.csv"] = _csv(table4_header, table4)
-    if notes:
-        parts.insert(2, "\n".join(f"- {note}" for note in notes))
     if defects:
-        parts += ["## Results per defect type", _markdown(["Defect"] + header, defects)]
-    files["results.md"] = "\n\n".join(parts) + "\n"
+        parts += ["## Results per defect type",
+                  *_tables("Defect", [(by_defect, sorted(by_defect))], series, metrics)]
+    files["results.md"] = "\n\n".join(p for p in parts if p) + "\n"
     return files
+
+
+def _tables(label: str, blocks: list[tuple[Table, list[str]]], series: list[str],
+            metrics: list[str]) -> list[str]:
+    """Markdown of rows (categories or defect types) from several tables: for one
+    series a column per metric; for several, one table per metric with a column
+    per series (eight variants in one table made 65 columns)."""
+    def body(columns: list[Column]) -> list[list[str]]:
+        return [row for table, order in blocks for row in _rows(table, order, columns)]
+
+    if len(series) == 1:
+        columns = [(series[0], m) for m in metrics]
+        return [_markdown([label] + _header(columns, False), body(columns))]
+    return [part for m in metrics for part in (
+        f"### {METRIC_NAMES.get(m, m)}", _markdown([label] + series, body([(s, m) for s in series])))]
+
+
+def _settings(results: list[dict]) -> str:
+    """One line with what the results were run with (each value once), so a table
+    from a smoke test does not pass for the paper's."""
+    def text(value: object) -> str:
+        return "x".join(map(str, value)) if isinstance(value, list) else str(value)
+
+    found = [(name, sorted({text(r[key]) for r in results if r.get(key) is not None}))
+             for key, name in (("teacher", "teacher"), ("preset", "preset"),
+                               ("image_size", "input size"), ("eval_size", "evaluated at"))]
+    line = "; ".join(f"{name} {', '.join(values)}" for name, values in found if values)
+    return line[:1].upper() + line[1:]
 
 
 def run_labels(paths: list[Path]) -> list[str]:

@@ -91,6 +91,22 @@ def test_variants_side_by_side_with_table4():
         ["Variant", "IAP"], ["base", "55.0"], ["full", "70.0"]]
 
 
+def test_several_variants_get_one_table_per_metric_and_the_settings_line():
+    """Eight variants x eight metrics made one Table 1 of 65 columns: now a table per
+    metric with a column per variant; and a line says what the results ran with."""
+    results = [{**result(c, v, image_auroc=a, iap=a / 2), "teacher": "resnet18", "preset": p,
+                "image_size": 256, "eval_size": [256, 256]}
+               for c, v, a, p in (("carpet", "base", 0.8, "paper"), ("carpet", "full", 0.9, "paper"),
+                                  ("bottle", "base", 0.6, "tiny"), ("bottle", "full", 1.0, "paper"))]
+    markdown = build_tables(results)["results.md"]
+    assert markdown.startswith("Teacher resnet18; preset paper, tiny; input size 256; evaluated at 256x256\n")
+    table1 = markdown.split("## Table 4")[0]
+    assert "### I-AUROC\n\n| Category | base | full |" in table1
+    assert "### IAP\n\n| Category | base | full |" in table1
+    assert "| carpet | 80.0 | 90.0 |" in table1 and "| carpet | 40.0 | 45.0 |" in table1
+    assert max(line.count("|") for line in markdown.splitlines()) == 4  # 3 columns at most here
+
+
 def test_module_names():
     # the paper's Table 4 rows (none, RCM, AFF, PCAR, RCM+PCAR, AFF+PCAR, all), and AFF+RCM
     assert ABLATION == ("destseg", "destseg+rcm", "destseg+aff", "destseg+pcar", "destseg+pcar+rcm",
