@@ -1,4 +1,4 @@
-"""The `pfadseg` command: train, test, predict, export, report, benchmark, demo and serve."""
+"""The `pfadseg` command: train, test, predict, calibrate, export, report, benchmark, demo and serve."""
 from __future__ import annotations
 
 import argparse

@@ -116,7 +116,7 @@ def _largest_difference(path: Path, wrapper: nn.Module, images: torch.Tensor) ->
     return max(float(np.abs(g - w.numpy()).max()) for g, w in zip(got, want))
 
 
-def export_onnx(model: AnomalyModel, path: Path, opset: int = OPSET) -> Path:
+def export_onnx(model: AnomalyModel, path: Path) -> Path:
     """Write `model` (an fp32, eval-mode CPU copy of it) to `path` as ONNX; returns the path.
 
     Uses torch's torch.export-based exporter (the TorchScript one cannot turn RCM's
@@ -140,7 +140,7 @@ def export_onnx(model: AnomalyModel, path: Path, opset: int = OPSET) -> Path:
         with _output_to(log_path), warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
             torch.onnx.export(
-                wrapper, (example,), str(tmp), dynamo=True, opset_version=opset,
+                wrapper, (example,), str(tmp), dynamo=True, opset_version=OPSET,
                 input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
                 dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
                 external_data=False, verbose=False, report=False)

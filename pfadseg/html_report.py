@@ -348,11 +348,11 @@ def _shown_names(paths: Sequence[Path]) -> list[str]:
     return [Path(p).absolute().relative_to(root).as_posix() for p in paths]
 
 
-def write_gallery_page(path: Path, gallery: Gallery, title: str = "pfadseg predict") -> Path:
+def write_gallery_page(path: Path, gallery: Gallery) -> Path:
     """A page holding only `gallery` (see `Gallery.add`)."""
     flagged = sum(e.flagged for e in gallery.entries)
     body = (f"<p>{len(gallery.entries)} images, {flagged} anomalous at the image threshold "
             f"({html.escape(gallery.thresholds.method)}).</p>" + gallery.html())
     path = Path(path)
-    path.write_text(_page(title, body), encoding="utf-8")
+    path.write_text(_page("pfadseg predict", body), encoding="utf-8")
     return path

@@ -92,7 +92,7 @@ def place(model: nn.Module, device: torch.device) -> nn.Module:
 # How one CUDA GPU compiles: "cudagraphs" (dynamo's backend: the traced ops replayed as
 # a CUDA graph, compiled in seconds) or "reduce-overhead" (Inductor's fused kernels
 # replayed as CUDA graphs, minutes of compiling). `benchmarks/speed.py --cuda-compile`
-# measures both; the faster one becomes the only one.
+# measures both; once they are measured on a GPU, the faster one is to stay alone.
 CUDA_COMPILE = "cudagraphs"
 CUDA_COMPILE_MODES = ("cudagraphs", "reduce-overhead")
 

@@ -263,7 +263,7 @@ class Trainer:
         return {"student": self.opt_student, "seg": self.opt_seg}
 
     def _bf16_hint(self) -> str:
-        """The remedy for a CPU kernel that gets bf16 wrong (pfadseg.models.dilated had one)."""
+        """The remedy for a CPU kernel that gets bf16 wrong (see runtime.cpu_training_fixes)."""
         if not self.use_bf16:
             return ""
         return (" If it fails within the first steps, also try --no-bf16: a CPU kernel that "
@@ -386,14 +386,13 @@ class Trainer:
         if self.saved_step != self.step:
             self.save_state()
 
-    def calibrate_threshold(self, good_images: torch.Tensor, source: str,
-                            batch_size: int = 16) -> Thresholds:
+    def calibrate_threshold(self, good_images: torch.Tensor, source: str) -> Thresholds:
         """Image and pixel thresholds at false-alarm rates on good images (uint8,
         ideally never trained on), checked against the run's synthetic defects on
         them; see pfadseg.calibration. (The highest training-image score, used
         before, sat far above the scores of real defects.)"""
         return calibrate(self.model, good_images, self.synthesizer, self.config.seed,
-                         batch_size=batch_size, bf16=self.use_bf16, source=source)
+                         bf16=self.use_bf16, source=source)
 
 
 def _report_validation(trainer: Trainer, out_dir: Path) -> dict | None:

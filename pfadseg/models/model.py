@@ -5,7 +5,7 @@ turns on all three PFADSeg modules, and the switches give every ablation row.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -67,8 +67,7 @@ class AnomalyModel(nn.Module):
         super().__init__()
         if config.image_size % 32:
             raise ValueError(f"image_size must be a multiple of 32, got {config.image_size}")
-        config.mean, config.std = tuple(teacher.mean), tuple(teacher.std)
-        self.config = config
+        self.config = replace(config, mean=tuple(teacher.mean), std=tuple(teacher.std))  # not the caller's
         opts = BlockOptions(aff=config.aff, pcar=config.pcar, pcar_dilations=tuple(config.pcar_dilations))
         self.teacher = teacher
         self.student = Student(teacher.channels, opts)
