@@ -198,23 +198,27 @@ def _device(args: argparse.Namespace) -> torch.device:
 
 def _resume_settings(args: argparse.Namespace) -> None:
     """Fill a --resume command's model, schedule and data options from the run it
-    continues (see trainer.resumed_settings); --model stands for its three modules."""
-    defaults = _train_parser()
+    continues (see trainer.resumed_settings). The options written on the command line
+    must match the run, one given at its default value too; --model stands for its
+    three modules, and --data --category for the images."""
+    written = _written(args.argv)
     modules = {m: getattr(args, m) for m in MODULES}
-    if args.model != defaults.get_default("model"):
+    if "model" in written:
         named = ModelConfig.named(args.model)
         modules = {m: getattr(named, m) if on is None else on for m, on in modules.items()}
-    given = {name: getattr(args, name) for name in RESUMED}
-    kept = resumed_settings(args.out, {**given, **modules},
-                            {name: defaults.get_default(name) for name in [*RESUMED, *MODULES]})
-    vars(args).update(kept)
+    given = {name: getattr(args, name) for name in RESUMED
+             if name in written or (name == "train_dir" and "data" in written)}
+    vars(args).update(resumed_settings(args.out, {**given, **modules}, defaults={}))
 
 
-def _train_parser() -> argparse.ArgumentParser:
-    """A parser of train's options alone: their defaults tell a given option from a left-out one."""
+def _written(argv: list[str]) -> set[str]:
+    """The train options written in a command line, whatever their values (compared
+    with the defaults, an option given at its default looked left out)."""
     p = argparse.ArgumentParser(add_help=False)
     _add_train_args(p)
-    return p
+    for action in p._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(p.parse_known_args(argv)[0]))
 
 
 def _check_train_paths(args: argparse.Namespace) -> None:
@@ -633,7 +637,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # which options were written (see _written)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     if dist.rank() > 0:  # torchrun's other ranks would repeat rank 0's output: errors only
