@@ -203,7 +203,7 @@ class Detector:
         images = list(images)
         names = _names(images) if names is None else list(names)
         check_whole("batch_size", batch_size)
-        if names is not None and len(names) != len(images):
+        if len(names) != len(images):
             raise ValueError(f"{len(names)} names for {len(images)} images")
         size = self.image_size
         out: list[Prediction] = []
