@@ -18,7 +18,7 @@
 set -uo pipefail
 device=${DEVICE:-cuda}
 speed_quick=() preset=(--preset paper)
-[ "${QUICK:-0}" = 1 ] && speed_quick=(--quick) preset=(--preset tiny --image-size 64)
+[ "${QUICK:-0}" = 1 ] && speed_quick=(--quick --no-compile) preset=(--preset tiny --image-size 64)
 out=$1
 shift
 mkdir -p "$out"

@@ -59,8 +59,8 @@ def bf16_supported(device: torch.device) -> bool:
     with native bf16 instructions (AVX512-BF16 or AMX). oneDNN also runs bf16 on
     other AVX-512 CPUs, by emulation: a 3x3 conv then took 3-4x as long as in
     fp32 (Xeon without AVX512-BF16, one thread), so those train in fp32."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+    if device.type == "cuda":  # Ampere (8.x) and later; is_bf16_supported() counts emulation
+        return torch.cuda.get_device_properties(device).major >= 8
     if device.type == "cpu":
         native = (getattr(torch.cpu, "_is_avx512_bf16_supported", None),
                   getattr(torch.cpu, "_is_amx_tile_supported", None))
@@ -81,7 +81,10 @@ def channels_last(device: torch.device) -> bool:
 
 
 def place(model: nn.Module, device: torch.device) -> nn.Module:
-    """Move a model to `device` in the memory layout that runs fastest there."""
+    """Move a model to `device` in the memory layout that runs fastest there; on
+    CUDA, cuDNN times its convolution algorithms once per shape (the shapes are fixed)."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
     model.to(device)
     if channels_last(device):
         model.to(memory_format=torch.channels_last)

@@ -188,3 +188,15 @@ def test_a_device_is_checked_whether_named_or_given_as_torch_device(
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(ValueError, match="only 1 CUDA device"):
         runtime.resolve_device(torch.device("cuda", 1))
+
+
+def test_bf16_on_a_cuda_gpu_means_its_own_bf16_units(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch.cuda.is_bf16_supported() says yes for a V100 (emulated bf16, slow) and asks
+    the current GPU, not the one given: Ampere (8.x) and later, of the device named."""
+    from types import SimpleNamespace
+
+    from pfadseg.runtime import bf16_supported
+
+    majors = {0: 9, 1: 7}  # an H100 and a V100
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(major=majors[d.index]))
+    assert bf16_supported(torch.device("cuda", 0)) and not bf16_supported(torch.device("cuda", 1))

@@ -65,13 +65,3 @@ def init_weights(module: nn.Module) -> None:
         elif isinstance(m, nn.BatchNorm2d):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
-
-
-def start_as_shortcut(module: nn.Module) -> None:
-    """Zero the scale of each residual block's last BN, so that the block's branch
-    starts at zero: timm's ResNet init (zero_init_last), which the official DeSTSeg
-    student encoder (a timm resnet18) gets."""
-    for m in module.modules():
-        if isinstance(m, ResidualBlock):
-            nn.init.zeros_(m.bn2.weight)
-

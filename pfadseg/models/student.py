@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .residual import BlockOptions, init_weights, make_stage, start_as_shortcut
+from .residual import BlockOptions, init_weights, make_stage
 
 ENCODER_WIDTHS = (64, 128, 256, 512)
 
@@ -70,7 +70,6 @@ class Student(nn.Module):
         self.encoder = StudentEncoder(opts)
         self.decoder = StudentDecoder(out_channels, opts)
         init_weights(self)
-        start_as_shortcut(self.encoder)  # the official decoder keeps unit BN scales
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         return self.decoder(self.encoder(x))
