@@ -111,8 +111,8 @@ def _unreadable(path: Path, exc: Exception) -> CheckpointError:
 def read_meta(path: Path, kind: str = FORMAT) -> dict:
     """Only the checked metadata of a file we wrote (no tensors are loaded)."""
     path = Path(path)
-    if path.is_dir() and (path / "checkpoint.safetensors").is_file():
-        raise CheckpointError(f"{path}: a folder. Fix: --checkpoint {path / 'checkpoint.safetensors'}")
+    if path.is_dir() and (path / CHECKPOINT_NAME).is_file():
+        raise CheckpointError(f"{path}: a folder. Fix: --checkpoint {path / CHECKPOINT_NAME}")
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
     try:

@@ -247,7 +247,7 @@ class Detector:
         if texture_limit is not None:
             check_whole("texture_limit", texture_limit)
         if isinstance(model, ModelConfig) and (teacher, image_size) not in (
-                ("resnet18", 256), (model.teacher, model.image_size)):
+                (ModelConfig.teacher, ModelConfig.image_size), (model.teacher, model.image_size)):
             raise ValueError(f"teacher={teacher!r}, image_size={image_size} differ from the "
                              f"ModelConfig's ({model.teacher!r}, {model.image_size}). Fix: set "
                              "them in the ModelConfig, or pass the model by name.")

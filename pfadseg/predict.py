@@ -39,7 +39,8 @@ def collect_inputs(inputs: list[Path], skip: Path | None = None) -> list[Path]:
 
     def ours(path: Path) -> bool:
         return path.name.endswith(OUTPUT_SUFFIXES) and (
-            (path.parent / "summary.csv").is_file() or (skip is not None and path.resolve().is_relative_to(skip)))
+            (path.parent / "summary.csv").is_file()
+            or (skip is not None and path.resolve().is_relative_to(skip)))
 
     for item in map(Path, inputs):
         if item.is_dir():

@@ -11,8 +11,9 @@ Table 1 has one row per category and one column per (series, metric), where a
 series is a variant, or "variant (run)" for labelled runs (results.md splits it
 into one table per metric when there are several series); texture, object and
 overall means cover only the categories present, and only groups of two or
-more. results.md starts with the settings the results ran with. With several series, Table 4 gives each series' mean over its categories,
-with RCM / AFF / PCAR columns when the series are DeSTSeg module combinations.
+more. results.md starts with the settings the results ran with. With several
+series, Table 4 gives each series' mean over its categories, with RCM / AFF /
+PCAR columns when the series are DeSTSeg module combinations.
 """
 from __future__ import annotations
 

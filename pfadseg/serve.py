@@ -141,7 +141,8 @@ def decode_upload(name: str, data: bytes, max_pixels: int, budget: PixelBudget |
                 budget.give(pixels)
             raise
     except UnidentifiedImageError:
-        raise UploadError(415, f"{name}: not an image of a format this server reads (send PNG, JPEG, BMP, TIFF or WebP)") from None
+        raise UploadError(415, f"{name}: not an image of a format this server reads (send PNG, "
+                               "JPEG, BMP, TIFF or WebP)") from None
     except Image.DecompressionBombError as exc:
         raise UploadError(413, f"{name}: refused as a decompression bomb ({exc})") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..report import MODULES, modules_of
 from .losses import cosine_distance, l2_normalize, student_loss
 from .residual import BlockOptions
 from .segmentation import SegmentationNet
@@ -38,21 +39,20 @@ class ModelConfig:
     def named(cls, model: str, **kwargs: object) -> "ModelConfig":
         """`destseg` (no modules), `pfadseg` (AFF+PCAR+RCM) or an ablation row by its
         `variant` name such as `destseg+aff+rcm`; non-None kwargs override."""
-        base_name, *mods = model.split("+")
-        if base_name not in ("destseg", "pfadseg") or (mods and base_name == "pfadseg") or \
-                not set(mods) <= {"aff", "pcar", "rcm"}:
+        # the report's grammar of variant names, as written (not its "+aff" shorthand)
+        modules = modules_of(model) if model == model.strip().lower() and not model.startswith("+") else None
+        if modules is None:
             raise ValueError(f"unknown model {model!r}; choose destseg, pfadseg or destseg+<modules> "
-                             "(modules: aff, pcar, rcm, e.g. destseg+aff+rcm)")
-        on = base_name == "pfadseg"
-        base = {m: on or m in mods for m in ("aff", "pcar", "rcm")}
+                             f"(modules: {', '.join(MODULES)}, e.g. destseg+aff+rcm)")
+        base = {m: m in modules for m in MODULES}
         base.update({k: v for k, v in kwargs.items() if v is not None})
         return cls(**base)  # type: ignore[arg-type]
 
     @property
     def variant(self) -> str:
         """Readable name: destseg, pfadseg, or destseg+<modules>."""
-        mods = [m for m in ("aff", "pcar", "rcm") if getattr(self, m)]
-        if len(mods) == 3:
+        mods = [m for m in MODULES if getattr(self, m)]
+        if len(mods) == len(MODULES):
             return "pfadseg"
         return "+".join(["destseg"] + mods)
 
