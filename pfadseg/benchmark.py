@@ -33,9 +33,10 @@ from . import JOB_ENV
 from .config import preset
 from .data import DataError, mvtec_category
 from .models import ModelConfig
-from .report import ABLATION, CATEGORIES, MODULES, modules_of, read_results, write_report
+from .report import CATEGORIES, read_results, write_report
 from .runtime import resolve_device
 from .trainer import CHECKPOINT_NAME, STATE_NAME
+from .variants import ABLATION, MODULES, modules_of
 
 __all__ = ["Job", "Slot", "parse_variants", "find_categories", "device_slots", "plan_jobs",
            "run_jobs", "run_benchmark"]

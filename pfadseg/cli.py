@@ -16,18 +16,16 @@ from tqdm import tqdm
 
 from . import __version__
 from . import distributed as dist
-from .calibration import (DEFAULT_FALSE_ALARM_RATE, DEFAULT_PIXEL_FALSE_ALARM_RATE, FEW_GOOD_IMAGES,
-                          held_out_count)
+from .calibration import DEFAULT_FALSE_ALARM_RATE, DEFAULT_PIXEL_FALSE_ALARM_RATE, FEW_GOOD_IMAGES
 from .checkpoint import CheckpointError, load_checkpoint
-from .config import LR_SCHEDULES, PRESETS, preset
-from .data import (IMAGE_SUFFIXES, DataError, category_of, load_textures, mvtec_category,
-                   texture_paths, train_image_paths)
+from .config import LR_SCHEDULES, PRESETS
+from .data import IMAGE_SUFFIXES, DataError, load_textures, mvtec_category, texture_paths, train_image_paths
 from .models import TEACHERS, ModelConfig, TeacherWeightsError
 from .models.teacher import RANDOM
 from .runtime import DEVICE_HELP, cpu_heap_settings, place, resolve_device
 from .synthesis import DefectSynthesizer, procedural_textures
-from .trainer import (MODULES, RESUMED, ROTATIONS, VALIDATION_JSON, TrainData, TrainingError, check_out_dir,
-                      resumed_settings, train)
+from .trainer import (MODULES, RESUMED, ROTATIONS, VALIDATION_JSON, TrainingError, check_out_dir,
+                      resumed_settings, train_folder)
 
 log = logging.getLogger("pfadseg")
 COMPILE_HELP = ("compile the model with torch.compile (Inductor, needs a C++ compiler): "
@@ -122,63 +120,74 @@ def out_file(path: Path, example: str) -> Path:
     return path
 
 
+def _add_run_args(data: argparse._ArgumentGroup, model: argparse._ArgumentGroup,
+                  schedule: argparse._ArgumentGroup) -> None:
+    """The options of one training run that `pfadseg benchmark` hands on to each pair's
+    `pfadseg train`: synthetic defects, teacher, input size and schedule."""
+    data.add_argument("--textures", type=user_path,
+                      help="folder of texture images for synthetic defects (DTD images/); "
+                           "default: built-in procedural textures")
+    data.add_argument("--texture-limit", type=positive_int,
+                      help="use at most this many texture images, evenly spaced (default: all)")
+    data.add_argument("--rotation", choices=ROTATIONS, default="auto",
+                      help="rotation augmentation of the good images; auto = the official "
+                           "per-category choice by the category name, none for other names "
+                           "(default: auto)")
+    data.add_argument("--skip-bad-images", action="store_true", help="log and skip unreadable images")
+    model.add_argument("--teacher", choices=sorted(TEACHERS), default="resnet18",
+                       help="frozen ImageNet teacher: resnet18 (the paper's; its weights are "
+                            "downloaded once) or efficientnet_lite0 (weights installed with "
+                            "pfadseg, works offline) (default: %(default)s)")
+    model.add_argument("--teacher-weights", type=user_path,
+                       help="local teacher weights file (no download needed)")
+    model.add_argument("--image-size", type=image_size, default=256,
+                       help="input size in pixels, a multiple of 32: images are resized to N x N "
+                            "(default: 256)")
+    schedule.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
+                          help="training schedule: paper (PFADSeg paper, 3000 + 4000 steps), "
+                               "official (DeSTSeg code, 1000 + 4000), cpu (fits a 2-core CPU), "
+                               "demo (the bundled sample), tiny (seconds; smoke tests) "
+                               "(default: %(default)s)")
+    schedule.add_argument("--batch-size", type=positive_int,
+                          help="training batch size (default: the preset's)")
+    schedule.add_argument("--stage1-steps", type=non_negative_int,
+                          help="student (denoising) steps (default: the preset's)")
+    schedule.add_argument("--stage2-steps", type=non_negative_int,
+                          help="segmentation-net steps (default: the preset's)")
+    schedule.add_argument("--lr-student", type=float,
+                          help="student learning rate (default: the preset's)")
+    schedule.add_argument("--lr-schedule", choices=LR_SCHEDULES,
+                          help="learning rates per stage: constant (the papers; every preset) or "
+                               "cosine (decay to near zero by the stage's end) (default: the "
+                               "preset's)")
+    schedule.add_argument("--student-checks", type=int,
+                          help="validate the student this many times over stage 1's second half "
+                               "and train stage 2 on the best one; 0 or 1: the last one (default: "
+                               "the preset's: 4 for cpu and demo, 0 for paper and official)")
+    schedule.add_argument("--seed", type=int, help="random seed (default: the preset's)")
+    schedule.add_argument("--save-every", type=positive_int,
+                          help="steps between resumable state files (default: the preset's)")
+    schedule.add_argument("--no-bf16", action="store_true",
+                          help="run in plain fp32, without bf16 autocast")
+    schedule.add_argument("--no-compile", action="store_true",
+                          help="run eagerly instead of compiled by torch.compile (Inductor): "
+                               "stage 2, and stage 1 where the preset compiles it (paper, official)")
+
+
 def _add_train_args(p: argparse.ArgumentParser) -> None:
-    src = p.add_argument_group("data")
-    src.add_argument("--data", type=user_path, help="MVTec-layout root holding <category>/train/good")
-    src.add_argument("--category", help="category folder under --data (e.g. bottle)")
-    src.add_argument("--train-dir", type=user_path,
-                     help="or: any folder of defect-free images (with --resume: the run's)")
-    src.add_argument("--textures", type=user_path,
-                     help="folder of texture images for synthetic defects (DTD images/); "
-                          "default: built-in procedural textures")
-    src.add_argument("--texture-limit", type=positive_int,
-                     help="use at most this many texture images, evenly spaced (default: all)")
-    src.add_argument("--rotation", choices=ROTATIONS, default="auto",
-                     help="rotation augmentation of the good images; auto = the official "
-                          "per-category choice by the category name, none for other names "
-                          "(default: %(default)s)")
-    src.add_argument("--skip-bad-images", action="store_true", help="log and skip unreadable images")
-    m = p.add_argument_group("model")
-    m.add_argument("--model", choices=("destseg", "pfadseg"), default="pfadseg",
-                   help="pfadseg (AFF, PCAR and RCM on) or the destseg baseline "
-                        "(default: %(default)s)")
+    data = p.add_argument_group("data")
+    data.add_argument("--data", type=user_path, help="MVTec-layout root holding <category>/train/good")
+    data.add_argument("--category", help="category folder under --data (e.g. bottle)")
+    data.add_argument("--train-dir", type=user_path,
+                      help="or: any folder of defect-free images (with --resume: the run's)")
+    model = p.add_argument_group("model")
+    model.add_argument("--model", choices=("destseg", "pfadseg"), default="pfadseg",
+                       help="pfadseg (AFF, PCAR and RCM on) or the destseg baseline "
+                            "(default: %(default)s)")
     for mod in MODULES:
-        m.add_argument(f"--{mod}", action=argparse.BooleanOptionalAction, default=None,
-                       help=f"turn {mod.upper()} on/off (default: per --model)")
-    m.add_argument("--teacher", choices=sorted(TEACHERS), default="resnet18",
-                   help="frozen ImageNet teacher: resnet18 (the paper's; its weights are "
-                        "downloaded once) or efficientnet_lite0 (weights installed with "
-                        "pfadseg, works offline) (default: %(default)s)")
-    m.add_argument("--teacher-weights", type=user_path, help="local teacher weights file (no download needed)")
-    m.add_argument("--image-size", type=image_size, default=256,
-                   help="input size in pixels, a multiple of 32: images are resized to N x N "
-                        "(default: %(default)s)")
-    t = p.add_argument_group("schedule")
-    t.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
-                   help="training schedule: paper (PFADSeg paper, 3000 + 4000 steps), official "
-                        "(DeSTSeg code, 1000 + 4000), cpu (fits a 2-core CPU), demo (the bundled "
-                        "sample), tiny (seconds; smoke tests) (default: %(default)s)")
-    t.add_argument("--batch-size", type=positive_int,
-                   help="training batch size (default: the preset's)")
-    t.add_argument("--stage1-steps", type=non_negative_int,
-                   help="student (denoising) steps (default: the preset's)")
-    t.add_argument("--stage2-steps", type=non_negative_int,
-                   help="segmentation-net steps (default: the preset's)")
-    t.add_argument("--lr-student", type=float, help="student learning rate (default: the preset's)")
-    t.add_argument("--lr-schedule", choices=LR_SCHEDULES,
-                   help="learning rates per stage: constant (the papers; every preset) or cosine "
-                        "(decay to near zero by the stage's end) (default: the preset's)")
-    t.add_argument("--student-checks", type=int,
-                   help="validate the student this many times over stage 1's second half and "
-                        "train stage 2 on the best one; 0 or 1: the last one (default: the "
-                        "preset's: 4 for cpu and demo, 0 for paper and official)")
-    t.add_argument("--seed", type=int, help="random seed (default: the preset's)")
-    t.add_argument("--save-every", type=positive_int,
-                   help="steps between resumable state files (default: the preset's)")
-    t.add_argument("--no-bf16", action="store_true", help="train in plain fp32")
-    t.add_argument("--no-compile", action="store_true",
-                   help="run eagerly instead of compiled by torch.compile (Inductor): stage 2, "
-                        "and stage 1 where the preset compiles it (paper, official)")
+        model.add_argument(f"--{mod}", action=argparse.BooleanOptionalAction, default=None,
+                           help=f"turn {mod.upper()} on/off (default: per --model)")
+    _add_run_args(data, model, p.add_argument_group("schedule"))
     p.add_argument("--out", type=user_path, required=True, help="run folder (checkpoint, logs)")
     p.add_argument("--resume", action="store_true",
                    help="continue the unfinished run in --out on its images and settings")
@@ -252,30 +261,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     elif args.train_dir is None and not args.resume:
         raise DataError("give --data ROOT --category NAME, or --train-dir DIR")
     _check_train_paths(args)
-    train_dir = args.train_dir
-    category = args.category or category_of(train_dir)
     model_cfg = ModelConfig.named(args.model, aff=args.aff, pcar=args.pcar, rcm=args.rcm,
                                   teacher=args.teacher, image_size=args.image_size)
-    train_cfg = preset(args.preset, batch_size=args.batch_size, stage1_steps=args.stage1_steps,
-                       stage2_steps=args.stage2_steps, lr_student=args.lr_student, seed=args.seed,
-                       lr_schedule=args.lr_schedule, student_checks=args.student_checks,
-                       save_every=args.save_every, bf16=False if args.no_bf16 else None,
-                       compile=False if args.no_compile else None,
-                       compile_stage1=False if args.no_compile else None)
-    data = TrainData.from_folder(train_dir, args.image_size, args.textures, args.texture_limit,
-                                 args.rotation, category, skip_bad=args.skip_bad_images)
-    if dist.is_main():
-        held = held_out_count(len(data.images))
-        print(f"training {model_cfg.variant} ({model_cfg.teacher} teacher) on {len(data.images) - held} "
-              f"of the {len(data.images)} images in {train_dir} ({held} held out for the thresholds), "
-              f"preset {args.preset}, rotation {data.rotation}", file=sys.stderr)
+    schedule = {name: getattr(args, name) for name in (
+        "batch_size", "stage1_steps", "stage2_steps", "lr_student", "seed", "lr_schedule",
+        "student_checks", "save_every")}
+    if args.no_bf16:
+        schedule["bf16"] = False
+    if args.no_compile:
+        schedule.update(compile=False, compile_stage1=False)
     start = time.perf_counter()
-    path = train(model_cfg, train_cfg, data, args.out, teacher_weights=args.teacher_weights,
-                 resume=args.resume, device=device,
-                 extra_meta={"category": category, "train_dir": str(train_dir.resolve()),
-                             "preset": args.preset, "rotation": data.rotation,
-                             "textures": args.textures and str(args.textures.resolve()),
-                             "texture_limit": args.texture_limit})
+    path = train_folder(model_cfg, args.preset, args.train_dir, args.out, schedule=schedule,
+                        textures=args.textures, texture_limit=args.texture_limit,
+                        rotation=args.rotation, category=args.category, skip_bad=args.skip_bad_images,
+                        teacher_weights=args.teacher_weights, resume=args.resume, device=device)
     dist.teardown()
     print(f"checkpoint: {path}  ({time.perf_counter() - start:.0f} s)")
     _print_validation(args.out / VALIDATION_JSON)
@@ -439,36 +438,10 @@ def _add_benchmark_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--devices", type=positive_int, metavar="N",
                    help="how many GPUs to use (the first N), one job on each at a time "
                         "(default: all visible CUDA devices; without a GPU, one job at a time)")
-    p.add_argument("--device", default="auto", help=DEVICE_HELP)
-    m = p.add_argument_group("model and schedule (passed to every `pfadseg train`)")
-    m.add_argument("--teacher", choices=sorted(TEACHERS), default="resnet18",
-                   help="ImageNet teacher (default: %(default)s)")
-    m.add_argument("--teacher-weights", type=user_path, help="local teacher weights file (no download needed)")
-    m.add_argument("--image-size", type=image_size,
-                   help="input size in pixels, a multiple of 32 (train's default: 256)")
-    m.add_argument("--textures", type=user_path,
-                   help="folder of texture images for synthetic defects (DTD images/); "
-                        "default: built-in procedural textures")
-    m.add_argument("--texture-limit", type=positive_int, help="use at most this many texture images")
-    m.add_argument("--rotation", choices=ROTATIONS,
-                   help="rotation augmentation (train's default: auto, the official per-category one)")
-    m.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
-                   help="training schedule (default: %(default)s)")
-    m.add_argument("--batch-size", type=positive_int,
-                   help="training batch size (default: the preset's)")
-    m.add_argument("--stage1-steps", type=non_negative_int, help="student steps (default: the preset's)")
-    m.add_argument("--stage2-steps", type=non_negative_int, help="segmentation steps (default: the preset's)")
-    m.add_argument("--lr-student", type=float, help="student learning rate (default: the preset's)")
-    m.add_argument("--lr-schedule", choices=LR_SCHEDULES,
-                   help="constant or cosine learning rates per stage (default: the preset's)")
-    m.add_argument("--student-checks", type=int,
-                   help="stage-1 student checks to choose the best student from (default: the preset's)")
-    m.add_argument("--seed", type=int, help="random seed (default: the preset's)")
-    m.add_argument("--save-every", type=positive_int,
-                   help="steps between resumable state files (default: the preset's)")
-    m.add_argument("--no-bf16", action="store_true", help="train and test in plain fp32")
-    m.add_argument("--no-compile", action="store_true", help="train eagerly, without torch.compile")
-    m.add_argument("--skip-bad-images", action="store_true", help="log and skip unreadable images")
+    _add_device_arg(p)
+    passed = p.add_argument_group("model and schedule (passed to every `pfadseg train`)")
+    _add_run_args(passed, passed, passed)
+    p.set_defaults(image_size=None, rotation=None)  # left out: train's own, not handed on
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

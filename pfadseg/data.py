@@ -89,10 +89,19 @@ def open_image(path: Path) -> Image.Image:
 
 def load_rgb(path: Path, size: int | None) -> np.ndarray:
     """Image as uint8 (H, W, 3), resized bilinearly to size x size when size is given."""
-    img = to_rgb(open_image(path))
+    return _pixels(to_rgb(open_image(path)), size)
+
+
+def _pixels(img: Image.Image, size: int | None) -> np.ndarray:
+    """An RGB image as uint8 (H, W, 3), resized bilinearly to size x size when size is given."""
     if size is not None:
         img = img.resize((size, size), Image.BILINEAR)
     return np.asarray(img, dtype=np.uint8)
+
+
+def _batch(arrays: list[np.ndarray]) -> torch.Tensor:
+    """uint8 (H, W, 3) arrays of one size as one uint8 (N, 3, H, W) tensor."""
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
 
 def load_mask(path: Path, size: int | None, expected: tuple[int, int] | None = None) -> np.ndarray:
@@ -183,7 +192,7 @@ def load_images(paths: list[Path], size: int, skip_bad: bool = False,
             log.warning("skipped: %s", exc)
     if not arrays:
         return torch.empty(0, 3, size, size, dtype=torch.uint8), kept
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous(), kept
+    return _batch(arrays), kept
 
 
 def train_image_paths(folder: Path) -> list[Path]:
@@ -416,8 +425,7 @@ def load_folder_test_set(test_dir: Path, size: int, mask_dir: Path | None = None
                     raise DataError(f"{mask_path}: marks a defect on {path}, which is in "
                                     "good/. Fix: move the image to its defect type's folder.")
             masks.append(mask)
-        rgb = img.resize((size, size), Image.BILINEAR)
-        images.append(np.asarray(rgb, dtype=np.uint8))
+        images.append(_pixels(img, size))
         labels.append(int(defect != "good"))
         defects.append(defect)
         paths.append(path)
@@ -426,8 +434,7 @@ def load_folder_test_set(test_dir: Path, size: int, mask_dir: Path | None = None
     if masks and len({m.shape for m in masks}) > 1:
         raise DataError(f"{test_dir}: test images differ in size; evaluate at a fixed size "
                         "(--eval-size 256) instead of the original resolution")
-    tensor = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
-    return TestSet(tensor, np.stack(masks) if masks else None, np.asarray(labels), defects, paths)
+    return TestSet(_batch(images), np.stack(masks) if masks else None, np.asarray(labels), defects, paths)
 
 
 def load_test_set(root: Path, category: str, size: int, skip_bad: bool = False,
@@ -473,5 +480,5 @@ def load_defect_set(defect_dir: Path, mask_dir: Path, size: int) -> tuple[torch.
     for path in paths:
         img = to_rgb(open_image(path))
         masks.append(load_mask(matched[path], size, expected=img.size))
-        images.append(np.asarray(img.resize((size, size), Image.BILINEAR), dtype=np.uint8))
-    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), np.stack(masks)
+        images.append(_pixels(img, size))
+    return _batch(images), np.stack(masks)

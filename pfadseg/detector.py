@@ -25,12 +25,12 @@ from PIL import Image
 
 from .calibration import Thresholds
 from .checkpoint import load_checkpoint, weights_fingerprint
-from .config import check_whole, preset
-from .data import DataError, category_of, load_rgb, to_rgb
+from .config import check_whole
+from .data import DataError, load_rgb, to_rgb
 from .models import AnomalyModel, ModelConfig
 from .predict import MapFn, output_names
 from .runtime import place, resolve_device
-from .trainer import MODULES, TrainData, check_out_dir, resumed_settings, train
+from .trainer import MODULES, check_out_dir, resumed_settings, train_folder
 from .visualize import mask_image, overlay
 
 ImageInput = Union[str, Path, Image.Image, np.ndarray]
@@ -272,15 +272,8 @@ class Detector:
                 kept.get("train_dir", train_dir), kept.get("category", category),
                 kept.get("preset", preset_name), kept.get("rotation", rotation),
                 kept.get("textures", textures), kept.get("texture_limit", texture_limit))
-        category = category or category_of(train_dir)
-        # bad overrides fail before any image loads; a resumed run's train() takes its own schedule
-        train_config = preset(preset_name, **schedule)
-        data = TrainData.from_folder(train_dir, model_cfg.image_size, textures, texture_limit, rotation,
-                                     category, skip_bad=skip_bad, progress=progress)
-        path = train(model_cfg, train_config, data, Path(out_dir),
-                     teacher_weights=teacher_weights, resume=resume, progress=progress, device=device,
-                     extra_meta={"category": category, "train_dir": str(train_dir.resolve()),
-                                 "preset": preset_name, "rotation": data.rotation,
-                                 "textures": textures and str(Path(textures).resolve()),
-                                 "texture_limit": texture_limit})
+        path = train_folder(model_cfg, preset_name, train_dir, Path(out_dir), schedule=schedule,
+                            textures=textures, texture_limit=texture_limit, rotation=rotation,
+                            category=category, skip_bad=skip_bad, teacher_weights=teacher_weights,
+                            resume=resume, progress=progress, device=device)
         return cls.load(path, device=device)

@@ -22,8 +22,9 @@ import io
 import json
 from pathlib import Path
 
-__all__ = ["TEXTURES", "OBJECTS", "CATEGORIES", "MODULES", "ABLATION", "modules_of",
-           "run_labels", "build_tables", "read_results", "write_report"]
+from .variants import ABLATION, modules_of, variant_name
+
+__all__ = ["TEXTURES", "OBJECTS", "CATEGORIES", "run_labels", "build_tables", "read_results", "write_report"]
 
 TEXTURES = ("carpet", "grid", "leather", "tile", "wood")
 OBJECTS = (
@@ -31,20 +32,7 @@ OBJECTS = (
     "pill", "screw", "toothbrush", "transistor", "zipper",
 )
 CATEGORIES = TEXTURES + OBJECTS  # the 15 MVTec AD categories, in the paper's order
-MODULES = ("aff", "pcar", "rcm")
-
-
-def _combination_name(modules: tuple[str, ...]) -> str:
-    """The variant name `ModelConfig.variant` gives these modules."""
-    return "pfadseg" if len(modules) == len(MODULES) else "+".join(("destseg",) + modules)
-
-
-# Table 4's module columns and rows in the paper's order: its experiments 1-7 are none,
-# RCM, AFF, PCAR, RCM+PCAR, AFF+PCAR and all three; AFF+RCM, which the paper left out,
-# stands before all three so that the 8 combinations are complete.
-TABLE4_MODULES = ("rcm", "aff", "pcar")
-ABLATION = ("destseg", "destseg+rcm", "destseg+aff", "destseg+pcar", "destseg+pcar+rcm",
-            "destseg+aff+pcar", "destseg+aff+rcm", "pfadseg")
+TABLE4_MODULES = ("rcm", "aff", "pcar")  # Table 4's module columns, in the paper's order
 
 # Column order and headers of the paper's tables; other metrics follow by name.
 METRIC_NAMES = {
@@ -62,21 +50,6 @@ _ON = "✓"
 
 Column = tuple[str, str]  # (series, metric)
 Table = dict[str, dict[Column, float]]  # row -> column -> value
-
-
-def modules_of(variant: str) -> tuple[str, ...] | None:
-    """The modules of a DeSTSeg/PFADSeg variant name (``destseg+aff+rcm`` ->
-    ``("aff", "rcm")``; ``+aff`` is short for ``destseg+aff``), or None when
-    the name is not a module combination."""
-    name = variant.strip().lower()
-    if name == "pfadseg":
-        return MODULES
-    if name.startswith("+"):
-        name = "destseg" + name
-    base, *modules = name.split("+")
-    if base != "destseg" or len(set(modules)) != len(modules) or not set(modules) <= set(MODULES):
-        return None
-    return tuple(m for m in MODULES if m in modules)
 
 
 def _variant(result: dict) -> str:
@@ -114,7 +87,7 @@ def _series_variants(results: list[dict]) -> dict[str, str]:
     variant: dict[str, str] = {}
     for index, result in enumerate(results):
         modules = modules_of(_variant(result))
-        rank = ABLATION.index(_combination_name(modules)) if modules is not None else len(ABLATION)
+        rank = ABLATION.index(variant_name(modules)) if modules is not None else len(ABLATION)
         first.setdefault(_series(result), (rank, index))
         variant[_series(result)] = _variant(result)
     return {s: variant[s] for s in sorted(first, key=first.__getitem__)}

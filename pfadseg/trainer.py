@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -28,16 +29,17 @@ except ImportError:  # Windows: no lock
 
 from . import checkpoint as ckpt
 from . import distributed as dist
-from .calibration import Thresholds, calibrate, held_out_split
-from .config import TrainConfig
+from .calibration import Thresholds, calibrate, held_out_count, held_out_split
+from .config import TrainConfig, preset
 from .inference import to_input
 from .models import AnomalyModel, ModelConfig
 from .models.teacher import RANDOM
 from .models.losses import segmentation_loss, student_loss
 from .runtime import (autocast, bf16_supported, compiled, cpu_training_fixes, place, release_free_memory,
                       resolve_device, step_begin)
-from .data import load_textures, load_train_images
+from .data import category_of, load_textures, load_train_images
 from .synthesis import DefectSynthesizer, procedural_textures, rotate_images, rotation_policy_for
+from .variants import MODULES, variant_name
 from .validation import FIGURES, StudentPick, ValidationSet, assess, student_check_steps, validation_steps
 
 log = logging.getLogger(__name__)
@@ -487,7 +489,6 @@ RESUMED = {"teacher": "model", "image_size": "model",
                                          "lr_schedule", "student_checks", "seed", "save_every")},
            **{name: "run" for name in ("train_dir", "category", "preset", "rotation", "textures",
                                        "texture_limit")}}
-MODULES = ("aff", "pcar", "rcm")
 PATHS = ("train_dir", "textures")  # compared as absolute paths
 
 
@@ -507,7 +508,8 @@ def resumed_settings(out_dir: Path, given: dict[str, object], defaults: dict[str
     was = {m: meta["model"][m] for m in MODULES}
     wanted = {**was, **{m: given[m] for m in MODULES if given.get(m) not in (None, defaults.get(m))}}
     if wanted != was:
-        differ.append(f"model {_variant(wanted)} (the run's: {_variant(was)})")
+        differ.append(f"model {variant_name([m for m in MODULES if wanted[m]])} (the run's: "
+                      f"{variant_name([m for m in MODULES if was[m]])})")
     kept.update(was)
     for name, where in RESUMED.items():
         if name not in saved[where]:
@@ -524,10 +526,6 @@ def resumed_settings(out_dir: Path, given: dict[str, object], defaults: dict[str
                             f"with; these differ: {', '.join(differ)}. Fix: leave them out, or start "
                             "a new run with another --out.")
     return kept
-
-
-def _variant(modules: dict[str, bool]) -> str:
-    return ModelConfig.named("destseg", **modules).variant
 
 
 def run_lock(out_dir: Path) -> contextlib.AbstractContextManager:
@@ -617,3 +615,29 @@ def train(model_config: ModelConfig, train_config: TrainConfig, data: TrainData,
             state_path.unlink(missing_ok=True)  # a finished run resumes no more: free its 100s of MB
         dist.barrier()
         return path
+
+
+def train_folder(model_config: ModelConfig, preset_name: str, train_dir: Path, out_dir: Path, *,
+                 schedule: dict[str, object] | None = None, textures: Path | None = None,
+                 texture_limit: int | None = None, rotation: str = "auto", category: str | None = None,
+                 skip_bad: bool = False, teacher_weights: str | Path | None = None, resume: bool = False,
+                 progress: bool = True, device: str | torch.device = "auto") -> Path:
+    """`train` on a folder of good images with a preset's schedule (`schedule`
+    overrides its fields): what `pfadseg train` and Detector.train run. The folder
+    settings go into config.json and the checkpoint, for --resume and `pfadseg test`."""
+    train_dir = Path(train_dir)
+    category = category or category_of(train_dir)
+    train_config = preset(preset_name, **(schedule or {}))  # bad overrides fail before images load
+    data = TrainData.from_folder(train_dir, model_config.image_size, textures, texture_limit, rotation,
+                                 category, skip_bad=skip_bad, progress=progress)
+    if progress and dist.is_main():
+        held = held_out_count(len(data.images))
+        print(f"training {model_config.variant} ({model_config.teacher} teacher) on "
+              f"{len(data.images) - held} of the {len(data.images)} images in {train_dir} ({held} held "
+              f"out for the thresholds), preset {preset_name}, rotation {data.rotation}", file=sys.stderr)
+    return train(model_config, train_config, data, Path(out_dir), teacher_weights=teacher_weights,
+                 resume=resume, progress=progress, device=device,
+                 extra_meta={"category": category, "train_dir": str(train_dir.resolve()),
+                             "preset": preset_name, "rotation": data.rotation,
+                             "textures": textures and str(Path(textures).resolve()),
+                             "texture_limit": texture_limit})

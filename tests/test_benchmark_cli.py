@@ -24,7 +24,8 @@ from pfadseg.config import PRESETS
 from pfadseg.data import DataError
 from pfadseg.demo import demo_root
 from pfadseg.models import ModelConfig
-from pfadseg.report import ABLATION, CATEGORIES, modules_of
+from pfadseg.report import CATEGORIES
+from pfadseg.variants import ABLATION, modules_of
 
 CI_ARGS = ["benchmark", "--data", str(demo_root()), "--categories", "bottle", "--variants", "destseg",
            "--teacher", "efficientnet_lite0", "--preset", "tiny", "--image-size", "64",

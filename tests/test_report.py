@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from pfadseg.report import ABLATION, CATEGORIES, build_tables, modules_of, run_labels, write_report
+from pfadseg.report import CATEGORIES, build_tables, run_labels, write_report
+from pfadseg.variants import ABLATION, modules_of
 
 
 def result(category, variant="PFADSeg", **metrics):

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..report import MODULES, modules_of
+from ..variants import MODULES, modules_of, variant_name
 from .losses import cosine_distance, l2_normalize, student_loss
 from .residual import BlockOptions
 from .segmentation import SegmentationNet
@@ -39,7 +39,7 @@ class ModelConfig:
     def named(cls, model: str, **kwargs: object) -> "ModelConfig":
         """`destseg` (no modules), `pfadseg` (AFF+PCAR+RCM) or an ablation row by its
         `variant` name such as `destseg+aff+rcm`; non-None kwargs override."""
-        # the report's grammar of variant names, as written (not its "+aff" shorthand)
+        # variant names as written (not the "+aff" shorthand of benchmark and report)
         modules = modules_of(model) if model == model.strip().lower() and not model.startswith("+") else None
         if modules is None:
             raise ValueError(f"unknown model {model!r}; choose destseg, pfadseg or destseg+<modules> "
@@ -51,10 +51,7 @@ class ModelConfig:
     @property
     def variant(self) -> str:
         """Readable name: destseg, pfadseg, or destseg+<modules>."""
-        mods = [m for m in MODULES if getattr(self, m)]
-        if len(mods) == len(MODULES):
-            return "pfadseg"
-        return "+".join(["destseg"] + mods)
+        return variant_name([m for m in MODULES if getattr(self, m)])
 
     def to_dict(self) -> dict:
         return asdict(self)
