@@ -32,6 +32,7 @@ import torch
 from . import JOB_ENV
 from .config import preset
 from .data import DataError, mvtec_category
+from .files import write_text
 from .models import ModelConfig
 from .report import CATEGORIES, read_results, write_report
 from .runtime import resolve_device
@@ -267,9 +268,7 @@ def _read_settings(path: Path) -> dict:
 def _write_settings(path: Path, settings: dict) -> None:
     """benchmark.json, replaced whole: an interrupted write leaves the old file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"settings": settings}, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_text(path, json.dumps({"settings": settings}, indent=2) + "\n")
 
 
 class Progress:

@@ -18,6 +18,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from . import __version__
+from .files import replacing
 from .models import AnomalyModel, ModelConfig
 from .models.teacher import RANDOM
 
@@ -41,17 +42,12 @@ def atomic_save(tensors: dict[str, torch.Tensor], meta: dict, path: Path) -> Non
     """Write tensors + JSON metadata to `path` without ever leaving a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    try:
+    with replacing(path) as tmp:
         save_file(tensors, str(tmp), metadata={"pfadseg": json.dumps(meta)})
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.chmod(tmp, FILE_MODE)  # readable by a team's shared folder, as other files are
-        os.replace(tmp, path)
-    except BaseException:  # a full disk, a folder at `path`, an interrupt: no stray copy
-        tmp.unlink(missing_ok=True)
-        raise
     _fsync_dir(path.parent)
 
 

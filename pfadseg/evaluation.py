@@ -3,7 +3,6 @@ the figures at the checkpoint's own thresholds, and an HTML report."""
 from __future__ import annotations
 
 import json
-import os
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,7 @@ import torch.nn.functional as F
 from . import metrics
 from .calibration import CalibrationError, Thresholds
 from .data import TestSet, load_folder_test_set, load_test_set
+from .files import write_text
 from .inference import infer
 from .models import AnomalyModel, image_scores
 
@@ -197,15 +197,13 @@ def write_results(model: AnomalyModel, test: TestSet, name: str, out_dir: Path, 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     title = f"# {name}: {result['variant']} ({result['teacher']} teacher)"
-    (out_dir / "metrics.md").write_text(f"{title}\n\n```\n{format_table(result)}\n```\n")
+    write_text(out_dir / "metrics.md", f"{title}\n\n```\n{format_table(result)}\n```\n")
     if report:
         from .html_report import write_test_report  # here: it imports this module, and matplotlib
 
         write_test_report(out_dir / "report.html", test, outputs, result, thresholds)
     # last, and whole or not at all: `benchmark` counts a pair with it as done
-    tmp = out_dir / "metrics.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, out_dir / "metrics.json")
+    write_text(out_dir / "metrics.json", json.dumps(result, indent=2))
     return result
 
 

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .checkpoint import weights_fingerprint
+from .files import replacing
 from .models import AnomalyModel, image_scores
 from .predict import MapFn
 
@@ -134,40 +135,32 @@ def export_onnx(model: AnomalyModel, path: Path) -> Path:
     wrapper = _ExportWrapper(cpu_model).eval()
     gen = torch.Generator().manual_seed(0)
     example, check = (torch.rand(n, 3, size, size, generator=gen) for n in (2, 3))
-    tmp = path.with_name(path.name + ".tmp")
     log_path = path.with_name(path.name + ".log")
-    try:
-        with _output_to(log_path), warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                wrapper, (example,), str(tmp), dynamo=True, opset_version=OPSET,
-                input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
-                dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
-                external_data=False, verbose=False, report=False)
-            difference = _largest_difference(tmp, wrapper, check)
-    except KeyboardInterrupt:  # nothing failed: leave neither the partial file nor its log
-        tmp.unlink(missing_ok=True)
-        log_path.unlink(missing_ok=True)
-        raise
-    except Exception as exc:  # noqa: BLE001 - any exporter failure, reported in one line
-        tmp.unlink(missing_ok=True)
-        raise ExportError(f"ONNX export to {path} failed: {_first_line(exc)} "
-                          f"(exporter log: {log_path})") from exc
-    if not difference <= TOLERANCE:
-        tmp.unlink(missing_ok=True)
-        raise ExportError(f"ONNX export to {path} failed: onnxruntime's outputs differ from the "
-                          f"model's by up to {difference:.3g} (more than {TOLERANCE}); "
-                          f"exporter log: {log_path}")
-    import onnx
+    with replacing(path) as tmp:  # any failure below leaves `path` as it was and no partial file
+        try:
+            with _output_to(log_path), warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(
+                    wrapper, (example,), str(tmp), dynamo=True, opset_version=OPSET,
+                    input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
+                    dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
+                    external_data=False, verbose=False, report=False)
+                difference = _largest_difference(tmp, wrapper, check)
+        except KeyboardInterrupt:  # nothing failed: leave no log either
+            log_path.unlink(missing_ok=True)
+            raise
+        except Exception as exc:  # noqa: BLE001 - any exporter failure, reported in one line
+            raise ExportError(f"ONNX export to {path} failed: {_first_line(exc)} "
+                              f"(exporter log: {log_path})") from exc
+        if not difference <= TOLERANCE:
+            raise ExportError(f"ONNX export to {path} failed: onnxruntime's outputs differ from "
+                              f"the model's by up to {difference:.3g} (more than {TOLERANCE}); "
+                              f"exporter log: {log_path}")
+        import onnx
 
-    try:
         stamped = onnx.load(str(tmp))
         onnx.helper.set_model_props(stamped, {WEIGHTS_KEY: weights_fingerprint(model)})
         onnx.save(stamped, str(tmp))
-        os.replace(tmp, path)
-    except BaseException:  # a full disk, a folder at `path`, an interrupt: no stray copy
-        tmp.unlink(missing_ok=True)
-        raise
     log_path.unlink()
     return path
 

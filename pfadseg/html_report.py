@@ -26,6 +26,7 @@ from PIL import Image
 from .calibration import Thresholds
 from .data import TestSet
 from .evaluation import TestOutputs
+from .files import write_text
 from .visualize import colorize, outline
 
 THUMB = 192  # longest side of a gallery thumbnail, in pixels
@@ -336,7 +337,7 @@ def write_test_report(path: Path, test: TestSet, outputs: TestOutputs, result: d
     parts += [f"<h2>Gallery ({len(test.paths)} images)</h2>", gallery.html()]
     title = f"pfadseg test: {result.get('category', '')}"
     path = Path(path)
-    path.write_text(_page(title, "".join(parts)), encoding="utf-8")
+    write_text(path, _page(title, "".join(parts)))
     return path
 
 
@@ -354,5 +355,5 @@ def write_gallery_page(path: Path, gallery: Gallery) -> Path:
     body = (f"<p>{len(gallery.entries)} images, {flagged} anomalous at the image threshold "
             f"({html.escape(gallery.thresholds.method)}).</p>" + gallery.html())
     path = Path(path)
-    path.write_text(_page("pfadseg predict", body), encoding="utf-8")
+    write_text(path, _page("pfadseg predict", body))
     return path

@@ -14,6 +14,7 @@ import torch
 from tqdm import tqdm
 
 from .data import DataError, list_images, load_rgb
+from .files import replacing, write_text
 from .visualize import mask_image
 
 if TYPE_CHECKING:  # detector imports this module (MapFn)
@@ -126,8 +127,8 @@ def predict_files(detector: Detector, paths: list[Path], out_dir: Path, batch_si
     finally:
         bar.close()
         write_gallery_page(out_dir / "report.html", gallery)
-        (out_dir / "summary.json").write_text(json.dumps(rows, indent=2))
-        with open(out_dir / "summary.csv", "w", newline="") as fh:
+        write_text(out_dir / "summary.json", json.dumps(rows, indent=2))
+        with replacing(out_dir / "summary.csv") as tmp, open(tmp, "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=SUMMARY_FIELDS)
             writer.writeheader()
             writer.writerows(rows)

@@ -22,6 +22,7 @@ import io
 import json
 from pathlib import Path
 
+from .files import write_text
 from .variants import ABLATION, modules_of, variant_name
 
 __all__ = ["TEXTURES", "OBJECTS", "CATEGORIES", "run_labels", "build_tables", "read_results", "write_report"]
@@ -401,7 +402,7 @@ def write_report(result_files: list[str | Path], out_dir: str | Path,
     written = []
     for name in ("results.md", "results.csv", "variants.csv"):
         if name in files:
-            (out / name).write_text(files[name])
+            write_text(out / name, files[name])
             written.append(out / name)
         else:  # a variants.csv from an earlier report of other runs would mislead
             (out / name).unlink(missing_ok=True)

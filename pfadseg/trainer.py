@@ -38,6 +38,7 @@ from .models.losses import segmentation_loss, student_loss
 from .runtime import (autocast, bf16_supported, compiled, cpu_training_fixes, place, release_free_memory,
                       resolve_device, step_begin)
 from .data import category_of, load_textures, load_train_images
+from .files import replacing, write_text
 from .synthesis import DefectSynthesizer, procedural_textures, rotate_images, rotation_policy_for
 from .variants import MODULES, variant_name
 from .validation import FIGURES, StudentPick, ValidationSet, assess, student_check_steps, validation_steps
@@ -412,7 +413,7 @@ def _report_validation(trainer: Trainer, out_dir: Path) -> dict | None:
     report = {"final": rows[-1], "end_of_stage1": stage1[-1] if stage1 else None,
               "student_step": trainer.pick.step or cfg.stage1_steps,
               "warnings": warnings, "points": len(rows), "images": len(trainer.validation_set.labels)}
-    (out_dir / VALIDATION_JSON).write_text(json.dumps(report, indent=2))
+    write_text(out_dir / VALIDATION_JSON, json.dumps(report, indent=2))
     return report
 
 
@@ -430,7 +431,7 @@ def _trim_log(log_path: Path, step: int) -> list[dict[str, float]]:
     keep = rows[:1] + [r for r in rows[1:] if len(r) == len(rows[0]) and r[0].isdigit()
                        and int(r[0]) <= step]  # a row cut short by a kill goes too
     if len(keep) != len(rows) or not text.endswith("\n"):
-        with open(log_path, "w", newline="") as fh:
+        with replacing(log_path) as tmp, open(tmp, "w", newline="") as fh:  # a kill here keeps the log
             csv.writer(fh).writerows(keep)
     try:
         return [{k: float(v) if v else float("nan") for k, v in zip(keep[0], r)} for r in keep[1:]]
@@ -589,7 +590,7 @@ def train(model_config: ModelConfig, train_config: TrainConfig, data: TrainData,
             log.info("resumed at step %d of %d", trainer.step, train_config.total_steps)
         out_dir.mkdir(parents=True, exist_ok=True)
         if dist.is_main():
-            (out_dir / "config.json").write_text(json.dumps(
+            write_text(out_dir / "config.json", json.dumps(
                 {"model": model.config.to_dict(), "train": train_config.to_dict(),
                  "processes": dist.world_size(), **(extra_meta or {}),
                  # what else a seed's result depends on (kernels differ with each of them)
