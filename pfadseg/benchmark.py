@@ -378,11 +378,6 @@ _STOPPING = threading.Event()  # set on an interrupt: no job or step starts afte
 _LOCK = threading.Lock()  # a child starts, or the interrupt reaches all children, at one time
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    """A signal handler that turns SIGTERM into what Ctrl-C raises."""
-    raise KeyboardInterrupt
-
-
 def _run_child(argv: list[str], log: IO[str], env: dict[str, str]) -> int | None:
     """Run one step's subprocess to its end, known to `run_jobs` meanwhile so that an
     interrupt reaches it; returns its exit code, or None when stopping (not started)."""
@@ -455,11 +450,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
           f"{len(jobs) - len(todo)} finished, {len(todo)} to run, {where}; logs in "
           f"{out}/<category>/<variant>/{LOG_NAME}", flush=True)
     progress = Progress(len(jobs), len(jobs) - len(todo), len(slots))
-    previous = signal.signal(signal.SIGTERM, _interrupt)  # `kill PID` stops jobs as Ctrl-C does
-    try:
-        run_jobs(todo, slots, subprocess_runner(args), progress)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    run_jobs(todo, slots, subprocess_runner(args), progress)  # `kill PID`: as Ctrl-C (cli.main)
 
     # the report covers every pair the folder holds: a rerun with fewer variants or
     # categories keeps the others in the tables

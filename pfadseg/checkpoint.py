@@ -44,7 +44,11 @@ def atomic_save(tensors: dict[str, torch.Tensor], meta: dict, path: Path) -> Non
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     with replacing(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"pfadseg": json.dumps(meta)})
+        try:
+            save_file(tensors, str(tmp), metadata={"pfadseg": json.dumps(meta)})
+        except SafetensorError as exc:  # a full disk: an OSError naming the file, as other writes give
+            raise OSError(f"cannot write {path} ({exc}). Fix: free space on its disk (the "
+                          "previous file is kept), or write to another folder") from exc
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.chmod(tmp, FILE_MODE)  # readable by a team's shared folder, as other files are

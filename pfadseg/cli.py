@@ -4,7 +4,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import errno
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -24,8 +26,8 @@ from .models import TEACHERS, ModelConfig, TeacherWeightsError
 from .models.teacher import RANDOM
 from .runtime import DEVICE_HELP, cpu_heap_settings, place, resolve_device
 from .synthesis import DefectSynthesizer, procedural_textures
-from .trainer import (MODULES, RESUMED, ROTATIONS, VALIDATION_JSON, TrainingError, check_out_dir,
-                      resumed_settings, train_folder)
+from .trainer import (MODULES, RESUMED, ROTATIONS, STATE_NAME, VALIDATION_JSON, TrainingError,
+                      check_out_dir, resumed_settings, train_folder)
 
 log = logging.getLogger("pfadseg")
 COMPILE_HELP = ("compile the model with torch.compile (Inductor, needs a C++ compiler): "
@@ -620,18 +622,35 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
     if args.threads:
         torch.set_num_threads(args.threads)
+    # `kill`, `timeout` and `docker stop` get what Ctrl-C gets: partial results written, no stray files
+    terminate = signal.signal(signal.SIGTERM, _interrupt)  # (main() runs in the main thread)
     try:
         return args.func(args)
     except (DataError, CheckpointError, TeacherWeightsError, TrainingError, ValueError,
             ImportError, OSError) as exc:  # ImportError: an optional extra (onnx, serve) is missing
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            exc = f"{exc}. Fix: free space on that disk (finished files are kept) and rerun{_again(args)}"
         # tqdm.write clears a progress bar the error left open, so the message gets its own line
         tqdm.write(f"pfadseg {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        again = {"benchmark": "; rerun the same command to continue",
-                 "train": "; continue with --resume"}.get(args.command, "")
-        tqdm.write(f"pfadseg {args.command}: interrupted{again}", file=sys.stderr)
+        tqdm.write(f"pfadseg {args.command}: interrupted{_again(args)}", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, terminate)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _again(args: argparse.Namespace) -> str:
+    """How to go on with a command that stopped half-way, where it can go on."""
+    if args.command == "benchmark":
+        return "; rerun the same command to continue"
+    if args.command == "train" and (args.out / STATE_NAME).is_file():
+        return "; continue with --resume"
+    return ""
 
 
 if __name__ == "__main__":

@@ -196,6 +196,9 @@ def write_results(model: AnomalyModel, test: TestSet, name: str, out_dir: Path, 
               "eval_size": eval_size, **result}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    # an earlier test's metrics.json goes first: stopped half-way, this one leaves none, never
+    # this run's metrics.md and report.html beside the other's results
+    (out_dir / "metrics.json").unlink(missing_ok=True)
     title = f"# {name}: {result['variant']} ({result['teacher']} teacher)"
     write_text(out_dir / "metrics.md", f"{title}\n\n```\n{format_table(result)}\n```\n")
     if report:

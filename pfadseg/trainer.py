@@ -48,6 +48,8 @@ STATE_FORMAT = ckpt.STATE_FORMAT
 CHECKPOINT_NAME = ckpt.CHECKPOINT_NAME
 STATE_NAME = "train_state.safetensors"
 VALIDATION_CSV, VALIDATION_JSON = "validation.csv", "validation.json"
+LOSS_FIELDS = ["step", "stage", "loss", "cosine", "focal", "l1", "seconds"]  # losses.csv
+VALIDATION_FIELDS = ["step", "stage", *FIGURES, "seconds"]
 ROTATIONS = ("auto", "none", "small", "right_angle")  # auto: the official policy by category
 
 
@@ -349,26 +351,19 @@ class Trainer:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         main = dist.is_main()
         log_path = self.out_dir / "losses.csv" if main else Path(os.devnull)
-        new_log = not log_path.exists() or self.step == 0
-        logged = _trim_log(log_path, self.step) if main and not new_log else []
+        logged = _continue_log(log_path, LOSS_FIELDS, self.step) if main else []
         val_path = self.out_dir / VALIDATION_CSV
         if self.validation_set is None:
             val_path = Path(os.devnull)
-        elif val_path.exists() and self.step > 0:
-            self.validation = _trim_log(val_path, self.step)
         else:
-            with open(val_path, "w", newline="") as fh:
-                csv.writer(fh).writerow(["step", "stage", *FIGURES, "seconds"])
+            self.validation = _continue_log(val_path, VALIDATION_FIELDS, self.step)
         checkpoints = set(validation_steps(self.config))
         cfg = self.config
         bar = tqdm(total=cfg.total_steps, initial=self.step, desc="training", unit="step",
                    disable=not (progress and main), dynamic_ncols=True)
         # the bar closes whatever happens, so an error is printed on a line of its own
-        with open(log_path, "w" if new_log else "a", newline="") as fh, bar, \
-                open(val_path, "a", newline="") as val_fh:
+        with open(log_path, "a", newline="") as fh, bar, open(val_path, "a", newline="") as val_fh:
             writer, val_writer = csv.writer(fh), csv.writer(val_fh)
-            if new_log:
-                writer.writerow(["step", "stage", "loss", "cosine", "focal", "l1", "seconds"])
             # seconds count on from the last row logged before a resume
             start = time.perf_counter() - (logged[-1]["seconds"] if logged else 0.0)
             while self.step < cfg.total_steps:
@@ -422,19 +417,29 @@ def _rng_key(rank: int) -> str:
     return "rng" if rank == 0 else f"rng.{rank}"
 
 
-def _trim_log(log_path: Path, step: int) -> list[dict[str, float]]:
-    """Drop rows after `step` from a CSV log whose first column is the step (a killed
-    run may have logged steps it never saved); returns the rows kept, as numbers."""
+def _continue_log(log_path: Path, header: list[str], step: int) -> list[dict[str, float]]:
+    """A CSV log whose first column is the step, ready to append to at `step`: started
+    anew at step 0 (or when missing or empty), else trimmed of the rows after `step`
+    (a killed run may have logged steps it never saved); returns the rows kept."""
+    if step == 0 or not log_path.is_file() or log_path.stat().st_size == 0:
+        with replacing(log_path) as tmp, open(tmp, "w", newline="") as fh:
+            csv.writer(fh).writerow(header)
+        return []
     with open(log_path, newline="") as fh:
         text = fh.read()
     rows = list(csv.reader(text.splitlines()))
+    if rows[0] != header:
+        raise TrainingError(f"{log_path}: its first row is not the header ({','.join(header)}). "
+                            "Fix: restore the file, or delete it (its rows before the resume are "
+                            "then lost; training goes on).")
     keep = rows[:1] + [r for r in rows[1:] if len(r) == len(rows[0]) and r[0].isdigit()
                        and int(r[0]) <= step]  # a row cut short by a kill goes too
     if len(keep) != len(rows) or not text.endswith("\n"):
         with replacing(log_path) as tmp, open(tmp, "w", newline="") as fh:  # a kill here keeps the log
             csv.writer(fh).writerows(keep)
     try:
-        return [{k: float(v) if v else float("nan") for k, v in zip(keep[0], r)} for r in keep[1:]]
+        return [{k: int(v) if k in ("step", "stage") else float(v) if v else float("nan")
+                 for k, v in zip(keep[0], r)} for r in keep[1:]]
     except ValueError as exc:
         raise TrainingError(f"{log_path}: a value is not a number ({exc}). Fix: restore the "
                             "file, or delete the rows after the last good one.") from exc
@@ -458,6 +463,9 @@ def check_out_dir(out_dir: Path, resume: bool) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise TrainingError(f"--out {out_dir} is a file, not a folder. Fix: give a folder for "
                             "the run (it is created if missing).")
+    if out_dir.is_dir():
+        with run_lock(out_dir):  # a run going on there is said to be, not taken for a stopped one
+            pass
     state_path, checkpoint = out_dir / STATE_NAME, out_dir / CHECKPOINT_NAME
     if resume:
         if not state_path.is_file() and checkpoint.is_file():
@@ -500,10 +508,16 @@ def resumed_settings(out_dir: Path, given: dict[str, object], defaults: dict[str
     as left out). bf16, compiling and the device are not among them: they may change."""
     out_dir = Path(out_dir)
     meta = ckpt.read_meta(out_dir / STATE_NAME, kind=STATE_FORMAT)
-    try:
-        run = json.loads((out_dir / "config.json").read_text())
-    except (OSError, ValueError):
-        run = {}  # preset and data settings were then not recorded: only the state's are checked
+    config = out_dir / "config.json"
+    try:  # a run without one recorded only the state's settings: only those are checked
+        run = json.loads(config.read_text()) if config.is_file() else {}
+        if not isinstance(run, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as exc:
+        raise TrainingError(f"{config}: damaged ({exc}); it records the images and settings the "
+                            "run started with. Fix: delete it and give the run's images again "
+                            "(--train-dir, or --data --category): its preset, rotation and "
+                            "textures are then taken as given.") from exc
     saved = {"model": meta["model"], "train": meta["train"], "run": run}
     differ, kept = [], {}
     was = {m: meta["model"][m] for m in MODULES}

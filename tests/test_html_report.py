@@ -85,6 +85,26 @@ def test_report_without_thresholds_uses_the_test_sets_best(model: AnomalyModel, 
     assert "stores no threshold" in (tmp_path / "report.html").read_text()
 
 
+def test_a_test_stopped_half_way_leaves_no_earlier_metrics_beside_its_own(
+        model: AnomalyModel, dataset: Path, tmp_path: Path, one_thread: None, monkeypatch) -> None:
+    """A second `pfadseg test` into the same folder, killed while writing report.html,
+    left its metrics.md beside the first test's metrics.json, which benchmark and report
+    then read as this folder's results."""
+    import pfadseg.html_report
+
+    test = load_test_set(dataset, CATEGORY, SIZE)
+    write_results(model, test, CATEGORY, tmp_path, {"threshold": 0.5}, bf16=False, progress=False)
+    assert (tmp_path / "metrics.json").is_file()
+
+    def stopped(*args: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pfadseg.html_report, "write_test_report", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        write_results(model, test, CATEGORY, tmp_path, {"threshold": 0.5}, bf16=False, progress=False)
+    assert not (tmp_path / "metrics.json").exists()
+
+
 def test_predict_gallery_is_sorted_most_anomalous_first(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (300, 200, 3), dtype=np.uint8) for _ in range(3)]

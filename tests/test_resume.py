@@ -234,7 +234,7 @@ def test_unfinished_run_detection_and_log_trim(tmp_path: Path) -> None:
     """A state short of its schedule is unfinished; a finished one is not; the loss log
     of a resumed run drops the rows a killed run wrote after its last saved state."""
     from pfadseg.config import preset
-    from pfadseg.trainer import _trim_log, _unfinished
+    from pfadseg.trainer import _continue_log, _unfinished
 
     train = preset("tiny", stage1_steps=2, stage2_steps=2).to_dict()
     state = tmp_path / STATE_NAME
@@ -246,16 +246,23 @@ def test_unfinished_run_detection_and_log_trim(tmp_path: Path) -> None:
     state.write_bytes(b"junk")
     assert _unfinished(state)  # unreadable: refuse to overwrite it blindly
 
-    log = tmp_path / "losses.csv"
+    log, header = tmp_path / "losses.csv", ["step", "stage", "loss"]
     log.write_text("step,stage,loss\n1,1,0.5\n2,1,0.4\n3,2,0.3\n")
-    _trim_log(log, 2)
+    _continue_log(log, header, 2)
     assert log.read_text().splitlines() == ["step,stage,loss", "1,1,0.5", "2,1,0.4"]
     log.write_text("step,stage,loss\n1,1,0.5\n2,1")  # a kill cut the last row short
-    assert _trim_log(log, 2) == [{"step": 1.0, "stage": 1.0, "loss": 0.5}]
+    kept = _continue_log(log, header, 2)
+    assert kept == [{"step": 1, "stage": 1, "loss": 0.5}] and isinstance(kept[0]["step"], int)
     assert log.read_text() == "step,stage,loss\n1,1,0.5\n"  # the next row starts a line
     log.write_text("step,stage,loss\n1,1,abc\n")
     with pytest.raises(TrainingError, match=f"{log}: a value is not a number"):
-        _trim_log(log, 2)
+        _continue_log(log, header, 2)
+    # an emptied log (a full disk) starts over with its header; appended rows had none before
+    log.write_text("")
+    assert _continue_log(log, header, 2) == [] and log.read_text().splitlines() == ["step,stage,loss"]
+    log.write_text("3,2,0.3\n4,2,0.2\n")  # rows without the header: named, not read as one
+    with pytest.raises(TrainingError, match=f"{log}: its first row is not the header"):
+        _continue_log(log, header, 2)
 
 
 def test_out_folder_states_that_resume_cannot_or_must_finish(tmp_path: Path) -> None:
@@ -276,6 +283,28 @@ def test_out_folder_states_that_resume_cannot_or_must_finish(tmp_path: Path) -> 
         check_out_dir(tmp_path, resume=True)
 
 
+def test_a_damaged_config_json_is_named_not_taken_for_a_run_without_one(tmp_path: Path) -> None:
+    """A cut config.json was read as absent, so --resume stopped checking the preset,
+    rotation and images against the run, and recorded the new ones as the run's."""
+    from pfadseg.config import preset
+    from pfadseg.models import ModelConfig
+    from pfadseg.trainer import resumed_settings
+
+    ckpt.atomic_save({"rng": torch.zeros(4, dtype=torch.uint8)},
+                     {"format": STATE_FORMAT, "format_version": ckpt.FORMAT_VERSION, "step": 2,
+                      "model": ModelConfig().to_dict(), "train": preset("tiny").to_dict()},
+                     tmp_path / STATE_NAME)
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"preset": "tiny", "rotation": "none"}))
+    with pytest.raises(TrainingError, match="--preset cpu \\(the run's: tiny\\)"):
+        resumed_settings(tmp_path, {"preset": "cpu"}, defaults={})
+    config.write_text('{"preset": "ti')
+    with pytest.raises(TrainingError, match=f"{config}: damaged .*Fix: delete it"):
+        resumed_settings(tmp_path, {"preset": "cpu"}, defaults={})
+    config.unlink()  # a run from before config.json: only the state's settings are checked
+    assert resumed_settings(tmp_path, {"preset": "cpu"}, defaults={})["batch_size"] == preset("tiny").batch_size
+
+
 if __name__ == "__main__":  # the killed child: python test_resume.py WHERE STEP PFADSEG-ARGS...
     kill_hooks(sys.argv[1], int(sys.argv[2]))
     sys.exit(cli.main(sys.argv[3:]))
@@ -284,7 +313,7 @@ if __name__ == "__main__":  # the killed child: python test_resume.py WHERE STEP
 def test_one_training_run_per_folder_at_a_time(tmp_path: Path) -> None:
     """A benchmark killed with -9 left its job training; the rerun started a second
     trainer in the same folder, and both wrote its checkpoint and state file."""
-    from pfadseg.trainer import TrainingError, run_lock
+    from pfadseg.trainer import TrainingError, check_out_dir, run_lock
 
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, pathlib; from pfadseg.trainer import run_lock\n"
@@ -297,6 +326,10 @@ def test_one_training_run_per_folder_at_a_time(tmp_path: Path) -> None:
                                                 f"\\(process {holder.pid}\\)"):
             with run_lock(tmp_path):
                 pass
+        (tmp_path / STATE_NAME).write_bytes(b"")  # the running one's: said to be running, not stopped
+        with pytest.raises(TrainingError, match="another pfadseg train is running in it"):
+            check_out_dir(tmp_path, resume=False)
+        (tmp_path / STATE_NAME).unlink()
     finally:
         holder.kill()  # as kill -9: the OS releases the lock
         holder.wait()

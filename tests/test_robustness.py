@@ -2,10 +2,12 @@
 training health and the CLI's errors. Every test is small (64x64, tiny preset)."""
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import math
 import pickle
+import subprocess
 import sys
 from pathlib import Path
 
@@ -275,6 +277,58 @@ def destseg_ckpt(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("ckpt") / "checkpoint.safetensors"
     ckpt.save_checkpoint(model, path, preset("tiny").to_dict(), threshold=0.5)
     return path
+
+
+def test_a_full_disk_while_saving_names_the_file_and_keeps_the_old_one(tmp_path: Path,
+                                                                      monkeypatch) -> None:
+    """safetensors' own error ("I/O error: No space left on device") named no file and
+    no fix, and came out of the CLI as a traceback."""
+    from safetensors import SafetensorError
+
+    path = tmp_path / STATE_NAME
+    meta = {"format": STATE_FORMAT, "format_version": ckpt.FORMAT_VERSION}
+    ckpt.atomic_save({"x": torch.zeros(2)}, {**meta, "step": 1}, path)
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(ckpt, "save_file", full)
+    with pytest.raises(OSError, match=f"cannot write {path} .*No space left.*Fix: free space"):
+        ckpt.atomic_save({"x": torch.ones(2)}, {**meta, "step": 2}, path)
+    assert ckpt.read_meta(path, kind=STATE_FORMAT)["step"] == 1 and [p.name for p in tmp_path.iterdir()] == [STATE_NAME]
+
+
+def test_sigterm_stops_predict_as_ctrl_c_does(destseg_ckpt: Path, tmp_path: Path) -> None:
+    """`kill`, `timeout` and `docker stop` send SIGTERM, which ended predict at once:
+    the images already scored got no summary.csv and no report.html."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((SIZE, SIZE, 3), 40 * i, dtype=np.uint8)).save(folder / f"{i}.png")
+    out = tmp_path / "out"
+    child = ("import os, signal, sys\nimport numpy as np\nfrom pfadseg import cli\n"
+             "save, calls = np.save, []\n"
+             "def save_then_kill(*args, **kwargs):  # SIGTERM once the second map is saved\n"
+             "    save(*args, **kwargs)\n"
+             "    calls.append(1)\n"
+             "    if len(calls) == 2:\n"
+             "        os.kill(os.getpid(), signal.SIGTERM)\n"
+             "np.save = save_then_kill\n"
+             "sys.exit(cli.main(sys.argv[1:]))\n")
+    done = subprocess.run([sys.executable, "-c", child, "--threads", "1", "predict", str(folder),
+                           "--checkpoint", str(destseg_ckpt), "--out", str(out), "--batch-size", "1",
+                           "--device", "cpu"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 130 and "pfadseg predict: interrupted" in done.stderr, done.stderr[-2000:]
+    with open(out / "summary.csv", newline="") as fh:
+        assert [row["name"] for row in csv.DictReader(fh)] == ["0"]  # the image finished before it
+    assert (out / "report.html").is_file() and not list(out.glob("*.tmp"))
+
+
+def test_an_interrupted_train_says_resume_only_when_there_is_a_state_to_resume(tmp_path: Path) -> None:
+    args = cli.build_parser().parse_args(["train", "--train-dir", str(tmp_path), "--out", str(tmp_path)])
+    assert cli._again(args) == ""  # stopped before its first state file: --resume would be refused
+    (tmp_path / STATE_NAME).write_bytes(b"")
+    assert cli._again(args) == "; continue with --resume"
 
 
 def rewrite_meta(src: Path, dst: Path, edit) -> None:
