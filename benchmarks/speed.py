@@ -9,6 +9,9 @@ the paper schedule (3000 + 4000 steps at batch 16) would take. Warm-up steps,
 compilation included, are not timed. Random weights: speed does not depend on them.
 `--profile N` also prints, per measured function, torch.profiler's N costliest
 ops and how much of the wall time the GPU was busy (launch-bound when low).
+Each images/s is also printed to stderr, one JSON line each, as soon as it is
+measured; the JSON object on stdout comes also when an error or SIGTERM (a time
+limit) ends the run, with what was measured by then.
 
     python benchmarks/speed.py --device cuda > benchmarks/results/speed_h200.json
     python benchmarks/speed.py --device cuda --models pfadseg --precisions bf16 \
@@ -21,9 +24,11 @@ import argparse
 import json
 import platform
 import resource
+import signal
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
@@ -89,8 +94,10 @@ def peak_memory_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def measure(variant: str, bf16: bool, args: argparse.Namespace, device: torch.device) -> dict:
-    """Stage-1, stage-2 and inference images/s of one model in one precision."""
+def measure(variant: str, bf16: bool, args: argparse.Namespace, device: torch.device, figures: dict) -> None:
+    """Stage-1, stage-2 and inference images/s of one model in one precision, put in
+    `figures` and printed to stderr as one JSON line each as soon as measured (a run cut
+    off by a time limit keeps them), then the peak memory and the paper schedule's minutes."""
     size, batch = args.image_size, args.batch_size
     gen = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (2 * batch, 3, size, size), dtype=torch.uint8, generator=gen)
@@ -103,10 +110,14 @@ def measure(variant: str, bf16: bool, args: argparse.Namespace, device: torch.de
     cfg = preset("paper", batch_size=batch, bf16=bf16, compile=compile, compile_stage1=compile, lr_student=1e-4)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    label = f"{variant} {'bf16' if bf16 else 'fp32'}"
+    precision = "bf16" if bf16 else "fp32"
+    label = f"{variant} {precision}"
 
     def speed(step: Callable[[], object], what: str) -> float:
         rate = images_per_second(step, batch, args.warmup, args.iters, device)
+        figures[what.replace(" ", "") + "_images_per_s"] = round(rate, 1)
+        print(json.dumps({"model": variant, "precision": precision, "stage": what, "images_per_s": round(rate, 1),
+                          "peak_memory_mib": round(peak_memory_mib(device))}), file=sys.stderr, flush=True)
         if args.profile:
             profile(step, f"{label} {what}", args.profile, device)
         return rate
@@ -118,12 +129,10 @@ def measure(variant: str, bf16: bool, args: argparse.Namespace, device: torch.de
         stage2 = speed(trainer.train_step, "stage 2")
     forward = forward_fn(model, bf16, compile)
     x = to_input(images[:batch], device)
-    inference = speed(lambda: forward(x), "inference")
+    speed(lambda: forward(x), "inference")
     s1, s2 = PAPER_STEPS
     minutes = (s1 * batch / stage1 + s2 * batch / stage2) / 60
-    return {"stage1_images_per_s": round(stage1, 1), "stage2_images_per_s": round(stage2, 1),
-            "inference_images_per_s": round(inference, 1), "peak_memory_mib": round(peak_memory_mib(device)),
-            "paper_schedule_minutes": round(minutes, 2)}
+    figures.update(peak_memory_mib=round(peak_memory_mib(device)), paper_schedule_minutes=round(minutes, 2))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -154,15 +163,22 @@ def main(argv: list[str] | None = None) -> int:
                     "image_size": args.image_size, "batch_size": args.batch_size, "compiled": not args.no_compile,
                     "cuda_compile": args.cuda_compile if device.type == "cuda" else None,
                     "teacher": args.teacher, "bf16_supported": bf16_supported(device), "models": {}}
-    for variant in args.models.split(","):
-        result["models"][variant] = {}
-        for precision in args.precisions.split(","):
-            figures = measure(variant, precision == "bf16", args, device)
-            result["models"][variant][precision] = figures
-            print(variant, precision, figures, file=sys.stderr, flush=True)
-    print(json.dumps(result, indent=2))
-    return 0
+    failed = False
+    try:  # what was measured is printed also when a failure or SIGTERM (a time limit) ends the run
+        for variant in args.models.split(","):
+            for precision in args.precisions.split(","):
+                figures = result["models"].setdefault(variant, {}).setdefault(precision, {})
+                try:
+                    measure(variant, precision == "bf16", args, device, figures)
+                except Exception as exc:  # noqa: BLE001 - the other configurations are still measured
+                    traceback.print_exc()
+                    figures["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0]
+                    failed = True
+    finally:
+        print(json.dumps(result, indent=2), flush=True)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # timeout's signal
     sys.exit(main())

@@ -35,6 +35,12 @@ def test_speed_script_prints_its_figures_and_profile(one_thread: None, capsys: p
     assert all(value > 0 for value in figures.values())
     for what in ("stage 1", "stage 2", "inference"):
         assert f"--- destseg fp32 {what}:" in err
+    lines = [json.loads(line) for line in err.splitlines() if line.startswith('{"model"')]
+    assert [(line["model"], line["stage"]) for line in lines] == [("destseg", "stage 1"), ("destseg", "stage 2"),
+                                                                  ("destseg", "inference")]
+    assert [line["images_per_s"] for line in lines] == [figures[key] for key in
+                                                        ("stage1_images_per_s", "stage2_images_per_s",
+                                                         "inference_images_per_s")]
 
 
 def test_small_copy_reads_as_the_full_data(tmp_path: Path) -> None:
