@@ -20,6 +20,8 @@
 # keeps what it wrote: speed.py prints each images/s to its log as one JSON line when it is
 # measured, and its JSON object with what was measured by then; parts.txt says how each
 # part ended. Each part's figures (the JSON lines) are printed again at the end.
+# With 15 minutes of device time, two calls: `speed:390 inductor` (the issue's figures
+# first), then `bottle` alone (the paper schedule, ~6 min of training at the last figures).
 # A smoke check of this script on a CPU: DEVICE=cpu QUICK=1 benchmarks/gpu_check.sh /tmp/check speed bottle
 set -uo pipefail
 deadline=$(($(date +%s) + ${TOTAL:-570}))
