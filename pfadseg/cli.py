@@ -134,7 +134,7 @@ def _add_run_args(data: argparse._ArgumentGroup, model: argparse._ArgumentGroup,
     data.add_argument("--rotation", choices=ROTATIONS, default="auto",
                       help="rotation augmentation of the good images; auto = the official "
                            "per-category choice by the category name, none for other names "
-                           "(default: auto)")
+                           "(default: %(default)s)")
     data.add_argument("--skip-bad-images", action="store_true", help="log and skip unreadable images")
     model.add_argument("--teacher", choices=sorted(TEACHERS), default="resnet18",
                        help="frozen ImageNet teacher: resnet18 (the paper's; its weights are "
@@ -144,7 +144,7 @@ def _add_run_args(data: argparse._ArgumentGroup, model: argparse._ArgumentGroup,
                        help="local teacher weights file (no download needed)")
     model.add_argument("--image-size", type=image_size, default=256,
                        help="input size in pixels, a multiple of 32: images are resized to N x N "
-                            "(default: 256)")
+                            "(default: %(default)s)")
     schedule.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
                           help="training schedule: paper (PFADSeg paper, 3000 + 4000 steps), "
                                "official (DeSTSeg code, 1000 + 4000), cpu (fits a 2-core CPU), "
@@ -443,7 +443,10 @@ def _add_benchmark_args(p: argparse.ArgumentParser) -> None:
     _add_device_arg(p)
     passed = p.add_argument_group("model and schedule (passed to every `pfadseg train`)")
     _add_run_args(passed, passed, passed)
-    p.set_defaults(image_size=None, rotation=None)  # left out: train's own, not handed on
+    for action in passed._group_actions:  # left out, train's own default: not handed on
+        if action.dest in ("image_size", "rotation"):
+            action.help = action.help.replace("%(default)s", str(action.default))
+            action.default = None
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
