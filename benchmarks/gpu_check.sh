@@ -49,7 +49,7 @@ for part in "$@"; do
     left=$((deadline - start))
     [ "$limit" -gt "$left" ] && limit=$left
     if [ "$limit" -lt 30 ]; then
-        echo "$name: skipped, ${left} s of TOTAL left" | tee -a "$out/parts.txt"
+        echo "$name: skipped, a limit of $limit s (${left} s of TOTAL left)" | tee -a "$out/parts.txt"
         continue
     fi
     case $name in
@@ -69,8 +69,10 @@ for part in "$@"; do
             && python3 -m pfadseg test --checkpoint $run/train/checkpoint.safetensors \
             --data .gpu/data/mvtec --category bottle --device $device --no-report --out $run/test" \
             >"$out/bottle.log" 2>&1
+        bottle_status=$?
         cp "$run/test/metrics.json" "$out/bottle_metrics.json" 2>/dev/null
-        cp "$run/train/validation.json" "$out/bottle_validation.json" 2>/dev/null ;;
+        cp "$run/train/validation.json" "$out/bottle_validation.json" 2>/dev/null
+        (exit $bottle_status) ;;
     *)
         echo "unknown part $name: use speed, inductor or bottle" >&2
         continue ;;

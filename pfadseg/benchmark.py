@@ -350,8 +350,8 @@ def run_jobs(jobs: list[Job], slots: list[Slot], runner: Runner, progress: Progr
         _signal_children(signal.SIGINT)  # a terminal's Ctrl-C reached them too; `kill` did not
         try:
             _wait(ended)  # each stops after its last saved state
-        except KeyboardInterrupt:  # a second interrupt: stop them now
-            _signal_children(signal.SIGTERM)
+        except KeyboardInterrupt:  # a second interrupt: stop them now (SIGTERM would wait as SIGINT does)
+            _signal_children(signal.SIGKILL)
             _wait(ended)
         raise
 

@@ -47,8 +47,8 @@ def atomic_save(tensors: dict[str, torch.Tensor], meta: dict, path: Path) -> Non
         try:
             save_file(tensors, str(tmp), metadata={"pfadseg": json.dumps(meta)})
         except SafetensorError as exc:  # a full disk: an OSError naming the file, as other writes give
-            raise OSError(f"cannot write {path} ({exc}). Fix: free space on its disk (the "
-                          "previous file is kept), or write to another folder") from exc
+            raise OSError(f"cannot write {path} ({exc}). Fix: make room on its disk or let it be "
+                          "written (the previous file is kept), or write to another folder") from exc
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.chmod(tmp, FILE_MODE)  # readable by a team's shared folder, as other files are

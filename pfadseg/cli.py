@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
-import errno
 import os
 import signal
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,8 +27,9 @@ from .models import TEACHERS, ModelConfig, TeacherWeightsError
 from .models.teacher import RANDOM
 from .runtime import DEVICE_HELP, cpu_heap_settings, place, resolve_device
 from .synthesis import DefectSynthesizer, procedural_textures
-from .trainer import (MODULES, RESUMED, ROTATIONS, STATE_NAME, VALIDATION_JSON, TrainingError,
-                      check_out_dir, resumed_settings, train_folder)
+from .trainer import (RESUMED, ROTATIONS, STATE_NAME, VALIDATION_JSON, TrainingError, check_out_dir,
+                      resumed_settings, train_folder)
+from .variants import MODULES
 
 log = logging.getLogger("pfadseg")
 COMPILE_HELP = ("compile the model with torch.compile (Inductor, needs a C++ compiler): "
@@ -626,7 +628,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     # `kill`, `timeout` and `docker stop` get what Ctrl-C gets: partial results written, no stray files
-    terminate = signal.signal(signal.SIGTERM, _interrupt)  # (main() runs in the main thread)
+    terminate = signal.signal(signal.SIGTERM, _interrupt) if _main_thread() else None
     try:
         return args.func(args)
     except (DataError, CheckpointError, TeacherWeightsError, TrainingError, ValueError,
@@ -640,7 +642,13 @@ def main(argv: list[str] | None = None) -> int:
         tqdm.write(f"pfadseg {args.command}: interrupted{_again(args)}", file=sys.stderr)
         return 130
     finally:
-        signal.signal(signal.SIGTERM, terminate)
+        if terminate is not None:
+            signal.signal(signal.SIGTERM, terminate)
+
+
+def _main_thread() -> bool:
+    """Whether signal handlers can be set (Python allows it only in the main thread)."""
+    return threading.current_thread() is threading.main_thread()
 
 
 def _interrupt(signum: int, frame: object) -> None:

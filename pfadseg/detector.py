@@ -30,7 +30,8 @@ from .data import DataError, load_rgb, to_rgb
 from .models import AnomalyModel, ModelConfig
 from .predict import MapFn, output_names
 from .runtime import place, resolve_device
-from .trainer import MODULES, check_out_dir, resumed_settings, train_folder
+from .trainer import check_out_dir, resumed_settings, train_folder
+from .variants import MODULES
 from .visualize import mask_image, overlay
 
 ImageInput = Union[str, Path, Image.Image, np.ndarray]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,14 +12,19 @@ from pathlib import Path
 @contextlib.contextmanager
 def replacing(path: Path) -> Iterator[Path]:
     """A temporary path beside `path` to write to: renamed over `path` when the
-    block ends, removed when it raises (a rename within one folder is atomic)."""
-    path = Path(path)
+    block ends, removed when it raises (a rename within one folder is atomic). A
+    link is written through, and a file that is there keeps its permissions."""
+    path = Path(os.path.realpath(path))
     tmp = path.with_name(path.name + ".tmp")
     try:
         yield tmp
+        if path.is_file():
+            os.chmod(tmp, stat.S_IMODE(path.stat().st_mode))
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno and exc.filename is None:  # a full disk: name the file
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
         raise
 
 

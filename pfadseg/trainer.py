@@ -463,9 +463,8 @@ def check_out_dir(out_dir: Path, resume: bool) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise TrainingError(f"--out {out_dir} is a file, not a folder. Fix: give a folder for "
                             "the run (it is created if missing).")
-    if out_dir.is_dir():
-        with run_lock(out_dir):  # a run going on there is said to be, not taken for a stopped one
-            pass
+    if (pid := _running(out_dir)) is not None:  # said to be running, not taken for a stopped run
+        raise TrainingError(_running_message(out_dir, pid))
     state_path, checkpoint = out_dir / STATE_NAME, out_dir / CHECKPOINT_NAME
     if resume:
         if not state_path.is_file() and checkpoint.is_file():
@@ -515,9 +514,9 @@ def resumed_settings(out_dir: Path, given: dict[str, object], defaults: dict[str
             raise ValueError("not a JSON object")
     except (OSError, ValueError) as exc:
         raise TrainingError(f"{config}: damaged ({exc}); it records the images and settings the "
-                            "run started with. Fix: delete it and give the run's images again "
-                            "(--train-dir, or --data --category): its preset, rotation and "
-                            "textures are then taken as given.") from exc
+                            "run started with. Fix: delete it and give the run's images, preset, "
+                            "rotation and textures again (--train-dir or --data --category, "
+                            "--preset, --rotation, --textures; they are then taken as given).") from exc
     saved = {"model": meta["model"], "train": meta["train"], "run": run}
     differ, kept = [], {}
     was = {m: meta["model"][m] for m in MODULES}
@@ -553,6 +552,28 @@ def run_lock(out_dir: Path) -> contextlib.AbstractContextManager:
     return _flock(Path(out_dir))
 
 
+def _running(out_dir: Path) -> str | None:
+    """The process id in out_dir/.lock while a run holds it (read only: a read-only
+    folder is checked too), else None."""
+    path = Path(out_dir) / ".lock"
+    if fcntl is None or not path.is_file():
+        return None
+    try:
+        with open(path) as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return fh.read().strip()
+    except OSError:
+        return None
+    return None
+
+
+def _running_message(out_dir: Path, pid: str) -> str:
+    return (f"{out_dir}: another pfadseg train is running in it (process {pid or 'unknown'}). "
+            "Fix: let it finish or stop it, or choose another --out.")
+
+
 @contextlib.contextmanager
 def _flock(out_dir: Path) -> Iterator[None]:
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -562,9 +583,7 @@ def _flock(out_dir: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             fh.seek(0)
-            raise TrainingError(f"{out_dir}: another pfadseg train is running in it (process "
-                                f"{fh.read().strip() or 'unknown'}). Fix: let it finish or stop it, "
-                                "or choose another --out.") from None
+            raise TrainingError(_running_message(out_dir, fh.read().strip())) from None
         fh.seek(0)
         fh.truncate()
         fh.write(str(os.getpid()))

@@ -24,3 +24,20 @@ def test_a_finished_write_replaces_the_file(tmp_path: Path) -> None:
     write_text(path, "name,score\nä.png,0.5\n")
     assert path.read_text(encoding="utf-8") == "name,score\nä.png,0.5\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.csv"]
+
+
+def test_a_shared_file_keeps_its_permissions_and_a_link_is_written_through(tmp_path: Path) -> None:
+    shared = tmp_path / "shared.md"
+    shared.write_text("old")
+    shared.chmod(0o664)  # a team's folder: group-writable
+    link = tmp_path / "results.md"
+    link.symlink_to(shared)
+    write_text(link, "new")
+    assert link.is_symlink() and shared.read_text() == "new"
+    assert shared.stat().st_mode & 0o777 == 0o664
+
+
+def test_a_failed_write_names_its_file(tmp_path: Path) -> None:
+    path = tmp_path / "summary.json"
+    with pytest.raises(OSError, match="No space left on device: '.*summary.json'"), replacing(path):
+        raise OSError(28, "No space left on device")  # what a full disk gives, without a name

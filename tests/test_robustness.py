@@ -293,7 +293,7 @@ def test_a_full_disk_while_saving_names_the_file_and_keeps_the_old_one(tmp_path:
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
     monkeypatch.setattr(ckpt, "save_file", full)
-    with pytest.raises(OSError, match=f"cannot write {path} .*No space left.*Fix: free space"):
+    with pytest.raises(OSError, match=f"cannot write {path} .*No space left.*Fix: make room on its disk"):
         ckpt.atomic_save({"x": torch.ones(2)}, {**meta, "step": 2}, path)
     assert ckpt.read_meta(path, kind=STATE_FORMAT)["step"] == 1 and [p.name for p in tmp_path.iterdir()] == [STATE_NAME]
 
