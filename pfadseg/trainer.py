@@ -556,7 +556,7 @@ def _running(out_dir: Path) -> str | None:
     """The process id in out_dir/.lock while a run holds it (read only: a read-only
     folder is checked too), else None."""
     path = Path(out_dir) / ".lock"
-    if fcntl is None or not path.is_file():
+    if fcntl is None or not dist.is_main() or not path.is_file():  # torchrun: rank 0's lock
         return None
     try:
         with open(path) as fh:
