@@ -111,7 +111,7 @@ def predict_files(detector: Detector, paths: list[Path], out_dir: Path, batch_si
             for path, p in zip(batch, detector.predict(images, batch_size, [names[q] for q in batch])):
                 gallery.add(p.name, p.image, p.anomaly_map, p.score)
                 mask = p.mask_at(p.output_size())
-                p.overlay().save(out_dir / f"{p.name}_overlay.png")
+                p.overlay().save(out_dir / f"{p.name}_overlay.png", compress_level=1)  # 5x faster than 6, 1.2x the size
                 mask_image(mask).save(out_dir / f"{p.name}_mask.png")
                 np.save(out_dir / f"{p.name}_map.npy", p.anomaly_map)
                 done[path] = {"image": str(path), "name": p.name, "score": p.score,
