@@ -278,7 +278,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     path = train_folder(model_cfg, args.preset, args.train_dir, args.out, schedule=schedule,
                         textures=args.textures, texture_limit=args.texture_limit,
                         rotation=args.rotation, category=args.category, skip_bad=args.skip_bad_images,
-                        teacher_weights=args.teacher_weights, resume=args.resume, device=device)
+                        teacher_weights=args.teacher_weights, resume=args.resume, announce=True,
+                        device=device)
     dist.teardown()
     print(f"checkpoint: {path}  ({time.perf_counter() - start:.0f} s)")
     _print_validation(args.out / VALIDATION_JSON)
@@ -599,8 +600,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="address to bind (default: %(default)s, this machine only); any other "
                         "needs --token")
     p.add_argument("--port", type=port, default=8000, help="port (default: %(default)s)")
-    p.add_argument("--token", help="secret every API call must send (Authorization: Bearer T, "
-                                   "or ?token=T); required for a non-local --host")
+    p.add_argument("--token", help="secret that /predict and /model calls must send (Authorization: "
+                                   "Bearer T, or ?token=T; the page, /health and /docs stay open); "
+                                   "required for a non-local --host")
     p.add_argument("--threshold", type=probability,
                    help="image-score threshold between 0 and 1 (scores are probabilities; "
                         "default: the checkpoint's calibrated one)")

@@ -43,6 +43,9 @@ def run_demo(out_dir: Path, quick: bool = False, device: str | torch.device = "a
     print(f"[1/3] training PFADSeg on {n - held} of {n} bundled bottle images "
           f"({held} held out for the thresholds; {size}x{size}, "
           f"{schedule.stage1_steps}+{schedule.stage2_steps} steps)")
+    if quick:
+        print("      a smoke test: too few steps for a good model, so warnings that the run looks "
+              "bad are expected")
     run_dir = out_dir / "run"
     ckpt_path = run_dir / "checkpoint.safetensors"
     if ckpt_path.is_file():

@@ -164,7 +164,7 @@ def format_table(result: dict) -> str:
     if cal:
         line = (f"at the checkpoint's thresholds ({cal['method']}): image F1 "
                 f"{100 * cal['image_f1']:.1f}% ({cal['good_flagged']} good flagged, "
-                f"{cal['defects_missed']} defects missed)")
+                f"{cal['defects_missed']} defect{'s' * (cal['defects_missed'] != 1)} missed)")
         if "pixel_f1" in cal:
             line += f", pixel F1 {100 * cal['pixel_f1']:.1f}%"
         lines.append(line)

@@ -655,16 +655,17 @@ def train_folder(model_config: ModelConfig, preset_name: str, train_dir: Path, o
                  schedule: dict[str, object] | None = None, textures: Path | None = None,
                  texture_limit: int | None = None, rotation: str = "auto", category: str | None = None,
                  skip_bad: bool = False, teacher_weights: str | Path | None = None, resume: bool = False,
-                 progress: bool = True, device: str | torch.device = "auto") -> Path:
+                 progress: bool = True, announce: bool = False, device: str | torch.device = "auto") -> Path:
     """`train` on a folder of good images with a preset's schedule (`schedule`
     overrides its fields): what `pfadseg train` and Detector.train run. The folder
-    settings go into config.json and the checkpoint, for --resume and `pfadseg test`."""
+    settings go into config.json and the checkpoint, for --resume and `pfadseg test`;
+    `announce` prints what is trained on which images."""
     train_dir = Path(train_dir)
     category = category or category_of(train_dir)
     train_config = preset(preset_name, **(schedule or {}))  # bad overrides fail before images load
     data = TrainData.from_folder(train_dir, model_config.image_size, textures, texture_limit, rotation,
                                  category, skip_bad=skip_bad, progress=progress)
-    if progress and dist.is_main():
+    if announce and dist.is_main():
         held = held_out_count(len(data.images))
         print(f"training {model_config.variant} ({model_config.teacher} teacher) on "
               f"{len(data.images) - held} of the {len(data.images)} images in {train_dir} ({held} held "
