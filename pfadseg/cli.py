@@ -267,9 +267,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     _check_train_paths(args)
     model_cfg = ModelConfig.named(args.model, aff=args.aff, pcar=args.pcar, rcm=args.rcm,
                                   teacher=args.teacher, image_size=args.image_size)
-    schedule = {name: getattr(args, name) for name in (
-        "batch_size", "stage1_steps", "stage2_steps", "lr_student", "seed", "lr_schedule",
-        "student_checks", "save_every")}
+    schedule = {name: getattr(args, name) for name, where in RESUMED.items() if where == "train"}
     if args.no_bf16:
         schedule["bf16"] = False
     if args.no_compile:

@@ -421,13 +421,13 @@ def _continue_log(log_path: Path, header: list[str], step: int) -> list[dict[str
     """A CSV log whose first column is the step, ready to append to at `step`: started
     anew at step 0 (or when missing or empty), else trimmed of the rows after `step`
     (a killed run may have logged steps it never saved); returns the rows kept."""
-    if step == 0 or not log_path.is_file() or log_path.stat().st_size == 0:
-        with replacing(log_path) as tmp, open(tmp, "w", newline="") as fh:
-            csv.writer(fh).writerow(header)
-        return []
-    with open(log_path, newline="") as fh:
-        text = fh.read()
-    rows = list(csv.reader(text.splitlines()))
+    rows: list[list[str]] = []
+    if step > 0 and log_path.is_file():
+        with open(log_path, newline="") as fh:
+            text = fh.read()
+        rows = list(csv.reader(text.splitlines()))
+    if not rows:  # a new log, or one left empty: written with its header alone
+        text, rows = "", [header]
     if rows[0] != header:
         raise TrainingError(f"{log_path}: its first row is not the header ({','.join(header)}). "
                             "Fix: restore the file, or delete it (its rows before the resume are "
