@@ -13,7 +13,7 @@ Each images/s is also printed to stderr, one JSON line each, as soon as it is
 measured; the JSON object on stdout comes also when an error or SIGTERM (a time
 limit) ends the run, with what was measured by then.
 
-    python benchmarks/speed.py --device cuda > benchmarks/results/speed_h200.json
+    python benchmarks/speed.py --device cuda > speed.json
     python benchmarks/speed.py --device cuda --models pfadseg --precisions bf16 \
         --cuda-compile reduce-overhead --profile 25
     python benchmarks/speed.py --device cpu --quick --no-compile  # smoke check: 64x64, seconds

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from statistics import NormalDist
 
 import numpy as np
 import torch
@@ -175,7 +174,7 @@ def false_alarm_threshold(good_scores: np.ndarray, rate: float) -> float:
     if z.size == 0:
         raise CalibrationError("no good image to calibrate on")
     if z.size == 1:  # no spread to estimate: just above it (warned about by the callers)
-        return float(_sigmoid(np.asarray(z[0] + NormalDist().inv_cdf(1.0 - rate) * 1e-3)))
+        return float(_sigmoid(np.asarray(z[0] + stats.norm.ppf(1.0 - rate) * 1e-3)))
     n, spread = z.size, max(float(z.std(ddof=1)), 1e-3)
     bound = stats.t.ppf(1.0 - rate, n - 1) * spread * np.sqrt(1.0 + 1.0 / n)
     return float(_sigmoid(np.asarray(z.mean() + bound)))

@@ -259,6 +259,7 @@ def _check_train_paths(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    """`pfadseg train`: train on a folder of good images (or resume a run) and write its checkpoint."""
     device = _device(args)
     if args.data is not None and args.train_dir is None and args.category:
         args.train_dir = mvtec_category(args.data, args.category) / "train" / "good"
@@ -310,6 +311,7 @@ def _eval_size(text: str) -> int | None | str:
 
 
 def cmd_test(args: argparse.Namespace) -> int:
+    """`pfadseg test`: the paper's metrics on a labelled test set, with report.html."""
     from .evaluation import format_table, run_folder_test, run_test
 
     if (args.test_dir is None) == (args.data is None or args.category is None):
@@ -333,6 +335,7 @@ def cmd_test(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    """`pfadseg predict`: scores, masks and overlays for new images."""
     from .detector import Detector
     from .predict import collect_inputs, predict_files
 
@@ -351,6 +354,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
+    """`pfadseg calibrate`: new thresholds for a checkpoint, from good (and defect) images."""
     from .calibration import Thresholds, calibrate, check_calibrated_path, write_calibrated_checkpoint
     from .data import load_defect_set, load_image_folder
 
@@ -398,6 +402,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    """`pfadseg export`: the checkpoint as an ONNX model."""
     from .export import export_onnx
 
     out = out_file(args.out or args.checkpoint.with_suffix(".onnx"), "checkpoint.onnx")
@@ -410,6 +415,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    """`pfadseg report`: the paper-layout tables of test results."""
     from .report import write_report
 
     paths = write_report(args.results, out_folder(args.out), labels=args.label)
@@ -419,6 +425,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
+    """`pfadseg benchmark`: train and test every (category, variant) pair, then report."""
     from .benchmark import run_benchmark
 
     return run_benchmark(args)
@@ -451,6 +458,7 @@ def _add_benchmark_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    """`pfadseg demo`: train and test on the bundled sample."""
     from .demo import run_demo
 
     run_demo(args.out, quick=args.quick, device=_device(args))
@@ -458,6 +466,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    """`pfadseg serve`: the web page and HTTP API around a checkpoint."""
     from .detector import Detector
     from .serve import check_bind, serve
 
@@ -469,6 +478,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `pfadseg` command line: global options and one subcommand per task."""
     parser = argparse.ArgumentParser(prog="pfadseg", description=__doc__)
     parser.add_argument("--version", action="version", version=f"pfadseg {__version__}")
     parser.add_argument("--threads", type=positive_int,
@@ -573,7 +583,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="merge metrics.json files into the paper's tables")
     p.add_argument("results", nargs="+", type=user_path, help="metrics.json files of `pfadseg test`")
     p.add_argument("--out", type=user_path, required=True,
-                   help="folder for results.md, results.csv and (several variants) variants.csv")
+                   help="folder for results.md, results.csv and (several variants or runs) variants.csv")
     p.add_argument("--label", action="append",
                    help="run label of each file, in order (repeat it: --label a --label b), to "
                         "compare runs of the same category and variant; default: the parts "
@@ -617,6 +627,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one `pfadseg` command; its exit status (a clear message, not a traceback, for bad input)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     args.argv = argv  # which options were written (see _written)

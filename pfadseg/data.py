@@ -290,11 +290,6 @@ class TestSet:
     defects: list[str]  # defect type per image ("good" for normal)
     paths: list[Path]
 
-    @property
-    def has_masks(self) -> bool:
-        """Whether pixel-level metrics can be computed."""
-        return self.masks is not None
-
 
 def mvtec_category(root: Path, category: str) -> Path:
     """<root>/<category>, checked to exist."""

@@ -24,6 +24,7 @@ def rank() -> int:
 
 
 def world_size() -> int:
+    """Number of processes training together (1 without torch.distributed)."""
     return torch_dist.get_world_size() if torch_dist.is_initialized() else 1
 
 
@@ -87,5 +88,6 @@ def sync_state(module: nn.Module) -> None:
 
 
 def barrier() -> None:
+    """Wait for every rank (nothing to wait for in one process)."""
     if world_size() > 1:
         torch_dist.barrier()

@@ -27,6 +27,7 @@ from .calibration import Thresholds
 from .data import TestSet
 from .evaluation import TestOutputs
 from .files import write_text
+from .metrics import average_precision
 from .visualize import colorize, outline
 
 THUMB = 192  # longest side of a gallery thumbnail, in pixels
@@ -187,11 +188,6 @@ def curve_points(scores: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray
             "recall": tp / n_pos, "precision": tp / np.maximum(tp + fp, 1)}
 
 
-def _step_area(points: dict[str, np.ndarray]) -> float:
-    """Average precision from PR points: precision times each recall step."""
-    return float(np.sum(np.diff(np.r_[0.0, points["recall"]]) * points["precision"]))
-
-
 def _curves_figure(curves: list[tuple[str, str, dict, float]]) -> str:
     """Side-by-side panels: (title, kind "roc"/"pr", points, area) each."""
     fig = Figure(figsize=(4.2 * len(curves), 3.8), dpi=90, layout="constrained")
@@ -322,7 +318,7 @@ def write_test_report(path: Path, test: TestSet, outputs: TestOutputs, result: d
     labels = test.labels
     image_pts = curve_points(outputs.scores, labels)
     curves = [("image ROC", "roc", image_pts, result["image_auroc"]),
-              ("image precision-recall", "pr", image_pts, _step_area(image_pts))]
+              ("image precision-recall", "pr", image_pts, average_precision(outputs.scores, labels))]
     if has_masks:
         curves.append(("pixel precision-recall", "pr", curve_points(outputs.seg, test.masks),
                        result["pixel_ap"]))

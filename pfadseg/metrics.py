@@ -25,6 +25,7 @@ __all__ = [
     "image_auroc",
     "pixel_auroc",
     "pixel_ap",
+    "average_precision",
     "iap",
     "aupro",
     "f1_max",
@@ -259,6 +260,11 @@ def pixel_auroc(maps: np.ndarray, masks: np.ndarray) -> float:
 def pixel_ap(maps: np.ndarray, masks: np.ndarray) -> float:
     """Pixel-level average precision, as sklearn's average_precision_score."""
     return _ap(_split(maps, masks, "pixels"))
+
+
+def average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Average precision of any scores against binary labels (e.g. image AP)."""
+    return _ap(_split(scores, labels, "samples"))
 
 
 def f1_max(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]:

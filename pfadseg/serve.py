@@ -75,7 +75,7 @@ def check_bind(host: str, port: int, token: str | None) -> None:
     page's address is printed)."""
     if not is_local(host) and not token:
         raise ValueError(f"--host {host} makes the server reachable from other machines: give "
-                         "--token T as well (every API call then needs it)")
+                         "--token T as well (/predict and /model then need it)")
     if token is not None and not (token.isascii() and token.isprintable() and " " not in token):
         raise ValueError("--token must be printable ASCII without spaces (it travels in an HTTP "
                          "header). Fix: e.g. --token $(python -c 'import secrets; print(secrets.token_urlsafe())')")
@@ -110,6 +110,7 @@ class PixelBudget:
             self.held += pixels
 
     def give(self, pixels: int) -> None:
+        """Return the pixels of a finished upload to the budget."""
         with self.lock:
             self.held -= pixels
 

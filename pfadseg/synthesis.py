@@ -45,6 +45,7 @@ _MAX_LOG2_RES = 5  # resolutions 2**0 .. 2**5 per axis
 _MAX_RES = 2**_MAX_LOG2_RES
 _LATTICE = _MAX_RES + 1  # gradient lattice points per axis at the finest resolution
 _OFFICIAL_FILL = 114.0 / 255.0  # grey the official code fills rotated corners with
+ROTATION_POLICIES = ("none", "small", "right_angle")  # rotate_images' augmentations
 
 
 def _fade(t: torch.Tensor) -> torch.Tensor:
@@ -210,7 +211,7 @@ def rotate_images(
     "reflection", "border", or "grey" (constant 114/255, as the official code does
     with PIL). ``max_angle=0`` skips the resampling, keeping the output exact.
     """
-    if policy not in ("none", "small", "right_angle"):
+    if policy not in ROTATION_POLICIES:
         raise ValueError(f"unknown rotation policy {policy!r}")
     if padding not in ("reflection", "border", "grey"):
         raise ValueError(f"unknown padding {padding!r}")

@@ -34,12 +34,13 @@ from .config import TrainConfig, preset
 from .inference import to_input
 from .models import AnomalyModel, ModelConfig
 from .models.teacher import RANDOM
-from .models.losses import segmentation_loss, student_loss
+from .models.losses import segmentation_loss
 from .runtime import (autocast, bf16_supported, compiled, cpu_training_fixes, place, release_free_memory,
                       resolve_device, step_begin)
 from .data import category_of, load_textures, load_train_images
 from .files import replacing, write_text
-from .synthesis import DefectSynthesizer, procedural_textures, rotate_images, rotation_policy_for
+from .synthesis import (ROTATION_POLICIES, DefectSynthesizer, procedural_textures, rotate_images,
+                        rotation_policy_for)
 from .variants import MODULES, variant_name
 from .validation import FIGURES, StudentPick, ValidationSet, assess, student_check_steps, validation_steps
 
@@ -50,7 +51,7 @@ STATE_NAME = "train_state.safetensors"
 VALIDATION_CSV, VALIDATION_JSON = "validation.csv", "validation.json"
 LOSS_FIELDS = ["step", "stage", "loss", "cosine", "focal", "l1", "seconds"]  # losses.csv
 VALIDATION_FIELDS = ["step", "stage", *FIGURES, "seconds"]
-ROTATIONS = ("auto", "none", "small", "right_angle")  # auto: the official policy by category
+ROTATIONS = ("auto", *ROTATION_POLICIES)  # auto: the official policy by category
 
 
 class TrainingError(RuntimeError):
@@ -155,10 +156,8 @@ class Trainer:
 
     def _student_loss(self, clean: torch.Tensor, augmented: torch.Tensor,
                       targets: list[torch.Tensor] | None) -> torch.Tensor:
-        """Stage 1 (Eq. 4): the frozen teacher sees the clean image, the student the synthetic one."""
-        if targets is None:
-            targets = self.model.teacher_features(clean)
-        return student_loss(targets, self.student(self.model.normalize(augmented)))
+        """Stage 1 (Eq. 4) through the trainer's student (wrapped for DDP when distributed)."""
+        return self.model.student_loss(clean, augmented, targets, self.student)
 
     def _stage1_loss(self) -> Callable:
         """Stage 1's loss, compiled where the preset says so (`compile_stage1`)."""
@@ -213,7 +212,7 @@ class Trainer:
                     feats = features(augmented)
                 logits = segment(feats)
             focal, l1 = segmentation_loss(logits, mask, self.config.focal_gamma)  # Eqs. 10-11
-            loss = focal + l1
+            loss = focal + l1  # Eq. 12: its weights are not in the paper; 1:1 as the official code
             parts = {"focal": focal, "l1": l1}
             optimizer = self.opt_seg
         factor = self.config.lr_factor(self.step)

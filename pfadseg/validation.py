@@ -59,6 +59,7 @@ class ValidationSet:
 
     @classmethod
     def build(cls, good: torch.Tensor, synthesizer: DefectSynthesizer, seed: int) -> "ValidationSet":
+        """Synthetic defects on the held-out good images, drawn from `seed` alone."""
         defects, defect_masks = synthetic_defects(good.cpu(), synthesizer, seed)
         size = tuple(good.shape[-2:])
         masks = np.concatenate([np.zeros((len(good), *size), dtype=bool), defect_masks])

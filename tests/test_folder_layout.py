@@ -70,7 +70,7 @@ def test_nested_folders_mixed_types_and_mask_names(folder: tuple[Path, Path]) ->
 
 def test_without_masks_there_are_none(folder: tuple[Path, Path]) -> None:
     ts = load_folder_test_set(folder[0], SIZE)
-    assert ts.masks is None and not ts.has_masks and list(ts.labels) == [1, 0, 0, 1, 1]
+    assert ts.masks is None and list(ts.labels) == [1, 0, 0, 1, 1]
 
 
 def test_flat_mask_folder_is_matched_by_stem(tmp_path: Path, folder: tuple[Path, Path]) -> None:

@@ -65,11 +65,13 @@ def test_pixel_metrics_match_sklearn(seed, dtype):
 
 
 @pytest.mark.parametrize("seed", range(5))
-def test_image_auroc_matches_sklearn(seed):
+def test_image_metrics_match_sklearn(seed):
     rng = np.random.default_rng(seed)
     labels = rng.random(200) < 0.6
     scores = rng.integers(0, 6, 200) + labels  # integers: many ties
     assert M.image_auroc(scores, labels) == pytest.approx(roc_auc_score(labels, scores), abs=1e-9)
+    assert M.average_precision(scores, labels) == pytest.approx(
+        average_precision_score(labels, scores), abs=1e-9)  # the image AP of report.html
 
 
 # --- hand-worked cases ------------------------------------------------------

@@ -78,6 +78,7 @@ class AnomalyModel(nn.Module):
         return cls(config, build_teacher(config.teacher, teacher_weights))
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """ImageNet normalisation of images in [0, 1], as the teacher was trained."""
         return (images - self.mean) / self.std
 
     # --- the two training stages -------------------------------------------------
@@ -87,12 +88,15 @@ class AnomalyModel(nn.Module):
         return self.teacher(self.normalize(images))
 
     def student_loss(self, clean: torch.Tensor, augmented: torch.Tensor,
-                     targets: list[torch.Tensor] | None = None) -> torch.Tensor:
+                     targets: list[torch.Tensor] | None = None,
+                     student: nn.Module | None = None) -> torch.Tensor:
         """Stage 1 (Eq. 4): teacher on the clean image, student on the synthetic one.
-        `targets` are the clean images' teacher features when already known."""
+        `targets` are the clean images' teacher features when already known; `student`
+        is the student to run (the trainer's DistributedDataParallel wrapper of it)."""
         if targets is None:
             targets = self.teacher_features(clean)
-        return student_loss(targets, self.student(self.normalize(augmented)))
+        student = self.student if student is None else student
+        return student_loss(targets, student(self.normalize(augmented)))
 
     def segmentation_input(self, images: torch.Tensor) -> torch.Tensor:
         """Stage 2's input: the frozen teacher and student on the same images, each
