@@ -26,6 +26,10 @@ if Image.MAX_IMAGE_PIXELS is not None:  # Pillow's own guard (89 MP) would refus
     Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS, MAX_PIXELS)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif",
                   ".pgm", ".ppm", ".pbm", ".pnm", ".tga")  # a multi-frame file: its first frame
+# photo and raw formats Pillow cannot read: a folder of them is worth a warning, not a log line
+UNREAD_IMAGE_SUFFIXES = (".heic", ".heif", ".avif", ".jp2", ".j2k", ".jxl", ".dng", ".raw", ".cr2",
+                         ".cr3", ".nef", ".arw", ".orf", ".rw2", ".psd", ".svg", ".exr")
+PREDICT_OUTPUTS = ("_overlay.png", "_mask.png")  # per-image files `pfadseg predict` writes
 
 
 class DataError(ValueError):
@@ -83,6 +87,9 @@ def open_image(path: Path) -> Image.Image:
         raise DataError(f"{path}: permission denied. Fix: make it readable (chmod a+r), or "
                         "remove it from the folder.") from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        if path.is_file() and path.stat().st_size == 0:
+            raise DataError(f"{path}: empty file (0 bytes). Fix: copy it again, or remove it "
+                            "from the folder.") from exc
         raise DataError(f"{path}: cannot read image ({exc}). Fix: re-export it as PNG or "
                         "JPEG, or remove it from the folder.") from exc
 
@@ -146,10 +153,13 @@ def _unlisted(exc: OSError) -> None:
 
 
 def list_images(folder: Path, recursive: bool = False) -> list[Path]:
-    """Image files in a folder, sorted; other files (notes, thumbnails) are skipped with a log line.
+    """Image files in a folder, sorted, each file once (a link to another of them is
+    left out); other files (notes, thumbnails) are skipped with a log line.
 
     Hidden files are never images, even with an image suffix: macOS writes
-    "._name.png" resource forks and ".DS_Store" files next to copied images.
+    "._name.png" resource forks and ".DS_Store" files next to copied images. Nor are
+    the overlays and masks `pfadseg predict` wrote (a summary.csv beside them): a
+    predict output inside a folder of good images would be trained or calibrated on.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -160,16 +170,32 @@ def list_images(folder: Path, recursive: bool = False) -> list[Path]:
     except OSError as exc:
         _unlisted(exc)
     files = sorted(p for p in entries if p.is_file())
-    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")]
     dangling = [p for p in entries if p.is_symlink() and not p.exists()]
     if dangling:
         log.warning("%s: skipping %d link(s) to nothing, e.g. %s. Fix: mend or remove them.",
                     folder, len(dangling), dangling[0].name)
+    images, unread, predicted, seen = [], [], [], set()
     for p in files:
+        suffix = p.suffix.lower()
         if p.name.startswith("."):
             log.debug("skipping hidden file %s", p)
-        elif p.suffix.lower() not in IMAGE_SUFFIXES:
+        elif suffix in UNREAD_IMAGE_SUFFIXES:
+            unread.append(p)
+        elif suffix not in IMAGE_SUFFIXES:
             log.info("skipping non-image file %s", p)
+        elif p.name.endswith(PREDICT_OUTPUTS) and (p.parent / "summary.csv").is_file():
+            predicted.append(p)
+        elif (real := os.path.realpath(p)) in seen:
+            log.info("skipping %s: a link to an image already listed", p)
+        else:
+            seen.add(real)
+            images.append(p)
+    if unread:
+        log.warning("%s: skipping %d image(s) in a format pfadseg cannot read, e.g. %s. Fix: "
+                    "convert them to PNG or JPEG.", folder, len(unread), unread[0].name)
+    if predicted:
+        log.warning("%s: leaving out %d overlays and masks that pfadseg predict wrote (e.g. %s)",
+                    folder, len(predicted), predicted[0].relative_to(folder))
     return images
 
 
@@ -317,8 +343,14 @@ def _match_masks(entries: list[tuple[str, Path]], test_dir: Path,
     in a name would otherwise silently drop a defect from the pixel metrics.
     Not `strict` (MVTec's fixed names, a test set trimmed to a subset), a warning.
     """
+    listed = list_images(mask_dir, recursive=True)
+    images = {path.resolve() for _, path in entries}
+    if shared := [m for m in listed if m.resolve() in images]:
+        raise DataError(f"{mask_dir}: holds the images as well as their masks (e.g. {shared[0]}). "
+                        "Fix: keep the masks in a folder of their own (e.g. ground_truth/, each "
+                        "named <stem>_mask.png) and give that folder.")
     masks: dict[str, Path] = {}
-    for mask in list_images(mask_dir, recursive=True):
+    for mask in listed:
         key = _mask_key(mask.relative_to(mask_dir))
         if key in masks:
             raise DataError(f"{mask} and {masks[key]}: two masks for one image. Fix: keep one.")
@@ -365,6 +397,10 @@ def _test_images(test_dir: Path) -> list[tuple[str, Path]]:
             raise DataError(f"{test_dir}: no good/ folder, but {test_dir / 'test'} has one. Fix: "
                             f"--test-dir {test_dir / 'test'} (or --data {test_dir.parent} "
                             f"--category {test_dir.name} for the MVTec layout).")
+        other = [d.name for d in test_dir.iterdir() if d.is_dir() and d.name.lower() == "good"]
+        if other:
+            raise DataError(f"{test_dir}: no good/ folder, but {other[0]}/. Fix: rename it to "
+                            "good/ (lower case).")
         raise DataError(f"{test_dir}: no good/ folder. Fix: put the defect-free test images in "
                         f"{test_dir / 'good'} and each defect type in a folder of its own.")
     loose = list_images(test_dir)
@@ -394,7 +430,8 @@ def load_folder_test_set(test_dir: Path, size: int, mask_dir: Path | None = None
     matched = _match_masks(entries, test_dir, Path(mask_dir), strict_masks) if mask_dir is not None else {}
     msize = size if mask_size == "input" else mask_size
     images, masks, labels, defects, paths = [], [], [], [], []
-    for defect, path in entries:
+    quiet = len(entries) < 8 or not dist.is_main()
+    for defect, path in tqdm(entries, desc="loading test images", unit="img", leave=False, disable=quiet):
         mask_path = matched.get(path)
         if mask_dir is not None and mask_path is None and defect != "good":
             rel = path.relative_to(test_dir)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .data import DataError, list_images, load_rgb
+from .data import PREDICT_OUTPUTS, DataError, list_images, load_rgb
 from .files import replacing, write_text
 from .visualize import mask_image
 
@@ -25,23 +25,21 @@ MapFn = Callable[[torch.Tensor], tuple[np.ndarray, np.ndarray]]  # uint8 batch -
 SUMMARY_FIELDS = ["image", "name", "score", "normalized_score", "anomalous", "threshold",
                   "defect_area", "error"]
 MAX_NAME_BYTES = 200  # a file system's name limit is 255 bytes
-OUTPUT_SUFFIXES = ("_overlay.png", "_mask.png")  # the images predict_files writes per input
-PER_IMAGE = (*OUTPUT_SUFFIXES, "_map.npy")  # all it writes per input
+PER_IMAGE = (*PREDICT_OUTPUTS, "_map.npy")  # all predict_files writes per input
 
 
 def collect_inputs(inputs: list[Path], skip: Path | None = None) -> list[Path]:
     """Files as given plus the images of given folders (recursively), in order,
     each file once (a file also inside a given folder is not scored twice). The
     overlays and masks `predict_files` wrote, under the folder `skip` (--out) or
-    beside an earlier run's summary.csv, are left out of folders: a rerun with
-    its output inside an input folder would score them too."""
+    beside an earlier run's summary.csv (see `list_images`), are left out of
+    folders: a rerun with its output inside an input folder would score them too."""
     paths: list[Path] = []
     skip = skip.resolve() if skip is not None else None
 
     def ours(path: Path) -> bool:
-        return path.name.endswith(OUTPUT_SUFFIXES) and (
-            (path.parent / "summary.csv").is_file()
-            or (skip is not None and path.resolve().is_relative_to(skip)))
+        return (path.name.endswith(PREDICT_OUTPUTS) and skip is not None
+                and path.resolve().is_relative_to(skip))
 
     for item in map(Path, inputs):
         if item.is_dir():
@@ -107,6 +105,7 @@ def predict_files(detector: Detector, paths: list[Path], out_dir: Path, batch_si
                     if not skip_bad:  # the images read before it are still scored
                         failure = exc
                         break
+                    log.warning("skipped: %s", exc)
                     done[path] = {"image": str(path), "error": str(exc)}
             for path, p in zip(batch, detector.predict(images, batch_size, [names[q] for q in batch])):
                 gallery.add(p.name, p.image, p.anomaly_map, p.score)

@@ -186,6 +186,30 @@ def test_cli_calibrate_with_real_defects_uses_f1(trained: Path, tmp_path: Path, 
     assert "only 2 good image(s)" in caplog.text  # thresholds from 2 images are rough: said so
 
 
+def test_cli_calibrate_warns_of_training_images_and_predict_outputs(trained: Path, tmp_path: Path,
+                                                                    caplog) -> None:
+    """Thresholds set on the images the model trained on flag good parts, and the
+    overlays and masks of a `pfadseg predict` into the --good folder were counted as
+    good images: both said (a warning, and the outputs left out)."""
+    checkpoint = trained / "run" / "checkpoint.safetensors"
+    good = trained / "mvtec" / CATEGORY / "train"  # holds train/good, the training folder
+    assert main(["calibrate", "--checkpoint", str(checkpoint), "--good", str(good),
+                 "--out", str(tmp_path / "c.safetensors"), "--device", "cpu", "--no-bf16"]) == 0
+    assert "holds the images the model trained on" in caplog.text
+    caplog.clear()
+    other = tmp_path / "other"
+    other.mkdir()
+    for path in sorted((trained / "mvtec" / CATEGORY / "test" / "good").iterdir()):
+        Image.open(path).save(other / path.name)
+    assert main(["predict", str(other), "--checkpoint", str(checkpoint), "--out", str(other / "p"),
+                 "--device", "cpu", "--no-bf16"]) == 0
+    first = tmp_path / "c.calibrated.safetensors"
+    assert main(["calibrate", "--checkpoint", str(tmp_path / "c.safetensors"), "--good", str(other),
+                 "--device", "cpu", "--no-bf16"]) == 0
+    assert "trained on" not in caplog.text and "leaving out 4 overlays and masks" in caplog.text
+    assert Thresholds.from_meta(read_meta(first)).n_good == 2  # not 6
+
+
 def test_cli_calibrate_refuses_half_of_the_defect_options(trained: Path, capsys) -> None:
     base = trained / "mvtec" / CATEGORY
     code = main(["calibrate", "--checkpoint", str(trained / "run" / "checkpoint.safetensors"),

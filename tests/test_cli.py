@@ -89,7 +89,7 @@ def test_missing_optional_package_is_a_clear_error(trained: Path, tmp_path: Path
     assert "pfadseg predict: error: ONNX support needs onnxruntime" in err and "pip install" in err
 
 
-def test_predict_skips_bad_images_when_asked(trained: Path, tmp_path: Path, capsys) -> None:
+def test_predict_skips_bad_images_when_asked(trained: Path, tmp_path: Path, capsys, caplog) -> None:
     folder = tmp_path / "in"
     folder.mkdir()
     good = demo_root() / "bottle" / "test" / "good" / "000.jpg"
@@ -106,6 +106,7 @@ def test_predict_skips_bad_images_when_asked(trained: Path, tmp_path: Path, caps
     rows = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert [Path(r["image"]).name for r in rows] == ["good.jpg", "m_broken.png", "z_good.jpg"]
     assert "m_broken.png" in rows[1]["error"] and "score" in rows[0] and "score" in rows[2]
+    assert "skipped: " in caplog.text and "m_broken.png" in caplog.text  # logged, as train does
     assert (tmp_path / "out" / "good_overlay.png").is_file()
 
 
@@ -117,7 +118,22 @@ def test_a_batch_of_one_per_process_is_a_clear_error(tmp_path: Path, capsys) -> 
                  "--out", str(tmp_path / "run")])
     assert code == 2
     assert "needs two or more. Fix: --batch-size 2 or more" in capsys.readouterr().err
-    assert not (tmp_path / "run" / "config.json").exists()
+    assert not (tmp_path / "run").exists()  # not even an empty folder
+
+
+def test_global_options_go_before_or_after_the_command(capsys) -> None:
+    """`pfadseg predict --threads 2 ...` took the 2 for an input file."""
+    from pfadseg.cli import build_parser
+
+    for argv in (["--threads", "2", "-v", "predict", "x.png", "--checkpoint", "c", "--out", "o"],
+                 ["predict", "x.png", "--threads", "2", "--checkpoint", "c", "--out", "o", "-v"]):
+        args = build_parser().parse_args(argv)
+        assert (args.threads, args.verbose, args.inputs) == (2, True, [Path("x.png")])
+    args = build_parser().parse_args(["predict", "x.png", "--checkpoint", "c", "--out", "o"])
+    assert (args.threads, args.verbose) == (None, False)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--image-size", "50", "--out", "o"])
+    assert "e.g. 64" in capsys.readouterr().err  # the nearest multiple of 32
 
 
 def test_predict_refuses_missing_input(trained: Path, tmp_path: Path, capsys) -> None:

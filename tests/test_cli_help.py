@@ -37,15 +37,15 @@ def test_every_option_has_help_and_shows_its_default(name: str) -> None:
         label = "/".join(action.option_strings) or action.dest
         if not action.help or action.help == argparse.SUPPRESS:
             missing.append(label)
-        elif (not isinstance(action, FLAGS) and action.default is not None
-              and "%(default)s" not in action.help):
+        elif (not isinstance(action, FLAGS) and action.default not in (None, argparse.SUPPRESS)
+              and "%(default)s" not in action.help):  # SUPPRESS: the global options after a command
             hidden_default.append(f"{label} (default {action.default!r})")
     assert not missing, f"pfadseg {name}: options without help: {missing}"
     assert not hidden_default, (f"pfadseg {name}: add (default: %(default)s) to the help of "
                                 f"{hidden_default}")
     text = parser.format_help()  # every help string formats (a bare % would raise here)
     for action in options(parser):
-        if not isinstance(action, FLAGS) and action.default is not None:
+        if not isinstance(action, FLAGS) and action.default not in (None, argparse.SUPPRESS):
             assert f"default: {action.default}" in " ".join(text.split())
 
 

@@ -12,7 +12,7 @@ from PIL import Image
 from pfadseg.calibration import Thresholds
 from pfadseg.checkpoint import save_checkpoint
 from pfadseg.cli import main
-from pfadseg.data import DataError, load_defect_set, load_folder_test_set
+from pfadseg.data import DataError, list_images, load_defect_set, load_folder_test_set, load_rgb
 from pfadseg.models import AnomalyModel, ModelConfig
 from pfadseg.models.teacher import RANDOM
 
@@ -237,3 +237,43 @@ def test_linked_defect_folders_are_searched(tmp_path: Path, folder: tuple[Path, 
     ts = load_folder_test_set(linked, SIZE, only_dent)
     assert sorted(p.relative_to(linked).as_posix() for p in ts.paths) == ["dent/001.jpeg", "good/a.png"]
     assert ts.masks[[p.name for p in ts.paths].index("001.jpeg")].any()
+
+
+def test_masks_kept_beside_their_images_are_refused_with_the_fix(folder: tuple[Path, Path]) -> None:
+    """Labelling tools often save a.png and a_mask.png side by side: every image was
+    then read as its own mask ("two masks for one image", "marks a defect in good/")."""
+    test, masks = folder
+    (masks / "dent" / "001_mask.png").rename(test / "dent" / "001_mask.png")
+    with pytest.raises(DataError, match=r"holds the images as well as their masks .*Fix: keep "
+                                        r"the masks in a folder of their own"):
+        load_folder_test_set(test, SIZE, test)
+    with pytest.raises(DataError, match="holds the images as well as their masks"):
+        load_defect_set(test / "dent", test / "dent", SIZE)
+
+
+def test_a_capitalised_good_folder_is_named_in_the_error(folder: tuple[Path, Path]) -> None:
+    test, _ = folder
+    (test / "good").rename(test / "Good")
+    with pytest.raises(DataError, match=r"no good/ folder, but Good/\. Fix: rename it to good/"):
+        load_folder_test_set(test, SIZE)
+
+
+def test_listing_leaves_out_links_predict_outputs_and_says_so(tmp_path: Path, caplog) -> None:
+    """A link to an image of the same folder was trained on twice; predict's overlays
+    and masks (a summary.csv beside them) were taken as good images; HEIC photos
+    were left out with nothing said unless -v."""
+    for name in ("a.png", "b.png", "b_overlay.png", "b_mask.png"):
+        Image.fromarray(_image(0)).save(tmp_path / name)
+    (tmp_path / "link.png").symlink_to(tmp_path / "a.png")
+    (tmp_path / "phone.heic").write_bytes(b"\0")
+    assert [p.name for p in list_images(tmp_path)] == ["a.png", "b.png", "b_mask.png", "b_overlay.png"]
+    assert "format pfadseg cannot read, e.g. phone.heic" in caplog.text
+    (tmp_path / "summary.csv").write_text("image\n")
+    assert [p.name for p in list_images(tmp_path)] == ["a.png", "b.png"]
+    assert "leaving out 2 overlays and masks that pfadseg predict wrote" in caplog.text
+
+
+def test_an_empty_file_is_called_one(tmp_path: Path) -> None:
+    (tmp_path / "zero.png").touch()
+    with pytest.raises(DataError, match=r"zero\.png: empty file \(0 bytes\)"):
+        load_rgb(tmp_path / "zero.png", None)
