@@ -489,11 +489,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pfadseg", description=__doc__)
     parser.add_argument("--version", action="version", version=f"pfadseg {__version__}")
     common = argparse.ArgumentParser(add_help=False)  # before or after the command's name
-    for p, default in ((parser, None), (common, argparse.SUPPRESS)):
-        p.add_argument("--threads", type=positive_int, default=default,
+    for p, unset in ((parser, {}), (common, {"default": argparse.SUPPRESS})):  # the main parser's defaults
+        p.add_argument("--threads", type=positive_int, **unset,
                        help="CPU threads for torch (default: all cores)")
-        p.add_argument("-v", "--verbose", action="store_true", default=default or False,
-                       help="log progress details")
+        p.add_argument("-v", "--verbose", action="store_true", **unset, help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True)
     command = functools.partial(sub.add_parser, parents=[common])
 
@@ -502,7 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = command("test", help="evaluate a checkpoint on a labelled test set (MVTec "
-                       "layout or any folder of good/ and defect-type folders)")
+                "layout or any folder of good/ and defect-type folders)")
     p.add_argument("--checkpoint", type=user_path, required=True,
                    help="checkpoint.safetensors of a `pfadseg train` run")
     p.add_argument("--data", type=user_path, help="MVTec-layout root holding <category>/test and "
@@ -552,7 +551,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_predict)
 
     p = command("calibrate", help="set a checkpoint's image and pixel thresholds from "
-                       "your own images; writes a new checkpoint")
+                "your own images; writes a new checkpoint")
     p.add_argument("--checkpoint", type=user_path, required=True, help="checkpoint to calibrate "
                    "(left unchanged)")
     p.add_argument("--good", type=user_path, required=True,
@@ -603,7 +602,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_report)
 
     p = command("benchmark", help="train and test every (category, variant) pair, "
-                                         "then write the paper's tables")
+                                  "then write the paper's tables")
     _add_benchmark_args(p)
     p.set_defaults(func=cmd_benchmark)
 
