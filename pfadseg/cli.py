@@ -34,9 +34,9 @@ from .trainer import (RESUMED, ROTATIONS, STATE_NAME, VALIDATION_JSON, TrainingE
 from .variants import MODULES
 
 log = logging.getLogger("pfadseg")
-COMPILE_HELP = ("compile the model with torch.compile (Inductor, needs a C++ compiler): "
-                "on a 2-core CPU about 1.8x the images per second after about two minutes of "
-                "compiling; pays off from about 550 images")
+COMPILE_HELP = ("compile the model with torch.compile (Inductor, needs a C++ compiler): one to "
+                "three minutes of compiling first; on a 2-core CPU predict gained under 10%% "
+                "per image (docs/results.md)")
 
 
 def whole_number(minimum: int) -> Callable[[str], int]:
