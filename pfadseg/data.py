@@ -199,6 +199,12 @@ def list_images(folder: Path, recursive: bool = False) -> list[Path]:
     return images
 
 
+def _loading_bar(items: list, desc: str, progress: bool = True) -> tqdm:
+    """`items` with a progress bar: none for a handful, and under torchrun rank 0's alone."""
+    return tqdm(items, desc=desc, unit="img", leave=False,
+                disable=not progress or len(items) < 8 or not dist.is_main())
+
+
 def load_images(paths: list[Path], size: int, skip_bad: bool = False,
                 desc: str = "loading images", progress: bool = True) -> tuple[torch.Tensor, list[Path]]:
     """Decode and resize once: uint8 (N, 3, size, size) and the paths kept.
@@ -207,8 +213,7 @@ def load_images(paths: list[Path], size: int, skip_bad: bool = False,
     and left out.
     """
     arrays, kept = [], []
-    quiet = not progress or len(paths) < 8 or not dist.is_main()  # torchrun: rank 0's bar only
-    for p in tqdm(paths, desc=desc, unit="img", leave=False, disable=quiet):
+    for p in _loading_bar(paths, desc, progress):
         try:
             arrays.append(load_rgb(p, size))
             kept.append(p)
@@ -430,8 +435,7 @@ def load_folder_test_set(test_dir: Path, size: int, mask_dir: Path | None = None
     matched = _match_masks(entries, test_dir, Path(mask_dir), strict_masks) if mask_dir is not None else {}
     msize = size if mask_size == "input" else mask_size
     images, masks, labels, defects, paths = [], [], [], [], []
-    quiet = len(entries) < 8 or not dist.is_main()
-    for defect, path in tqdm(entries, desc="loading test images", unit="img", leave=False, disable=quiet):
+    for defect, path in _loading_bar(entries, "loading test images"):
         mask_path = matched.get(path)
         if mask_dir is not None and mask_path is None and defect != "good":
             rel = path.relative_to(test_dir)
