@@ -324,7 +324,7 @@ def test_an_interrupt_to_the_parent_alone_stops_the_running_job(tmp_path: Path) 
     (before, it ran on alone and a rerun wrote the same folder beside it)."""
     def runner(job: Job, slot: Slot, progress: Progress) -> bool:
         with open(tmp_path / "log", "w") as log:  # two steps, as train then test
-            codes.append(benchmark._run_child([sys.executable, "-c", "import time; time.sleep(600)"],
+            codes.append(benchmark._run_child([sys.executable, "-c", "import time; time.sleep(120)"],
                                               log, dict(os.environ)))
             codes.append(benchmark._run_child([sys.executable, "-c", "pass"], log, dict(os.environ)))
         return False
@@ -342,8 +342,14 @@ def test_an_interrupt_to_the_parent_alone_stops_the_running_job(tmp_path: Path) 
     watcher = threading.Thread(target=interrupt_when_the_job_runs)
     watcher.start()
     jobs = plan_jobs(tmp_path, ["bottle"], ["destseg"])
-    with pytest.raises(KeyboardInterrupt):
-        run_jobs(jobs, [Slot("cpu", {})], runner, Progress(1, 0, 1))
+    # Ctrl-C's handler, as in a terminal: pytest started in the background by a script
+    # inherits SIGINT ignored, and the interrupt would do nothing
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_jobs(jobs, [Slot("cpu", {})], runner, Progress(1, 0, 1))
+    finally:
+        signal.signal(signal.SIGINT, before)
     watcher.join()
     assert len(seen) == 1 and seen[0].poll() is not None  # stopped, not orphaned
     assert not benchmark._CHILDREN
