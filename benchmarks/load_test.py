@@ -25,6 +25,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -64,7 +65,8 @@ def running_server(checkpoint: Path, args: tuple[str, ...] = (), timeout: float 
                     raise RuntimeError(f"`{' '.join(cmd)}` did not come up "
                                        f"(exit code {proc.poll()}):\n{tail}")
                 with contextlib.suppress(httpx.HTTPError):
-                    if httpx.get(f"{url}/health", headers=headers, timeout=2).status_code == 200:
+                    if httpx.get(f"{url}/health", headers=headers, timeout=2,
+                                 trust_env=False).status_code == 200:  # no HTTP_PROXY for localhost
                         break
                 time.sleep(0.2)
             yield url, proc
@@ -107,7 +109,8 @@ def run_load(url: str, images: list[Path], requests: int, concurrency: int,
     answer against the image's score alone. Returns counts, errors and latencies."""
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    with httpx.Client(headers=headers, timeout=120, limits=limits) as client:
+    local = urlsplit(url).hostname in ("127.0.0.1", "localhost", "::1")  # never through HTTP_PROXY
+    with httpx.Client(headers=headers, timeout=120, limits=limits, trust_env=not local) as client:
         reference = {}
         for image in images:
             _, body = _post(client, url, image)

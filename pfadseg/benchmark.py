@@ -321,7 +321,6 @@ def run_jobs(jobs: list[Job], slots: list[Slot], runner: Runner, progress: Progr
     pending: queue.SimpleQueue[Job] = queue.SimpleQueue()
     for job in jobs:
         pending.put(job)
-    _STOPPING.clear()
 
     def work(slot: Slot, ended: threading.Event) -> None:
         try:
@@ -354,6 +353,8 @@ def run_jobs(jobs: list[Job], slots: list[Slot], runner: Runner, progress: Progr
             _signal_children(signal.SIGKILL)
             _wait(ended)
         raise
+    finally:
+        _STOPPING.clear()  # steps started later in this process (a runner called alone) run
 
 
 def _signal_children(signum: int) -> None:

@@ -1,12 +1,21 @@
 """Shared fixtures: a tiny MVTec-layout dataset and a texture folder, written with PIL."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+# child processes (torchrun workers, scripts under tests/, the CLI) import this checkout,
+# not whichever pfadseg the environment has installed
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
+                                                         os.environ.get("PYTHONPATH")]))
+# the servers under test listen on localhost: never through an HTTP(S)_PROXY (httpx, selenium)
+for _var in ("NO_PROXY", "no_proxy"):
+    os.environ[_var] = ",".join(filter(None, ["127.0.0.1,localhost,::1", os.environ.get(_var)]))
 
 CATEGORY = "widget"
 IMG = 80  # source images are 80x80; models run at 64x64

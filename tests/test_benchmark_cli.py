@@ -355,6 +355,7 @@ def test_an_interrupt_to_the_parent_alone_stops_the_running_job(tmp_path: Path) 
     assert not benchmark._CHILDREN
     # run_jobs returned after the job's runner did, and its next step never started
     assert codes[0] is not None and codes[1] is None
+    assert not benchmark._STOPPING.is_set()  # a step started afterwards in this process runs
 
 
 def test_a_job_heeds_the_interrupt_passed_on_even_where_sigint_was_ignored(monkeypatch) -> None:

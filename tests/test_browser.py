@@ -70,6 +70,19 @@ def set_threshold(driver, value: float) -> None:
                           "s.dispatchEvent(new Event('input'));", str(value))
 
 
+def open_page(driver, server: str) -> None:
+    """The page, signed in, once it shows the model."""
+    driver.get(f"{server}/?token={TOKEN}")
+    wait(driver, lambda d: "efficientnet_lite0" in d.find_element(By.ID, "model").text, "the model info")
+
+
+def upload_image(driver, server: str):
+    """A fresh page with IMAGE dropped on it; returns its result card."""
+    open_page(driver, server)
+    driver.find_element(By.ID, "files").send_keys(str(IMAGE))
+    return wait(driver, lambda d: d.find_elements(By.CSS_SELECTOR, ".result"), "a result")[0]
+
+
 def test_wrong_token_asks_for_the_right_one(server: str, browser) -> None:
     browser.get(f"{server}/?token=wrong")
     auth = browser.find_element(By.ID, "auth")
@@ -84,10 +97,7 @@ def test_wrong_token_asks_for_the_right_one(server: str, browser) -> None:
 
 
 def test_upload_shows_overlay_score_and_verdict(server: str, browser) -> None:
-    browser.get(f"{server}/?token={TOKEN}")
-    wait(browser, lambda d: "efficientnet_lite0" in d.find_element(By.ID, "model").text, "the model info")
-    browser.find_element(By.ID, "files").send_keys(str(IMAGE))
-    card = wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, ".result"), "a result")[0]
+    card = upload_image(browser, server)
     score = float(card.find_element(By.CSS_SELECTOR, ".score").text)
     api = httpx.post(f"{server}/predict", files=[("file", (IMAGE.name, IMAGE.read_bytes()))],
                      headers={"Authorization": f"Bearer {TOKEN}"}, timeout=WAIT_S).json()["results"][0]
@@ -105,7 +115,7 @@ def test_upload_shows_overlay_score_and_verdict(server: str, browser) -> None:
 
 
 def test_threshold_slider_moves_verdicts_and_masks(server: str, browser) -> None:
-    card = browser.find_element(By.CSS_SELECTOR, ".result")
+    card = upload_image(browser, server)
     set_threshold(browser, 0)  # everything is at or over 0: all anomalous, the mask is the whole image
     assert card.get_attribute("data-anomalous") == "true"
     assert card.find_element(By.CSS_SELECTOR, ".verdict").text == "anomalous"
@@ -124,6 +134,7 @@ def test_threshold_slider_moves_verdicts_and_masks(server: str, browser) -> None
 def test_a_bad_file_shows_the_servers_reason(server: str, browser, tmp_path: Path) -> None:
     notes = tmp_path / "notes.txt"
     notes.write_text("not an image")
+    open_page(browser, server)
     browser.find_element(By.ID, "files").send_keys(str(notes))
     status = browser.find_element(By.ID, "status")
     wait(browser, lambda d: "notes.txt" in status.text, "the error message")

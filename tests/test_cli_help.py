@@ -30,7 +30,7 @@ def test_the_walk_sees_every_command() -> None:
 
 
 @pytest.mark.parametrize("name", sorted(commands()))
-def test_every_option_has_help_and_shows_its_default(name: str) -> None:
+def test_every_option_has_help_and_shows_its_default(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     parser = commands()[name]
     missing, hidden_default = [], []
     for action in options(parser):
@@ -43,6 +43,7 @@ def test_every_option_has_help_and_shows_its_default(name: str) -> None:
     assert not missing, f"pfadseg {name}: options without help: {missing}"
     assert not hidden_default, (f"pfadseg {name}: add (default: %(default)s) to the help of "
                                 f"{hidden_default}")
+    monkeypatch.setenv("COLUMNS", "1000")  # a narrow terminal breaks a default such as pfadseg-demo
     text = parser.format_help()  # every help string formats (a bare % would raise here)
     for action in options(parser):
         if not isinstance(action, FLAGS) and action.default not in (None, argparse.SUPPRESS):

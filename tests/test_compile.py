@@ -19,8 +19,9 @@ from pfadseg.synthesis import DefectSynthesizer
 from pfadseg.trainer import TrainData, Trainer
 
 CPU = torch.device("cpu")
-needs_compiler = pytest.mark.skipif(not runtime.compiler_available(CPU),
-                                    reason="torch.compile needs a C++ compiler")
+needs_compiler = pytest.mark.skipif(
+    not runtime.compiler_available(CPU) or torch._dynamo.config.disable,
+    reason="torch.compile needs a C++ compiler (and TORCH_COMPILE_DISABLE unset)")
 
 
 def _compilations() -> int:
