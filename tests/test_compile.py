@@ -121,6 +121,7 @@ def test_compiled_stage2_matches_eager(one_thread: None, tmp_path: Path) -> None
                                                   m.student.state_dict().values()))
 
 
+@pytest.mark.slow  # ~95 s of compiling with a cold cache on 2 cores; the paper presets' path
 @needs_compiler
 def test_compiled_stage1_matches_eager(one_thread: None, tmp_path: Path) -> None:
     """`compile_stage1` (paper and official presets) trains the student as eager PyTorch does.

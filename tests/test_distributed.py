@@ -25,19 +25,6 @@ def torchrun(*args: str | Path, env: dict[str, str] | None = None) -> subprocess
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
 
 
-def test_two_ranks_train_identical_weights_and_rank0_writes(tmp_path: Path) -> None:
-    out = tmp_path / "run"
-    result = torchrun(WORKER, out, env={"PFADSEG_TEST_WEIGHTS": str(tmp_path)})
-    assert result.returncode == 0, result.stderr[-3000:]
-    w0, w1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
-    assert w0.keys() == w1.keys()
-    assert all(torch.equal(w0[k], w1[k]) for k in w0), "the ranks' weights drifted apart"
-    # the state file is removed once the checkpoint is written
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.safetensors", "config.json", "losses.csv"]
-    rows = list(csv.reader(open(out / "losses.csv")))
-    assert [r[0] for r in rows[1:]] == ["1", "2", "3", "4", "5"]  # one writer: each step once
-
-
 def test_two_ranks_learn_what_one_process_learns_from_the_same_batch(tmp_path: Path) -> None:
     """Stage 1's loss sums over the batch (Eq. 4) and DDP averages gradients: without
     scaling by the rank count, two ranks stepped at half the learning rate. Two ranks
@@ -62,15 +49,21 @@ def test_two_ranks_learn_what_one_process_learns_from_the_same_batch(tmp_path: P
     assert float((moved_two - moved_one).norm() / moved_one.norm()) < 0.02  # was 0.5: half the step
 
 
-def test_the_student_rank0_picks_goes_on_on_every_rank(tmp_path: Path) -> None:
-    """Rank 0 alone validates; the student it puts back at the end of stage 1 (step 3's,
-    not the last) reaches the other rank, and the ranks end with identical weights."""
+def test_two_ranks_end_identical_rank0_writes_and_its_student_pick_goes_on(tmp_path: Path) -> None:
+    """Rank 0 alone validates and writes; the student it puts back at the end of stage 1
+    (step 3's, not the last) reaches the other rank, and the ranks end with identical weights."""
     out = tmp_path / "run"
     result = torchrun(WORKER, out, env={"PFADSEG_TEST_WEIGHTS": str(tmp_path), "PFADSEG_TEST_PICK": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     w0, w1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
-    assert all(torch.equal(w0[k], w1[k]) for k in w0), "the ranks' students differ"
+    assert w0.keys() == w1.keys()
+    assert all(torch.equal(w0[k], w1[k]) for k in w0), "the ranks' weights drifted apart"
     assert json.loads((out / "validation.json").read_text())["student_step"] == 3
+    # the state file is removed once the checkpoint is written
+    assert sorted(p.name for p in out.iterdir()) == [
+        "checkpoint.safetensors", "config.json", "losses.csv", "validation.csv", "validation.json"]
+    rows = list(csv.reader(open(out / "losses.csv")))
+    assert [r[0] for r in rows[1:]] == ["1", "2", "3", "4", "5"]  # one writer: each step once
 
 
 def test_a_dying_rank_stops_the_run_and_it_resumes(tmp_path: Path) -> None:
