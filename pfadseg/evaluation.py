@@ -130,10 +130,13 @@ def at_thresholds(outputs: TestOutputs, test: TestSet, thresholds: Thresholds) -
 
 def require_both_classes(test: TestSet) -> None:
     """Refuse a test set of good images only, or of defects only: no metric is defined."""
-    if test.labels.all() or not test.labels.any():
-        kind = "defect" if not test.labels.any() else "good"
-        raise ValueError(f"the test set holds no {kind} images, so no metric is defined. Fix: "
-                         "test on good images and defect images together.")
+    if not test.labels.any():
+        raise ValueError("the test set holds no defect images, so no metric is defined. Fix: add a "
+                         "folder of defect images beside good/; to count false alarms on good images "
+                         "alone, run `pfadseg predict` on them (summary.csv has each verdict).")
+    if test.labels.all():
+        raise ValueError("the test set holds no good images, so no metric is defined. Fix: add "
+                         "defect-free images in good/.")
 
 
 def summarize(outputs: TestOutputs, test: TestSet, thresholds: Thresholds | None) -> dict:

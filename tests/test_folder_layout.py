@@ -191,6 +191,27 @@ def test_cli_test_needs_one_way_to_name_the_data(checkpoint: Path, folder: tuple
     assert code == 2 and "no good/ folder" in capsys.readouterr().err
 
 
+def test_a_test_set_of_one_class_is_refused_with_what_to_do(checkpoint: Path, folder: tuple[Path, Path],
+                                                            tmp_path: Path, capsys) -> None:
+    """Good images alone (no defects collected yet) or defects alone define no metric:
+    the error says what to add, and where false alarms on good images alone are counted."""
+    test = folder[0]
+    for defect in ("scratch", "dent"):
+        (test / defect).rename(tmp_path / defect)
+    code = main(["test", "--checkpoint", str(checkpoint), "--test-dir", str(test), "--out",
+                 str(tmp_path / "o"), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2 and "no defect images" in err and "pfadseg predict" in err
+    (test / "good").rename(tmp_path / "good")
+    (tmp_path / "dent").rename(test / "dent")
+    (test / "good").mkdir()
+    code = main(["test", "--checkpoint", str(checkpoint), "--test-dir", str(test), "--out",
+                 str(tmp_path / "o"), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2 and "no good images" in err and "good/" in err
+    assert not (tmp_path / "o").exists()  # nothing written, no empty folder left
+
+
 @pytest.mark.parametrize("value", [1, 3, 255])
 def test_label_masks_mark_every_non_zero_pixel(folder: tuple[Path, Path], value: int) -> None:
     """Masks saved as 0/1 (or class ids) read as empty under the 0.5 threshold before."""
