@@ -94,8 +94,8 @@ PRESETS: dict[str, TrainConfig] = {
     # seconds; for tests and smoke checks only. Batch 4 splits over two processes (torchrun)
     # with two images each for AFF's BN on pooled features, whose small-batch gradients explode:
     # clip them
-    "tiny": TrainConfig(batch_size=4, stage1_steps=2, stage2_steps=2, save_every=1, log_every=1,
-                        grad_clip=1.0, compile=False),
+    "tiny": TrainConfig(batch_size=4, stage1_steps=2, stage2_steps=2, log_every=1, grad_clip=1.0,
+                        compile=False),
 }
 
 

@@ -49,12 +49,21 @@ def test_two_ranks_learn_what_one_process_learns_from_the_same_batch(tmp_path: P
     assert float((moved_two - moved_one).norm() / moved_one.norm()) < 0.02  # was 0.5: half the step
 
 
-def test_two_ranks_end_identical_rank0_writes_and_its_student_pick_goes_on(tmp_path: Path) -> None:
-    """Rank 0 alone validates and writes; the student it puts back at the end of stage 1
-    (step 3's, not the last) reaches the other rank, and the ranks end with identical weights."""
+def test_a_dying_rank_stops_the_run_and_resumed_the_ranks_end_identical(tmp_path: Path) -> None:
+    """Rank 1 dies at step 4: the run stops with step 3's state intact. Resumed, rank 0
+    alone validates and writes; the student it puts back at the end of stage 1 (step 3's,
+    picked before the crash, not the last) reaches the other rank, and the ranks end with
+    identical weights."""
     out = tmp_path / "run"
-    result = torchrun(WORKER, out, env={"PFADSEG_TEST_WEIGHTS": str(tmp_path), "PFADSEG_TEST_PICK": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
+    died = torchrun(WORKER, out, env={"PFADSEG_TEST_WEIGHTS": str(tmp_path), "PFADSEG_TEST_DIE_AT": "4"})
+    assert died.returncode != 0
+    tensors, meta = ckpt.read(out / STATE_NAME, kind=STATE_FORMAT)
+    assert meta["step"] == 3 and meta["world_size"] == 2  # the last state is intact
+    assert meta["student_pick"]["step"] == 3
+    assert not torch.equal(tensors["rng"], tensors["rng.1"])  # each rank draws its own defects
+    assert not (out / "checkpoint.safetensors").exists()
+    resumed = torchrun(WORKER, out, "--resume", env={"PFADSEG_TEST_WEIGHTS": str(tmp_path)})
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
     w0, w1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     assert w0.keys() == w1.keys()
     assert all(torch.equal(w0[k], w1[k]) for k in w0), "the ranks' weights drifted apart"
@@ -62,22 +71,9 @@ def test_two_ranks_end_identical_rank0_writes_and_its_student_pick_goes_on(tmp_p
     # the state file is removed once the checkpoint is written
     assert sorted(p.name for p in out.iterdir()) == [
         "checkpoint.safetensors", "config.json", "losses.csv", "validation.csv", "validation.json"]
-    rows = list(csv.reader(open(out / "losses.csv")))
-    assert [r[0] for r in rows[1:]] == ["1", "2", "3", "4", "5"]  # one writer: each step once
-
-
-def test_a_dying_rank_stops_the_run_and_it_resumes(tmp_path: Path) -> None:
-    out = tmp_path / "run"
-    died = torchrun(WORKER, out, env={"PFADSEG_TEST_WEIGHTS": str(tmp_path), "PFADSEG_TEST_DIE_AT": "3"})
-    assert died.returncode != 0
-    tensors, meta = ckpt.read(out / STATE_NAME, kind=STATE_FORMAT)
-    assert meta["step"] == 2 and meta["world_size"] == 2  # the last state is intact
-    assert not torch.equal(tensors["rng"], tensors["rng.1"])  # each rank draws its own defects
-    assert not (out / "checkpoint.safetensors").exists()
-    resumed = torchrun(WORKER, out, "--resume", env={"PFADSEG_TEST_WEIGHTS": str(tmp_path)})
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert (out / "checkpoint.safetensors").is_file() and not (out / STATE_NAME).exists()
+    # one writer: each step once, across the crash
     assert [r[0] for r in list(csv.reader(open(out / "losses.csv")))[1:]] == ["1", "2", "3", "4", "5"]
+    assert [r[0] for r in list(csv.reader(open(out / "validation.csv")))[1:]] == ["3", "4", "5"]
 
 
 def test_cli_under_torchrun_writes_a_checkpoint(tmp_path: Path) -> None:

@@ -152,7 +152,7 @@ def test_stage2_reads_the_best_checked_student(tmp_path: Path, monkeypatch) -> N
     assert not all(torch.equal(final[k], seen[4][k]) for k in final)
     assert straight.pick.step == 3
 
-    stopped = current["t"] = _tiny_trainer(tmp_path / "b", student_checks=2)
+    stopped = current["t"] = _tiny_trainer(tmp_path / "b", student_checks=2, save_every=1)
     real_step = Trainer.train_step
 
     def stop_after_3(self: Trainer) -> dict:
@@ -168,7 +168,7 @@ def test_stage2_reads_the_best_checked_student(tmp_path: Path, monkeypatch) -> N
     assert meta["step"] == 3 and meta["student_pick"]["step"] == 3
     assert any(k.startswith("pick.") for k in tensors)
 
-    resumed = current["t"] = _tiny_trainer(tmp_path / "b", student_checks=2)
+    resumed = current["t"] = _tiny_trainer(tmp_path / "b", student_checks=2, save_every=1)
     resumed.load_state(tmp_path / "b" / STATE_NAME)
     resumed.run(progress=False)
     assert resumed.pick.step == 3
