@@ -152,10 +152,10 @@ def main(argv: list[str] | None = None) -> int:
                         "reduce-overhead mode (default: %(default)s)")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="also print the N costliest ops of each measured function (default: off)")
-    p.add_argument("--quick", action="store_true", help="smoke check: 64x64, batch 2, one step each")
+    p.add_argument("--quick", action="store_true", help="smoke check: 64x64, batch 4, one step each")
     args = p.parse_args(argv)
     if args.quick:
-        args.image_size, args.batch_size, args.warmup, args.iters = 64, 2, 1, 1
+        args.image_size, args.batch_size, args.warmup, args.iters = 64, 4, 1, 1
     device = resolve_device(args.device)
     runtime.CUDA_COMPILE = args.cuda_compile
     result: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()

@@ -104,10 +104,7 @@ class Trainer:
         self.synthesizer = DefectSynthesizer(data.synthesizer.textures.to(device), data.synthesizer.p_anomaly)
         self.rotation = data.rotation
         self.batch_size = dist.split_batch(config.batch_size)
-        if model.config.aff and self.batch_size < 2:  # batch norm of one value per channel
-            raise ValueError(f"batch size {config.batch_size} leaves one image per process, and AFF's "
-                             "batch norm on pooled features needs two or more. Fix: --batch-size "
-                             f"{2 * dist.world_size()} or more")
+        self._check_aff_batch(model.config.aff, config)
         # each rank draws its own batches and defects (CPU generator: same draws on any device)
         self.generator = torch.Generator().manual_seed(config.seed + 1_000_003 * dist.rank())
         self.student = dist.wrap(model.student, device)
@@ -132,6 +129,20 @@ class Trainer:
         checks = student_check_steps(config) if self.validation_set is not None else []
         self.student_checks = set(checks) if len(checks) > 1 else set()
         self.pick = StudentPick()
+
+    def _check_aff_batch(self, aff: bool, config: TrainConfig) -> None:
+        """AFF's batch norm on pooled features (one value per channel and image) cannot
+        train on one image, and on two or three its gradients explode unless clipped
+        (measured: BN scales of ~1e6 and a garbage model after 10 steps at batch 2)."""
+        least = 2 if config.grad_clip is not None else 4
+        if not aff or self.batch_size >= least:
+            return
+        share = f"{self.batch_size} image{'s' if self.batch_size > 1 else ''} per process"
+        why = ("needs two or more" if least == 2 else
+               "makes the gradients of fewer than four explode (the model comes out garbage)")
+        raise ValueError(f"batch size {config.batch_size} leaves {share}, and AFF's batch norm on "
+                         f"pooled features {why}. Fix: --batch-size {least * dist.world_size()} "
+                         "or more, or --no-aff")
 
     # --- one step ----------------------------------------------------------------
     def _batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

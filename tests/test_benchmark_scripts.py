@@ -26,18 +26,19 @@ def _script(name: str) -> ModuleType:
 
 def test_speed_script_prints_its_figures_and_profile(one_thread: None, capsys: pytest.CaptureFixture) -> None:
     speed = _script("speed")
-    assert speed.main(["--device", "cpu", "--quick", "--models", "destseg", "--precisions", "fp32",
+    # PFADSeg: its AFF made --quick's former batch of 2 fail (exploding gradients, a NaN loss)
+    assert speed.main(["--device", "cpu", "--quick", "--models", "pfadseg", "--precisions", "fp32",
                        "--no-compile", "--profile", "3"]) == 0
     out, err = capsys.readouterr()
-    figures = json.loads(out)["models"]["destseg"]["fp32"]
+    figures = json.loads(out)["models"]["pfadseg"]["fp32"]
     assert set(figures) == {"stage1_images_per_s", "stage2_images_per_s", "inference_images_per_s",
                             "peak_memory_mib", "paper_schedule_minutes"}
     assert all(value > 0 for value in figures.values())
     for what in ("stage 1", "stage 2", "inference"):
-        assert f"--- destseg fp32 {what}:" in err
+        assert f"--- pfadseg fp32 {what}:" in err
     lines = [json.loads(line) for line in err.splitlines() if line.startswith('{"model"')]
-    assert [(line["model"], line["stage"]) for line in lines] == [("destseg", "stage 1"), ("destseg", "stage 2"),
-                                                                  ("destseg", "inference")]
+    assert [(line["model"], line["stage"]) for line in lines] == [("pfadseg", "stage 1"), ("pfadseg", "stage 2"),
+                                                                  ("pfadseg", "inference")]
     assert [line["images_per_s"] for line in lines] == [figures[key] for key in
                                                         ("stage1_images_per_s", "stage2_images_per_s",
                                                          "inference_images_per_s")]

@@ -110,14 +110,20 @@ def test_predict_skips_bad_images_when_asked(trained: Path, tmp_path: Path, caps
     assert (tmp_path / "out" / "good_overlay.png").is_file()
 
 
-def test_a_batch_of_one_per_process_is_a_clear_error(tmp_path: Path, capsys) -> None:
-    """AFF's batch norm on pooled features cannot train on one image (torch's own
-    error names neither the cause nor the fix); nothing is written."""
+@pytest.mark.parametrize("preset, batch, message", [
+    ("tiny", "1", "needs two or more. Fix: --batch-size 2 or more, or --no-aff"),
+    ("demo", "2", "makes the gradients of fewer than four explode (the model comes out garbage). "
+                  "Fix: --batch-size 4 or more, or --no-aff")])
+def test_too_small_a_batch_for_aff_is_a_clear_error(preset: str, batch: str, message: str,
+                                                     tmp_path: Path, capsys) -> None:
+    """AFF's batch norm on pooled features cannot train on one image (torch's own error
+    names neither the cause nor the fix), and on two without `tiny`'s gradient clipping
+    it trains a garbage model with no error at all; nothing is written."""
     code = main(["train", "--data", str(demo_root()), "--category", "bottle", "--teacher",
-                 "efficientnet_lite0", "--preset", "tiny", "--batch-size", "1", "--image-size", "64",
+                 "efficientnet_lite0", "--preset", preset, "--batch-size", batch, "--image-size", "64",
                  "--out", str(tmp_path / "run")])
     assert code == 2
-    assert "needs two or more. Fix: --batch-size 2 or more" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
     assert not (tmp_path / "run").exists()  # not even an empty folder
 
 
