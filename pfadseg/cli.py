@@ -352,6 +352,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     print(f"{len(rows) - skipped} images scored, {flagged} anomalous (threshold "
           f"{detector.thresholds.image:.4f})" + (f", {skipped} unreadable skipped" if skipped else "")
           + f"; results in {args.out} (summary.csv)")
+    if rows and skipped == len(rows):  # a script must not read this as success
+        raise DataError(f"no image could be read ({skipped} given); each file's error is in "
+                        f"{args.out / 'summary.csv'}. Fix: give readable image files (e.g. PNG or JPEG)")
     return 0
 
 
@@ -412,7 +415,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     """`pfadseg export`: the checkpoint as an ONNX model."""
     from .export import export_onnx
 
-    out = out_file(args.out or args.checkpoint.with_suffix(".onnx"), "checkpoint.onnx")
+    out = args.out or args.checkpoint.with_suffix(".onnx")
+    if out.suffix != ".onnx":  # e.g. the checkpoint itself, or an image: nothing is overwritten
+        raise DataError(f"--out {out}: not a .onnx file name (the model written there replaces "
+                        f"any file of that name). Fix: --out {out.with_suffix('.onnx')}")
+    out_file(out, "checkpoint.onnx")
     _device(args)  # a wrong --device is still an error, as on the other commands
     model, _ = load_checkpoint(args.checkpoint)
     print(f"exporting to {out}, then checking it with onnxruntime (up to a minute)...", flush=True)

@@ -307,8 +307,12 @@ def read_results(path: str | Path) -> list[dict]:
     try:
         data = json.loads(path.read_text())
     except OSError as exc:
+        hint = f" (e.g. {path / 'metrics.json'})" if path.is_dir() else ""
         raise ValueError(f"{path}: cannot read it ({exc.strerror}). Fix: give the metrics.json "
-                         "files that `pfadseg test` wrote") from None
+                         f"files that `pfadseg test` wrote{hint}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a text file. Fix: give the metrics.json files that "
+                         "`pfadseg test` wrote") from None
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: not JSON ({exc}). Fix: give the metrics.json files that "
                          "`pfadseg test` wrote") from None

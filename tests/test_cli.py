@@ -108,6 +108,11 @@ def test_predict_skips_bad_images_when_asked(trained: Path, tmp_path: Path, caps
     assert "m_broken.png" in rows[1]["error"] and "score" in rows[0] and "score" in rows[2]
     assert "skipped: " in caplog.text and "m_broken.png" in caplog.text  # logged, as train does
     assert (tmp_path / "out" / "good_overlay.png").is_file()
+    # nothing readable at all: not a success, and the summary says why for each file
+    args[-1] = str(folder / "m_broken.png")
+    assert main(args + ["--skip-bad-images"]) == 2
+    assert "no image could be read (1 given)" in capsys.readouterr().err
+    assert "m_broken.png" in json.loads((tmp_path / "out" / "summary.json").read_text())[0]["error"]
 
 
 @pytest.mark.parametrize("preset, batch, message", [

@@ -89,6 +89,15 @@ def test_cli_export_is_quiet_and_matches_torch(checkpoint: Path, tmp_path: Path,
         Detector.load(other, backend="onnx", onnx=out)
 
 
+def test_export_never_writes_over_a_file_that_is_not_onnx(checkpoint: Path, tmp_path: Path, capsys) -> None:
+    """`--out` naming the checkpoint itself replaced the trained model with the ONNX file."""
+    before = checkpoint.read_bytes()
+    assert cli.main(["export", "--checkpoint", str(checkpoint), "--out", str(checkpoint)]) == 2
+    assert f"not a .onnx file name (the model written there replaces any file of that name). Fix: " \
+           f"--out {checkpoint.with_suffix('.onnx')}" in capsys.readouterr().err
+    assert checkpoint.read_bytes() == before
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("variant,teacher", [("pfadseg", "resnet18"),
                                              ("pfadseg", "efficientnet_lite0"),

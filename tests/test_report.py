@@ -222,6 +222,11 @@ def test_bad_files_are_named(tmp_path):
         write_report([good, tmp_path / "." / "good.json"], tmp_path / "out")
     with pytest.raises(ValueError, match="nope.json: cannot read it"):
         write_report([tmp_path / "nope.json"], tmp_path / "out")
+    with pytest.raises(ValueError, match=r"cannot read it .* wrote \(e\.g\. .*metrics\.json\)"):
+        write_report([tmp_path], tmp_path / "out")  # the run's folder, not its file
+    (tmp_path / "image.png").write_bytes(b"\x89PNG\r\n")
+    with pytest.raises(ValueError, match="image.png: not a text file. Fix: give the metrics.json"):
+        write_report([tmp_path / "image.png"], tmp_path / "out")
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(ValueError, match="bad.json: not JSON"):
         write_report([tmp_path / "bad.json"], tmp_path / "out")
