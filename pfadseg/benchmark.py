@@ -31,7 +31,7 @@ import torch
 
 from . import JOB_ENV
 from .config import preset
-from .data import DataError, mvtec_category
+from .data import DataError, mvtec_category, train_image_paths
 from .files import write_text
 from .models import ModelConfig
 from .report import CATEGORIES, read_results, write_report
@@ -119,20 +119,31 @@ def parse_variants(text: str) -> list[str]:
 
 
 def find_categories(root: Path, text: str) -> tuple[list[str], list[str]]:
-    """The categories to run and, for `all`, the MVTec AD categories missing
-    under `root` (a named category that is missing is an error)."""
-    if text.strip().lower() == "all":
-        found = [c for c in CATEGORIES if (Path(root) / c).is_dir()]
-        if not found:
-            raise DataError(f"{root}: holds none of the 15 MVTec AD categories. Fix: --data is "
-                            "the dataset root holding <category>/train/good and <category>/test")
-        return found, [c for c in CATEGORIES if c not in found]
-    names = list(dict.fromkeys(filter(None, (part.strip() for part in text.split(",")))))
-    if not names:
-        raise ValueError("--categories: none given. Fix: all, or a comma list such as bottle,carpet")
+    """The categories to run, each checked to hold train/good images and a test folder
+    (so a bad layout fails now, not after a training), and, for `all`, the MVTec AD
+    categories missing under `root` (a named category that is missing is an error)."""
+    root = Path(root)
+    layout = "Fix: --data is the dataset root holding <category>/train/good and <category>/test"
+    if not root.is_dir():
+        raise DataError(f"--data {root}: folder not found. {layout}")
+    if (root / "train" / "good").is_dir():
+        raise DataError(f"--data {root} is a category folder. Fix: --data {root.parent}")
+    every = text.strip().lower() == "all"
+    if every:
+        names = [c for c in CATEGORIES if (root / c).is_dir()]
+        if not names:
+            raise DataError(f"{root}: holds none of the 15 MVTec AD categories. {layout}")
+    else:
+        names = list(dict.fromkeys(filter(None, (part.strip() for part in text.split(",")))))
+        if not names:
+            raise ValueError("--categories: none given. Fix: all, or a comma list such as bottle,carpet")
     for name in names:
-        mvtec_category(root, name)
-    return names, []
+        path = mvtec_category(root, name)
+        train_image_paths(path / "train" / "good")
+        if not (path / "test").is_dir():
+            raise DataError(f"{path / 'test'}: test folder not found (each pair is tested after "
+                            f"its training). {layout}")
+    return names, [c for c in CATEGORIES if c not in names] if every else []
 
 
 def device_slots(device: str, devices: int | None) -> list[Slot]:
@@ -432,9 +443,10 @@ def subprocess_runner(args: argparse.Namespace) -> Runner:
 def run_benchmark(args: argparse.Namespace) -> int:
     """`pfadseg benchmark`: plan, run the unfinished pairs, write the report.
     Returns 0 when every pair finished, 1 when some failed."""
-    from .cli import out_folder  # here: the CLI imports this module
+    from .cli import check_run_paths, out_folder  # here: the CLI imports this module
 
     categories, missing = find_categories(args.data, args.categories)
+    check_run_paths(args.textures, args.texture_limit, args.teacher_weights)
     variants = parse_variants(args.variants)
     slots = device_slots(args.device, args.devices)
     out = out_folder(Path(args.out).resolve())
@@ -463,7 +475,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
     if progress.failed:
         print(f"{len(progress.failed)} pair(s) failed: " + "; ".join(
             f"{job.name} ({job.folder / LOG_NAME})" for job in progress.failed)
-              + ". Fix what the log says, then rerun the same command to continue.")
+              + ". Fix what the log says, then rerun the same command to continue.", file=sys.stderr)
     if not results:
         print("no finished pair to report")
         return 1

@@ -73,7 +73,7 @@ def _check_meta(path: Path, raw: str | None, kind: str) -> dict:
     """Parse and check our JSON metadata, refusing anything else with a reason."""
     if raw is None:
         raise CheckpointError(f"{path}: a safetensors file but not a pfadseg checkpoint "
-                              "(no pfadseg metadata)")
+                              f"(no pfadseg metadata).{_fix(kind)}")
     try:
         meta = json.loads(raw)
     except ValueError as exc:
@@ -103,9 +103,15 @@ def _state_not_checkpoint(path: Path) -> str:
             f"{path.parent} --resume`, then use {checkpoint}.")
 
 
-def _unreadable(path: Path, exc: Exception) -> CheckpointError:
+def _fix(kind: str) -> str:
+    """The fix for a file that is not a checkpoint (state files say their own)."""
+    return " Fix: give the checkpoint.safetensors that `pfadseg train` wrote (copied whole)." \
+        if kind == FORMAT else ""
+
+
+def _unreadable(path: Path, exc: Exception, kind: str) -> CheckpointError:
     return CheckpointError(f"{path}: not a readable checkpoint (truncated or not "
-                           f"safetensors): {exc}")
+                           f"safetensors: {exc}).{_fix(kind)}")
 
 
 def read_meta(path: Path, kind: str = FORMAT) -> dict:
@@ -119,7 +125,7 @@ def read_meta(path: Path, kind: str = FORMAT) -> dict:
         with safe_open(str(path), framework="pt") as fh:
             raw = (fh.metadata() or {}).get("pfadseg")
     except (SafetensorError, OSError, ValueError) as exc:
-        raise _unreadable(path, exc) from exc
+        raise _unreadable(path, exc, kind) from exc
     return _check_meta(path, raw, kind)
 
 
@@ -129,7 +135,7 @@ def read(path: Path, kind: str = FORMAT) -> tuple[dict[str, torch.Tensor], dict]
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
-        raise _unreadable(Path(path), exc) from exc
+        raise _unreadable(Path(path), exc, kind) from exc
     return tensors, meta
 
 

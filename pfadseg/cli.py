@@ -248,13 +248,19 @@ def _check_train_paths(args: argparse.Namespace) -> None:
             raise DataError(f"{args.out}/config.json does not say which images the run trained "
                             "on. Fix: add --train-dir DIR (or --data ROOT --category NAME).")
     train_image_paths(args.train_dir)
-    if args.textures is not None:
-        texture_paths(args.textures, args.texture_limit)
     weights = args.teacher_weights
     if args.resume and weights is not None:
         log.info("--teacher-weights is not needed with --resume: the run's teacher is in its "
                  "state file")
-    elif weights is not None and str(weights) != RANDOM and not weights.is_file():
+    check_run_paths(args.textures, args.texture_limit, None if args.resume else weights)
+
+
+def check_run_paths(textures: Path | None, texture_limit: int | None, weights: Path | None) -> None:
+    """--textures and --teacher-weights of `train` (and of each `benchmark` pair), checked
+    before any work."""
+    if textures is not None:
+        texture_paths(textures, texture_limit)
+    if weights is not None and str(weights) != RANDOM and not weights.is_file():
         raise TeacherWeightsError(f"--teacher-weights {weights}: file not found. Fix: give a local "
                                   "weights file (.pth or .safetensors), or leave the option out "
                                   "for the standard ImageNet weights.")
@@ -415,11 +421,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     """`pfadseg export`: the checkpoint as an ONNX model."""
     from .export import export_onnx
 
-    out = args.out or args.checkpoint.with_suffix(".onnx")
+    out = out_file(args.out or args.checkpoint.with_suffix(".onnx"), "checkpoint.onnx")
     if out.suffix != ".onnx":  # e.g. the checkpoint itself, or an image: nothing is overwritten
         raise DataError(f"--out {out}: not a .onnx file name (the model written there replaces "
                         f"any file of that name). Fix: --out {out.with_suffix('.onnx')}")
-    out_file(out, "checkpoint.onnx")
     _device(args)  # a wrong --device is still an error, as on the other commands
     model, _ = load_checkpoint(args.checkpoint)
     print(f"exporting to {out}, then checking it with onnxruntime (up to a minute)...", flush=True)

@@ -120,17 +120,17 @@ def test_failed_pair_leaves_the_others_and_names_its_log(ci_run: Path, tmp_path:
     data = tmp_path / "data"
     data.mkdir()
     (data / "bottle").symlink_to(demo_root() / "bottle")
-    (data / "broken" / "train" / "good").mkdir(parents=True)  # no images: train fails
+    _category(data / "broken", b"not a png")  # an unreadable training image: train fails
     out = tmp_path / "bench"
     shutil.copytree(ci_run / "bottle", out / "bottle")  # a finished pair
     args = [a if a != str(demo_root()) else str(data) for a in CI_ARGS]
     args[args.index("bottle")] = "broken,bottle"
     assert main(args + ["--out", str(out)]) == 1
-    printed = capsys.readouterr().out
+    printed = capsys.readouterr()
     log = out / "broken" / "destseg" / "benchmark.log"
-    assert "broken destseg: train failed (exit code 2)" in printed
-    assert f"1 pair(s) failed: broken destseg ({log})" in printed
-    assert "no training images" in log.read_text()
+    assert "broken destseg: train failed (exit code 2)" in printed.out
+    assert f"1 pair(s) failed: broken destseg ({log})" in printed.err
+    assert "000.png" in log.read_text()
     rows = list(csv.DictReader(open(out / "report" / "results.csv")))
     assert [row["category"] for row in rows][:1] == ["bottle"]
 
@@ -214,18 +214,48 @@ def test_variant_names() -> None:
         assert ModelConfig(**flags).variant == name
 
 
+def _category(folder: Path, image: bytes = b"") -> Path:
+    """A category folder in the MVTec layout: train/good/000.png and an empty test/."""
+    (folder / "train" / "good").mkdir(parents=True)
+    (folder / "train" / "good" / "000.png").write_bytes(image)
+    (folder / "test").mkdir()
+    return folder
+
+
 def test_all_categories_lists_the_missing_ones(tmp_path: Path) -> None:
     for name in ("wood", "bottle", "not_mvtec"):
-        (tmp_path / name).mkdir()
+        _category(tmp_path / name)
     found, missing = find_categories(tmp_path, "all")
     assert found == ["wood", "bottle"]
     assert len(missing) == 13 and "carpet" in missing and "wood" not in missing
     assert find_categories(tmp_path, "bottle, not_mvtec") == (["bottle", "not_mvtec"], [])
     with pytest.raises(DataError, match="nope: category folder not found"):
         find_categories(tmp_path, "bottle,nope")
+    (tmp_path / "other").mkdir()
     with pytest.raises(DataError, match="none of the 15 MVTec AD categories"):
-        find_categories(tmp_path / "not_mvtec", "all")
+        find_categories(tmp_path / "other", "all")
     assert len(CATEGORIES) == 15
+
+
+def test_a_bad_layout_or_path_stops_before_any_training(tmp_path: Path, capsys) -> None:
+    """Each pair found these only when its training or test ran (a whole training wasted,
+    the cause in the pair's log alone); now the command names them before any work."""
+    with pytest.raises(DataError, match=r"--data .*nowhere: folder not found. Fix: --data is the dataset root"):
+        find_categories(tmp_path / "nowhere", "all")
+    bottle = _category(tmp_path / "bottle")
+    with pytest.raises(DataError, match=f"--data {bottle} is a category folder. Fix: --data {tmp_path}"):
+        find_categories(bottle, "all")
+    (bottle / "test").rmdir()
+    with pytest.raises(DataError, match=r"bottle/test: test folder not found \(each pair is tested"):
+        find_categories(tmp_path, "bottle")
+    (bottle / "train" / "good" / "000.png").unlink()
+    with pytest.raises(DataError, match="bottle/train/good: no training images"):
+        find_categories(tmp_path, "all")
+    for option in ("--textures", "--teacher-weights"):
+        out = tmp_path / option
+        assert main(CI_ARGS + ["--out", str(out), option, str(tmp_path / "missing")]) == 2
+        assert f"{tmp_path / 'missing'}" in capsys.readouterr().err
+        assert not out.exists()  # checked before the folder is made
 
 
 def test_device_slots(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -380,7 +380,8 @@ def test_truncated_and_random_files(destseg_ckpt: Path, tmp_path: Path) -> None:
         load_checkpoint(head)
     noise = tmp_path / "noise.safetensors"
     noise.write_bytes(np.random.default_rng(0).bytes(4096))
-    with pytest.raises(CheckpointError, match="noise.safetensors: not a readable checkpoint"):
+    with pytest.raises(CheckpointError, match=r"noise.safetensors: not a readable checkpoint .*\)\. "
+                                              "Fix: give the checkpoint.safetensors that `pfadseg train`"):
         load_checkpoint(noise)
     empty = tmp_path / "empty.safetensors"
     empty.write_bytes(b"")
