@@ -24,7 +24,8 @@ from . import distributed as dist
 from .calibration import DEFAULT_FALSE_ALARM_RATE, DEFAULT_PIXEL_FALSE_ALARM_RATE, FEW_GOOD_IMAGES
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import LR_SCHEDULES, PRESETS
-from .data import IMAGE_SUFFIXES, DataError, load_textures, mvtec_category, texture_paths, train_image_paths
+from .data import (IMAGE_SUFFIXES, DataError, list_test_images, load_textures, mvtec_category, texture_paths,
+                   train_image_paths)
 from .models import TEACHERS, ModelConfig, TeacherWeightsError
 from .models.teacher import RANDOM
 from .runtime import DEVICE_HELP, cpu_heap_settings, place, resolve_device
@@ -328,6 +329,8 @@ def cmd_test(args: argparse.Namespace) -> int:
         raise DataError("--mask-dir goes with --test-dir (the MVTec layout has its ground_truth/)")
     out_folder(args.out)
     device = _device(args)
+    # the layout, checked in a second before the checkpoint loads (seconds)
+    list_test_images(args.test_dir or mvtec_category(args.data, args.category) / "test")
     model, meta = load_checkpoint(args.checkpoint)
     place(model, device)
     common = dict(batch_size=args.batch_size, bf16=not args.no_bf16, skip_bad=args.skip_bad_images,
@@ -348,11 +351,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .predict import collect_inputs, predict_files
 
     out_folder(args.out)
+    inputs = collect_inputs(args.inputs, skip=args.out)  # before the checkpoint loads (seconds)
     detector = Detector.load(args.checkpoint, device=_device(args), threshold=args.threshold,
                              bf16=not args.no_bf16, compile=args.compile, backend=args.backend,
                              onnx=args.onnx, batch_size=args.batch_size)
-    rows = predict_files(detector, collect_inputs(args.inputs, skip=args.out), args.out, args.batch_size,
-                         skip_bad=args.skip_bad_images)
+    rows = predict_files(detector, inputs, args.out, args.batch_size, skip_bad=args.skip_bad_images)
     flagged = sum(r.get("anomalous", False) for r in rows)
     skipped = sum("error" in r for r in rows)
     print(f"{len(rows) - skipped} images scored, {flagged} anomalous (threshold "

@@ -390,13 +390,14 @@ def _match_masks(entries: list[tuple[str, Path]], test_dir: Path,
     return found
 
 
-def _test_images(test_dir: Path) -> list[tuple[str, Path]]:
+def list_test_images(test_dir: Path) -> list[tuple[str, Path]]:
     """(defect type, path) of every image, by top-level folder name (each searched
     recursively); a missing good/ or images loose in `test_dir` are an error."""
     test_dir = Path(test_dir)
     if not test_dir.is_dir():
-        raise DataError(f"{test_dir}: test folder not found. Fix: give a folder holding good/ "
-                        "and one folder per defect type.")
+        what = "a file, not a folder" if test_dir.exists() else "test folder not found"
+        raise DataError(f"{test_dir}: {what}. Fix: give a folder holding good/ and one folder per "
+                        "defect type.")
     if not (test_dir / "good").is_dir():
         if (test_dir / "test" / "good").is_dir():  # an MVTec category's root
             raise DataError(f"{test_dir}: no good/ folder, but {test_dir / 'test'} has one. Fix: "
@@ -431,7 +432,7 @@ def load_folder_test_set(test_dir: Path, size: int, mask_dir: Path | None = None
     A mask without an image is an error, or a warning when not `strict_masks`.
     """
     test_dir = Path(test_dir)
-    entries = _test_images(test_dir)
+    entries = list_test_images(test_dir)
     matched = _match_masks(entries, test_dir, Path(mask_dir), strict_masks) if mask_dir is not None else {}
     msize = size if mask_size == "input" else mask_size
     images, masks, labels, defects, paths = [], [], [], [], []

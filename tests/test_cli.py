@@ -132,6 +132,18 @@ def test_too_small_a_batch_for_aff_is_a_clear_error(preset: str, batch: str, mes
     assert not (tmp_path / "run").exists()  # not even an empty folder
 
 
+def test_test_and_predict_check_their_inputs_before_loading_the_checkpoint(tmp_path: Path, capsys) -> None:
+    """A mistyped test folder or image was found only after the checkpoint loaded (seconds);
+    here the checkpoint does not even exist, and the error is about the input."""
+    missing = str(tmp_path / "nowhere.safetensors")
+    image = demo_root() / "bottle" / "test" / "good" / "000.jpg"
+    assert main(["test", "--checkpoint", missing, "--test-dir", str(image), "--out", str(tmp_path / "t")]) == 2
+    assert f"{image}: a file, not a folder. Fix: give a folder holding good/" in capsys.readouterr().err
+    assert main(["predict", "--checkpoint", missing, "--out", str(tmp_path / "p"), str(tmp_path / "typo.png")]) == 2
+    err = capsys.readouterr().err
+    assert "typo.png" in err and "nowhere.safetensors" not in err
+
+
 def test_global_options_go_before_or_after_the_command(capsys) -> None:
     """`pfadseg predict --threads 2 ...` took the 2 for an input file."""
     from pfadseg.cli import build_parser
