@@ -40,8 +40,8 @@ COMPILE_HELP = ("compile the model with torch.compile (Inductor, needs a C++ com
                 "per image (docs/results.md)")
 
 
-def whole_number(minimum: int) -> Callable[[str], int]:
-    """argparse type: a whole number of `minimum` or more."""
+def whole_number(minimum: int, maximum: int | None = None, why: str = "") -> Callable[[str], int]:
+    """argparse type: a whole number of `minimum` or more (and at most `maximum`, for `why`)."""
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -49,11 +49,14 @@ def whole_number(minimum: int) -> Callable[[str], int]:
             value = minimum - 1
         if value < minimum:
             raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of {minimum} or more")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"{text!r} is over {maximum} ({why})")
         return value
     return parse
 
 
 positive_int = whole_number(1)  # batch sizes, counts
+MAX_EVAL_SIZE = 8192  # an 8192 x 8192 float32 map is 256 MiB, and test keeps one per image
 non_negative_int = whole_number(0)  # numbers of steps
 
 
@@ -313,10 +316,10 @@ def _eval_size(text: str) -> int | None | str:
     if text in ("input", "original"):
         return None if text == "original" else text
     try:
-        return positive_int(text)
+        return whole_number(1, MAX_EVAL_SIZE, "one map per image in memory")(text)
     except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(
-            f"{text!r}: use input, original or a number of pixels") from None
+            f"{text!r}: use input, original or a number of pixels up to {MAX_EVAL_SIZE}") from None
 
 
 def cmd_test(args: argparse.Namespace) -> int:
@@ -505,8 +508,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"pfadseg {__version__}")
     common = argparse.ArgumentParser(add_help=False)  # before or after the command's name
     for p, unset in ((parser, {}), (common, {"default": argparse.SUPPRESS})):  # the main parser's defaults
-        p.add_argument("--threads", type=positive_int, **unset,
-                       help="CPU threads for torch (default: all cores)")
+        p.add_argument("--threads", type=whole_number(1, os.cpu_count() or 1, "this machine's CPUs"),
+                       **unset, help="CPU threads for torch, at most the CPUs (default: all cores)")
         p.add_argument("-v", "--verbose", action="store_true", **unset, help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True)
     command = functools.partial(sub.add_parser, parents=[common])

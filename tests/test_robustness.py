@@ -6,6 +6,7 @@ import csv
 import json
 import logging
 import math
+import os
 import pickle
 import subprocess
 import sys
@@ -676,6 +677,13 @@ def test_cli_out_paths_are_checked_before_any_work(destseg_ckpt: Path, tmp_path:
     with pytest.raises(SystemExit):
         cli.main(["test", "--checkpoint", ck, "--eval-size", "0", "--test-dir", ck, "--out", ck])
     assert "--eval-size: '0': use input, original or a number of pixels" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # an allocation traceback naming no option
+        cli.main(["test", "--checkpoint", ck, "--eval-size", "100000", "--test-dir", ck, "--out", ck])
+    assert "--eval-size: '100000': use input, original or a number of pixels up to 8192" in \
+        capsys.readouterr().err
+    with pytest.raises(SystemExit):  # blamed the checkpoint: "unable to mmap ... Cannot allocate memory"
+        cli.main(["--threads", "99999", "predict", "--checkpoint", ck, "--out", str(a_folder), ck])
+    assert f"--threads: '99999' is over {os.cpu_count()} (this machine's CPUs)" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["train", "--train-dir", ck, "--stage1-steps", "-1", "--out", ck])
     assert "--stage1-steps: '-1' is not a whole number of 0 or more" in capsys.readouterr().err
