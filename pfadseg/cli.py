@@ -330,6 +330,9 @@ def cmd_test(args: argparse.Namespace) -> int:
         raise DataError("give --data ROOT --category NAME (MVTec layout), or --test-dir DIR")
     if args.mask_dir is not None and args.test_dir is None:
         raise DataError("--mask-dir goes with --test-dir (the MVTec layout has its ground_truth/)")
+    if args.mask_dir is not None and not args.mask_dir.is_dir():
+        raise DataError(f"--mask-dir {args.mask_dir}: not a folder. Fix: give the folder of masks "
+                        "(by file stem, with or without _mask)")
     out_folder(args.out)
     device = _device(args)
     # the layout, checked in a second before the checkpoint loads (seconds)

@@ -139,6 +139,9 @@ def test_test_and_predict_check_their_inputs_before_loading_the_checkpoint(tmp_p
     image = demo_root() / "bottle" / "test" / "good" / "000.jpg"
     assert main(["test", "--checkpoint", missing, "--test-dir", str(image), "--out", str(tmp_path / "t")]) == 2
     assert f"{image}: a file, not a folder. Fix: give a folder holding good/" in capsys.readouterr().err
+    assert main(["test", "--checkpoint", missing, "--test-dir", str(image.parents[1]), "--mask-dir",
+                 str(tmp_path / "masks"), "--out", str(tmp_path / "t")]) == 2
+    assert f"--mask-dir {tmp_path / 'masks'}: not a folder. Fix:" in capsys.readouterr().err
     assert main(["predict", "--checkpoint", missing, "--out", str(tmp_path / "p"), str(tmp_path / "typo.png")]) == 2
     err = capsys.readouterr().err
     assert "typo.png" in err and "nowhere.safetensors" not in err
