@@ -141,8 +141,8 @@ class Trainer:
         why = ("needs two or more" if least == 2 else
                "makes the gradients of fewer than four explode (the model comes out garbage)")
         raise ValueError(f"batch size {config.batch_size} leaves {share}, and AFF's batch norm on "
-                         f"pooled features {why}. Fix: --batch-size {least * dist.world_size()} "
-                         "or more, or --no-aff")
+                         f"pooled features {why}. Fix: a batch size of {least * dist.world_size()} "
+                         "or more (--batch-size), or AFF off (--no-aff)")
 
     # --- one step ----------------------------------------------------------------
     def _batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
