@@ -56,8 +56,8 @@ def whole_number(minimum: int, maximum: int | None = None, why: str = "") -> Cal
 
 
 positive_int = whole_number(1)  # batch sizes, counts
-MAX_EVAL_SIZE = 8192  # an 8192 x 8192 float32 map is 256 MiB, and test keeps one per image
 non_negative_int = whole_number(0)  # numbers of steps
+MAX_EVAL_SIZE = 8192  # an 8192 x 8192 float32 map is 256 MiB, and test keeps one per image
 
 
 def user_path(text: str) -> Path:
@@ -316,7 +316,7 @@ def _eval_size(text: str) -> int | None | str:
     if text in ("input", "original"):
         return None if text == "original" else text
     try:
-        return whole_number(1, MAX_EVAL_SIZE, "one map per image in memory")(text)
+        return whole_number(1, MAX_EVAL_SIZE)(text)
     except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(
             f"{text!r}: use input, original or a number of pixels up to {MAX_EVAL_SIZE}") from None
