@@ -117,8 +117,8 @@ def test_predict_skips_bad_images_when_asked(trained: Path, tmp_path: Path, caps
 
 @pytest.mark.parametrize("preset, batch, message", [
     ("tiny", "1", "needs two or more. Fix: a batch size of 2 or more (--batch-size), or AFF off (--no-aff)"),
-    ("demo", "2", "makes the gradients of fewer than four explode (the model comes out garbage). "
-                  "Fix: a batch size of 4 or more (--batch-size), or AFF off (--no-aff)")])
+    ("demo", "2", "makes the gradients of two explode (the model comes out garbage). "
+                  "Fix: a batch size of 3 or more (--batch-size), or AFF off (--no-aff)")])
 def test_too_small_a_batch_for_aff_is_a_clear_error(preset: str, batch: str, message: str,
                                                      tmp_path: Path, capsys) -> None:
     """AFF's batch norm on pooled features cannot train on one image (torch's own error
