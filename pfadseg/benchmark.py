@@ -36,7 +36,7 @@ from .files import write_text
 from .models import ModelConfig
 from .report import CATEGORIES, read_results, write_report
 from .runtime import resolve_device
-from .trainer import CHECKPOINT_NAME, STATE_NAME
+from .trainer import CHECKPOINT_NAME, STATE_NAME, check_aff_batch
 from .variants import ABLATION, MODULES, modules_of
 
 __all__ = ["Job", "Slot", "parse_variants", "find_categories", "device_slots", "plan_jobs",
@@ -448,6 +448,9 @@ def run_benchmark(args: argparse.Namespace) -> int:
     categories, missing = find_categories(args.data, args.categories)
     check_run_paths(args.textures, args.texture_limit, args.teacher_weights)
     variants = parse_variants(args.variants)
+    schedule = preset(args.preset, **{name: getattr(args, name) for name in SCHEDULE_OPTIONS})
+    check_aff_batch(any("aff" in (modules_of(v) or ()) for v in variants), schedule.batch_size,
+                    schedule, "variants without AFF")  # each pair trains in one process
     slots = device_slots(args.device, args.devices)
     out = out_folder(Path(args.out).resolve())
     _check_settings(out, args)

@@ -88,6 +88,23 @@ class TrainData:
         return cls(images, DefectSynthesizer(texture_images), rotation)
 
 
+def check_aff_batch(aff: bool, per_process: int, config: TrainConfig,
+                    without: str = "AFF off (--no-aff)") -> None:
+    """AFF's batch norm on pooled features (one value per channel and image) cannot
+    train on one image, and on two its gradients explode unless clipped (measured,
+    demo preset cut to 120 + 80 steps: BN scales of 5e7 and validation pixel AP 0.16
+    at batch 2, against 0.71 / 0.77 / 0.79 at batch 3 / 4 / 8)."""
+    least = 2 if config.grad_clip is not None else 3
+    if not aff or per_process >= least:
+        return
+    share = f"{per_process} image{'s' if per_process > 1 else ''} per process"
+    why = ("needs two or more" if least == 2 else
+           "makes the gradients of two explode (the model comes out garbage)")
+    raise ValueError(f"batch size {config.batch_size} leaves {share}, and AFF's batch norm on "
+                     f"pooled features {why}. Fix: a batch size of {least * dist.world_size()} "
+                     f"or more (--batch-size), or {without}")
+
+
 class Trainer:
     """Runs the schedule of a TrainConfig on one device (or one rank of several),
     writing state and a loss log to out_dir."""
@@ -104,7 +121,7 @@ class Trainer:
         self.synthesizer = DefectSynthesizer(data.synthesizer.textures.to(device), data.synthesizer.p_anomaly)
         self.rotation = data.rotation
         self.batch_size = dist.split_batch(config.batch_size)
-        self._check_aff_batch(model.config.aff, config)
+        check_aff_batch(model.config.aff, self.batch_size, config)
         # each rank draws its own batches and defects (CPU generator: same draws on any device)
         self.generator = torch.Generator().manual_seed(config.seed + 1_000_003 * dist.rank())
         self.student = dist.wrap(model.student, device)
@@ -129,21 +146,6 @@ class Trainer:
         checks = student_check_steps(config) if self.validation_set is not None else []
         self.student_checks = set(checks) if len(checks) > 1 else set()
         self.pick = StudentPick()
-
-    def _check_aff_batch(self, aff: bool, config: TrainConfig) -> None:
-        """AFF's batch norm on pooled features (one value per channel and image) cannot
-        train on one image, and on two its gradients explode unless clipped (measured,
-        demo preset cut to 120 + 80 steps: BN scales of 5e7 and validation pixel AP 0.16
-        at batch 2, against 0.71 / 0.77 / 0.79 at batch 3 / 4 / 8)."""
-        least = 2 if config.grad_clip is not None else 3
-        if not aff or self.batch_size >= least:
-            return
-        share = f"{self.batch_size} image{'s' if self.batch_size > 1 else ''} per process"
-        why = ("needs two or more" if least == 2 else
-               "makes the gradients of two explode (the model comes out garbage)")
-        raise ValueError(f"batch size {config.batch_size} leaves {share}, and AFF's batch norm on "
-                         f"pooled features {why}. Fix: a batch size of {least * dist.world_size()} "
-                         "or more (--batch-size), or AFF off (--no-aff)")
 
     # --- one step ----------------------------------------------------------------
     def _batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -256,6 +256,10 @@ def test_a_bad_layout_or_path_stops_before_any_training(tmp_path: Path, capsys) 
         assert main(CI_ARGS + ["--out", str(out), option, str(tmp_path / "missing")]) == 2
         assert f"{tmp_path / 'missing'}" in capsys.readouterr().err
         assert not out.exists()  # checked before the folder is made
+    aff = [a if a != "destseg" else "destseg,+aff" for a in CI_ARGS]  # AFF unclipped at batch 2
+    assert main(aff + ["--preset", "demo", "--batch-size", "2", "--out", str(tmp_path / "aff")]) == 2
+    assert "Fix: a batch size of 3 or more (--batch-size), or variants without AFF" in capsys.readouterr().err
+    assert not (tmp_path / "aff").exists()
 
 
 def test_device_slots(monkeypatch: pytest.MonkeyPatch) -> None:
