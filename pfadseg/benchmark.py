@@ -30,7 +30,7 @@ from typing import IO
 import torch
 
 from . import JOB_ENV
-from .config import preset
+from .config import TrainConfig, preset
 from .data import DataError, mvtec_category, train_image_paths
 from .files import write_text
 from .models import ModelConfig
@@ -224,10 +224,15 @@ def plan_jobs(out: Path, categories: list[str], variants: list[str]) -> list[Job
     return [Job(c, v, out / c / v) for c in categories for v in variants]
 
 
+def pair_schedule(args: argparse.Namespace) -> TrainConfig:
+    """The TrainConfig each pair's `pfadseg train` resolves from the preset and options."""
+    return preset(args.preset, **{name: getattr(args, name) for name in SCHEDULE_OPTIONS})
+
+
 def result_settings(args: argparse.Namespace) -> dict[str, object]:
     """What every pair's results depend on, as train resolves it: an option given
     with the value train takes anyway is the same as one left out."""
-    schedule = preset(args.preset, **{name: getattr(args, name) for name in SCHEDULE_OPTIONS})
+    schedule = pair_schedule(args)
     paths = {name: getattr(args, name) and str(Path(getattr(args, name)).resolve())
              for name in _PATH_OPTIONS}
     return json.loads(json.dumps({
@@ -448,7 +453,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
     categories, missing = find_categories(args.data, args.categories)
     check_run_paths(args.textures, args.texture_limit, args.teacher_weights)
     variants = parse_variants(args.variants)
-    schedule = preset(args.preset, **{name: getattr(args, name) for name in SCHEDULE_OPTIONS})
+    schedule = pair_schedule(args)
     check_aff_batch(any("aff" in (modules_of(v) or ()) for v in variants), schedule.batch_size,
                     schedule, "variants without AFF")  # each pair trains in one process
     slots = device_slots(args.device, args.devices)
