@@ -125,7 +125,8 @@ def find_categories(root: Path, text: str) -> tuple[list[str], list[str]]:
     root = Path(root)
     layout = "Fix: --data is the dataset root holding <category>/train/good and <category>/test"
     if not root.is_dir():
-        raise DataError(f"--data {root}: folder not found. {layout}")
+        what = "a file, not a folder" if root.exists() else "folder not found"
+        raise DataError(f"--data {root}: {what}. {layout}")
     if (root / "train" / "good").is_dir():
         raise DataError(f"--data {root} is a category folder. Fix: --data {root.parent}")
     every = text.strip().lower() == "all"

@@ -163,8 +163,8 @@ def list_images(folder: Path, recursive: bool = False) -> list[Path]:
     """
     folder = Path(folder)
     if not folder.is_dir():
-        raise DataError(f"{folder}: not a folder. Fix: check the path (it must be a folder "
-                        "of images).")
+        what = "a file, not a folder" if folder.exists() else "folder not found"
+        raise DataError(f"{folder}: {what}. Fix: check the path (it must be a folder of images).")
     try:
         entries = list(_walk(folder) if recursive else folder.iterdir())
     except OSError as exc:

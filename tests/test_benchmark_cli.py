@@ -242,6 +242,9 @@ def test_a_bad_layout_or_path_stops_before_any_training(tmp_path: Path, capsys) 
     the cause in the pair's log alone); now the command names them before any work."""
     with pytest.raises(DataError, match=r"--data .*nowhere: folder not found. Fix: --data is the dataset root"):
         find_categories(tmp_path / "nowhere", "all")
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(DataError, match=r"--data .*a_file: a file, not a folder. Fix:"):
+        find_categories(tmp_path / "a_file", "all")
     bottle = _category(tmp_path / "bottle")
     with pytest.raises(DataError, match=f"--data {bottle} is a category folder. Fix: --data {tmp_path}"):
         find_categories(bottle, "all")

@@ -116,8 +116,10 @@ def test_sub_folders_beside_training_images_are_named(tmp_path: Path, caplog) ->
     with caplog.at_level("WARNING", logger="pfadseg.data"):
         assert len(load_train_images(tmp_path, SIZE, progress=False)) == 1
     assert "its sub-folders (more/) are not read" in caplog.text
-    with pytest.raises(DataError, match="not a folder"):
+    with pytest.raises(DataError, match="missing: folder not found"):
         load_train_images(tmp_path / "missing", SIZE)
+    with pytest.raises(DataError, match="a.png: a file, not a folder"):
+        load_train_images(tmp_path / "a.png", SIZE)
 
 
 def test_missing_mask_is_named(dataset: Path) -> None:
@@ -542,7 +544,7 @@ def test_cli_train_on_empty_or_missing_folder(tmp_path: Path, capsys) -> None:
         (["--data", str(root), "--category", "empty_cat"],
          str(root / "empty_cat" / "train" / "good"), "no training images"),
         (["--data", str(root), "--category", "nope"], str(root / "nope"), "category folder not found"),
-        (["--train-dir", str(tmp_path / "nowhere")], str(tmp_path / "nowhere"), "not a folder"),
+        (["--train-dir", str(tmp_path / "nowhere")], str(tmp_path / "nowhere"), "folder not found"),
         ([], "", "give --data ROOT --category NAME"),
     ]
     for args, folder, words in cases:
