@@ -17,6 +17,14 @@ os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).reso
 for _var in ("NO_PROXY", "no_proxy"):
     os.environ[_var] = ",".join(filter(None, ["127.0.0.1,localhost,::1", os.environ.get(_var)]))
 
+# pytest-xdist workers share the cores: each, and the processes it starts, use its share
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    _CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    _SHARE = max(1, _CORES // _WORKERS)
+    os.environ["OMP_NUM_THREADS"] = str(_SHARE)
+    torch.set_num_threads(_SHARE)
+
 CATEGORY = "widget"
 IMG = 80  # source images are 80x80; models run at 64x64
 
