@@ -297,19 +297,36 @@ def calibrate(model: AnomalyModel, good_images: torch.Tensor,
     return replace(thresholds, source=source)
 
 
-def check_calibrated_path(source: Path, out: Path) -> None:
-    """The calibrated copy never replaces its original (checked before any work)."""
-    if Path(out).resolve() == Path(source).resolve():
+def check_calibrated_path(source: Path, out: Path, tensors: dict[str, torch.Tensor] | None = None) -> None:
+    """The calibrated copy never replaces its original, nor another model or file: an
+    existing `out` is replaced only when it holds the same weights (an earlier
+    calibration of the same model). Checked before any work; `tensors` are the
+    source's, when already read."""
+    source, out = Path(source), Path(out)
+    if out.resolve() == source.resolve():
         raise CalibrationError(f"{out}: is the checkpoint being calibrated. Fix: choose another "
                                "--out; the original stays as it is.")
+    if out.exists() and not _same_weights(out, ckpt.read(source)[0] if tensors is None else tensors):
+        raise CalibrationError(f"{out} exists and is not a calibrated copy of {source} (another "
+                               f"model or another file); it is left as it is. Fix: choose another "
+                               f"--out, or delete {out} first.")
+
+
+def _same_weights(path: Path, tensors: dict[str, torch.Tensor]) -> bool:
+    """Whether the file at `path` is a checkpoint holding exactly `tensors`."""
+    try:
+        theirs, _ = ckpt.read(path)
+    except ckpt.CheckpointError:
+        return False
+    return theirs.keys() == tensors.keys() and all(torch.equal(theirs[k], v) for k, v in tensors.items())
 
 
 def write_calibrated_checkpoint(source: Path, out: Path, thresholds: Thresholds) -> Path:
     """A copy of checkpoint `source` at `out` with `thresholds` in its metadata
     (weights and everything else unchanged; `source` itself is never rewritten)."""
     source, out = Path(source), Path(out)
-    check_calibrated_path(source, out)
     tensors, meta = ckpt.read(source)
+    check_calibrated_path(source, out, tensors)
     meta.update(thresholds.to_meta())
     ckpt.atomic_save(tensors, meta, out)
     return out

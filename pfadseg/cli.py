@@ -273,6 +273,9 @@ def check_run_paths(textures: Path | None, texture_limit: int | None, weights: P
 def cmd_train(args: argparse.Namespace) -> int:
     """`pfadseg train`: train on a folder of good images (or resume a run) and write its checkpoint."""
     device = _device(args)
+    if args.data is not None and args.train_dir is not None:  # --data went unread before
+        raise DataError("--data ROOT and --train-dir DIR both name the training images. Fix: give "
+                        "one of them (--category NAME with --train-dir only sets its rotation)")
     if args.data is not None and args.train_dir is None and args.category:
         args.train_dir = mvtec_category(args.data, args.category) / "train" / "good"
     elif args.train_dir is None and not args.resume:
@@ -389,6 +392,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     out = args.out or args.checkpoint.with_name(args.checkpoint.stem + ".calibrated.safetensors")
     out_file(out, "checkpoint.calibrated.safetensors")
     check_calibrated_path(args.checkpoint, out)
+    if out.exists():
+        print(f"{out} holds an earlier calibration of this model: it is replaced")
     device = _device(args)
     model, meta = load_checkpoint(args.checkpoint)
     place(model, device)
@@ -489,6 +494,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """`pfadseg demo`: train and test on the bundled sample."""
     from .demo import run_demo
 
+    out_folder(args.out)
     run_demo(args.out, quick=args.quick, device=_device(args))
     return 0
 

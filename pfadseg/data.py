@@ -493,7 +493,11 @@ def load_image_folder(folder: Path, size: int, skip_bad: bool = False) -> torch.
     if not paths:
         raise DataError(f"{folder}: no images ({'/'.join(IMAGE_SUFFIXES)}). Fix: point at a "
                         "folder of images.")
-    images, kept = load_images(paths, size, skip_bad)
+    try:
+        images, kept = load_images(paths, size, skip_bad)
+    except DataError as exc:  # only without skip_bad
+        raise DataError(f"{exc} Or add --skip-bad-images (Python: skip_bad=True) to go on "
+                        "without the unreadable images, each logged.") from exc
     if not kept:
         raise DataError(f"{folder}: none of the {len(paths)} images could be read (see the "
                         "'skipped' warnings above).")

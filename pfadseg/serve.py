@@ -76,6 +76,9 @@ def check_bind(host: str, port: int, token: str | None) -> None:
     if not is_local(host) and not token:
         raise ValueError(f"--host {host} makes the server reachable from other machines: give "
                          "--token T as well (/predict and /model then need it)")
+    if token == "":  # served with no check at all, while the command asked for one
+        raise ValueError("--token is empty. Fix: give a secret, e.g. --token $(python -c 'import "
+                         "secrets; print(secrets.token_urlsafe())'), or leave --token out")
     if token is not None and not (token.isascii() and token.isprintable() and " " not in token):
         raise ValueError("--token must be printable ASCII without spaces (it travels in an HTTP "
                          "header). Fix: e.g. --token $(python -c 'import secrets; print(secrets.token_urlsafe())')")
@@ -314,7 +317,7 @@ def create_app(detector: Detector, token: str | None = None,
                 for i, upload in enumerate(uploads):
                     name = upload.filename or f"file {i + 1}"
                     if upload.size is not None and upload.size > max_bytes:
-                        raise UploadError(413, f"{name}: {upload.size / 2**20:.1f} MB is over the "
+                        raise UploadError(413, f"{name}: {upload.size / 2**20:.3g} MB is over the "
                                                f"upload limit of {max_upload_mb:g} MB (--max-upload-mb)")
                     data = await upload.read()
                     image = await run_in_threadpool(decode_upload, name, data, max_pixels, budget, held)

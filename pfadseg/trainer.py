@@ -489,7 +489,7 @@ def check_out_dir(out_dir: Path, resume: bool) -> None:
         try:
             ckpt.read_meta(state_path, kind=STATE_FORMAT)
         except ckpt.CheckpointError as exc:
-            raise TrainingError(f"{exc}. Fix: delete {state_path} to start the run over, or "
+            raise TrainingError(f"{str(exc).rstrip('.')}. Fix: delete {state_path} to start the run over, or "
                                 "choose another --out.") from exc
     elif state_path.is_file() and _unfinished(state_path):
         raise TrainingError(f"{out_dir} holds an unfinished run ({state_path}). Fix: add "
@@ -501,6 +501,10 @@ def check_out_dir(out_dir: Path, resume: bool) -> None:
     elif checkpoint.is_file():
         raise TrainingError(f"{out_dir} holds a finished run ({checkpoint}). "
                             "Fix: choose another --out, or delete that folder to train it again.")
+    elif made := sorted(p.name for p in out_dir.glob(f"{checkpoint.stem}.*") if p.is_file()):
+        raise TrainingError(f"{out_dir} holds files made from an earlier run's checkpoint ("
+                            f"{', '.join(made)}): a new run would leave them beside another model. "
+                            "Fix: choose another --out, or delete them.")
 
 
 # what a resumed run keeps from the run it continues: setting -> where that run holds it
@@ -546,7 +550,8 @@ def resumed_settings(out_dir: Path, given: dict[str, object], defaults: dict[str
             run_value = Path(run_value).resolve()
             value = value and Path(value).resolve()
         if value is not None and value != defaults.get(name) and str(value) != str(run_value):
-            differ.append(f"--{name.replace('_', '-')} {value} (the run's: {run_value})")
+            differ.append(f"--{name.replace('_', '-')} {value} (the run's: "
+                          f"{'none' if run_value is None else run_value})")
         kept[name] = run_value
     if differ:
         raise TrainingError(f"--resume continues the run in {out_dir} with the settings it started "

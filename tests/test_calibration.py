@@ -3,6 +3,7 @@ training's calibrated checkpoint and `pfadseg calibrate`."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from statistics import NormalDist
 from pathlib import Path
 
@@ -166,6 +167,14 @@ def test_calibrate_runs_the_model_and_writes_a_new_checkpoint(trained: Path) -> 
     assert read_meta(src) == before  # the source checkpoint is never rewritten
     with pytest.raises(CalibrationError, match="another --out"):
         write_calibrated_checkpoint(src, src, t)
+    # a second calibration replaces the first; any other file is left as it is
+    again = replace(t, source="again")
+    assert Thresholds.from_meta(read_meta(write_calibrated_checkpoint(src, out, again))) == again
+    other = trained / "run" / "config.json"
+    before_other = other.read_bytes()
+    with pytest.raises(CalibrationError, match=f"{other} exists and is not a calibrated copy of {src}"):
+        write_calibrated_checkpoint(src, other, t)
+    assert other.read_bytes() == before_other
 
 
 def test_cli_calibrate_with_real_defects_uses_f1(trained: Path, tmp_path: Path, caplog) -> None:
@@ -208,6 +217,22 @@ def test_cli_calibrate_warns_of_training_images_and_predict_outputs(trained: Pat
                  "--device", "cpu", "--no-bf16"]) == 0
     assert "trained on" not in caplog.text and "leaving out 4 overlays and masks" in caplog.text
     assert Thresholds.from_meta(read_meta(first)).n_good == 2  # not 6
+
+
+def test_cli_calibrate_names_an_unreadable_good_image_and_the_skip_option(trained: Path, tmp_path: Path,
+                                                                         capsys) -> None:
+    good = tmp_path / "good"
+    good.mkdir()
+    for path in sorted((trained / "mvtec" / CATEGORY / "test" / "good").iterdir()):
+        Image.open(path).save(good / path.name)
+    (good / "broken.png").write_bytes((good / path.name).read_bytes()[:100])
+    argv = ["calibrate", "--checkpoint", str(trained / "run" / "checkpoint.safetensors"), "--good",
+            str(good), "--out", str(tmp_path / "c.safetensors"), "--device", "cpu", "--no-bf16"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{good / 'broken.png'}: cannot read image" in err and "Or add --skip-bad-images" in err
+    assert main([*argv, "--skip-bad-images"]) == 0
+    assert Thresholds.from_meta(read_meta(tmp_path / "c.safetensors")).n_good == 2
 
 
 def test_cli_calibrate_refuses_half_of_the_defect_options(trained: Path, capsys) -> None:

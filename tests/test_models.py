@@ -325,6 +325,13 @@ def test_resnet18_teacher_from_local_file(tmp_path) -> None:
     # and a missing file is a clear error
     with pytest.raises(TeacherWeightsError):
         build_teacher("resnet18", tmp_path / "absent.pth")
+    # as is a foreign one, without torch's page that suggests weights_only=False
+    image = tmp_path / "good.png"
+    image.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))
+    with pytest.raises(TeacherWeightsError) as info:
+        build_teacher("resnet18", image)
+    assert str(info.value).startswith(f"{image}: not a weights file torch can read safely (")
+    assert "weights_only" not in str(info.value) and "Fix: give the teacher's ImageNet weights" in str(info.value)
 
 
 # --- parameter counts ------------------------------------------------------------------

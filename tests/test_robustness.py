@@ -546,6 +546,8 @@ def test_cli_train_on_empty_or_missing_folder(tmp_path: Path, capsys) -> None:
         (["--data", str(root), "--category", "nope"], str(root / "nope"), "category folder not found"),
         (["--train-dir", str(tmp_path / "nowhere")], str(tmp_path / "nowhere"), "folder not found"),
         ([], "", "give --data ROOT --category NAME"),
+        (["--data", str(root), "--train-dir", str(root / "empty_cat" / "train" / "good")], "",
+         "--data ROOT and --train-dir DIR both name the training images. Fix: give one of them"),
     ]
     for args, folder, words in cases:
         assert cli.main(_train_argv(tmp_path, *args)) == 2
@@ -599,6 +601,9 @@ def test_cli_train_checks_every_path_before_loading_images(tmp_path: Path, capsy
     unfinished.mkdir()
     finished.mkdir()
     (finished / CHECKPOINT_NAME).write_bytes(b"a model a user keeps")
+    calibrated_only = tmp_path / "calibrated_only"  # a copy made from a checkpoint moved away
+    calibrated_only.mkdir()
+    (calibrated_only / "checkpoint.calibrated.safetensors").write_bytes(b"thresholds a user set")
     ckpt.atomic_save({"rng": torch.zeros(4, dtype=torch.uint8)},
                      {"format": STATE_FORMAT, "format_version": ckpt.FORMAT_VERSION, "step": 1,
                       "train": preset("tiny").to_dict()}, unfinished / STATE_NAME)
@@ -611,6 +616,8 @@ def test_cli_train_checks_every_path_before_loading_images(tmp_path: Path, capsy
         (("--out", str(out_file)), f"--out {out_file} is a file, not a folder"),
         (("--out", str(unfinished)), f"{unfinished} holds an unfinished run"),
         (("--out", str(finished)), f"{finished} holds a finished run"),
+        (("--out", str(calibrated_only)), f"{calibrated_only} holds files made from an earlier "
+                                          "run's checkpoint (checkpoint.calibrated.safetensors)"),
     ]
     for extra, words in cases:
         assert cli.main([*_train_argv(tmp_path, *data_args), *extra]) == 2, extra  # last --out wins
@@ -627,6 +634,7 @@ def test_cli_out_paths_are_checked_before_any_work(destseg_ckpt: Path, tmp_path:
 
     monkeypatch.setattr("pfadseg.cli.load_checkpoint", no_work)
     monkeypatch.setattr("pfadseg.detector.load_checkpoint", no_work)
+    monkeypatch.setattr("pfadseg.demo.run_demo", no_work)  # it trained, then failed to write
     a_file, a_folder = tmp_path / "afile.txt", tmp_path / "folder"
     a_file.write_text("not a folder")
     a_folder.mkdir()
@@ -644,6 +652,7 @@ def test_cli_out_paths_are_checked_before_any_work(destseg_ckpt: Path, tmp_path:
         (["export", "--checkpoint", ck, "--out", str(a_folder)], f"--out {a_folder} is a folder"),
         (["calibrate", "--checkpoint", ck, "--good", str(a_folder), "--out", ck],
          f"{ck}: is the checkpoint being calibrated"),  # was refused after the inference
+        (["demo", "--quick", "--out", str(a_file)], f"--out {a_file} is a file, not a folder"),
     ]
     for argv, words in cases:
         assert cli.main(argv) == 2, argv

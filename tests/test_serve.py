@@ -233,6 +233,8 @@ def test_decoded_pixels_are_bounded_over_requests(detector: Detector) -> None:
 def test_serve_options_are_checked_before_the_model_loads(detector: Detector, capsys) -> None:
     with pytest.raises(ValueError, match="--token must be printable ASCII"):
         serve(detector, token="sécret")  # no HTTP header can carry it: the page could never log in
+    with pytest.raises(ValueError, match="--token is empty. Fix: give a secret"):
+        serve(detector, token="")  # served every call unchecked before
     for option, value, words in (("--port", "99999", "is not a port"),
                                  ("--max-megapixels", "0", "is not a number above 0"),
                                  ("--max-upload-mb", "-1", "is not a number above 0")):

@@ -64,7 +64,10 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt or foreign file
-        raise TeacherWeightsError(f"cannot read teacher weights {path}: {exc}") from exc
+        # torch's own text for a foreign file runs to a page and suggests weights_only=False
+        raise TeacherWeightsError(f"{path}: not a weights file torch can read safely ({type(exc).__name__}). "
+                                  "Fix: give the teacher's ImageNet weights, a state dict saved with "
+                                  "torch.save (.pth) or a .safetensors file") from exc
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     if not isinstance(state, dict):
