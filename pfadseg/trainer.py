@@ -489,8 +489,8 @@ def check_out_dir(out_dir: Path, resume: bool) -> None:
         try:
             ckpt.read_meta(state_path, kind=STATE_FORMAT)
         except ckpt.CheckpointError as exc:
-            raise TrainingError(f"{str(exc).rstrip('.')}. Fix: delete {state_path} to start the run over, or "
-                                "choose another --out.") from exc
+            raise TrainingError(f"{str(exc).rstrip('.')}. Fix: delete {state_path} to start the "
+                                "run over, or choose another --out.") from exc
     elif state_path.is_file() and _unfinished(state_path):
         raise TrainingError(f"{out_dir} holds an unfinished run ({state_path}). Fix: add "
                             "--resume to continue it, or choose another --out.")

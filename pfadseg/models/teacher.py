@@ -65,9 +65,9 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt or foreign file
         # torch's own text for a foreign file runs to a page and suggests weights_only=False
-        raise TeacherWeightsError(f"{path}: not a weights file torch can read safely ({type(exc).__name__}). "
-                                  "Fix: give the teacher's ImageNet weights, a state dict saved with "
-                                  "torch.save (.pth) or a .safetensors file") from exc
+        raise TeacherWeightsError(f"{path}: not a weights file torch can read safely "
+                                  f"({type(exc).__name__}). Fix: give the teacher's ImageNet weights, "
+                                  "a state dict saved with torch.save (.pth) or a .safetensors file") from exc
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     if not isinstance(state, dict):
