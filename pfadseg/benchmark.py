@@ -31,7 +31,7 @@ import torch
 
 from . import JOB_ENV
 from .config import TrainConfig, preset
-from .data import DataError, mvtec_category, train_image_paths
+from .data import DataError, mvtec_category, not_a_folder, train_image_paths
 from .files import write_text
 from .models import ModelConfig
 from .report import CATEGORIES, read_results, write_report
@@ -125,8 +125,7 @@ def find_categories(root: Path, text: str) -> tuple[list[str], list[str]]:
     root = Path(root)
     layout = "Fix: --data is the dataset root holding <category>/train/good and <category>/test"
     if not root.is_dir():
-        what = "a file, not a folder" if root.exists() else "folder not found"
-        raise DataError(f"--data {root}: {what}. {layout}")
+        raise DataError(f"--data {root}: {not_a_folder(root)}. {layout}")
     if (root / "train" / "good").is_dir():
         raise DataError(f"--data {root} is a category folder. Fix: --data {root.parent}")
     every = text.strip().lower() == "all"

@@ -152,6 +152,11 @@ def _unlisted(exc: OSError) -> None:
     raise DataError(f"{exc.filename}: cannot list this folder ({exc.strerror}).{fix}") from exc
 
 
+def not_a_folder(path: Path, noun: str = "folder") -> str:
+    """Why `path`, which is no folder, cannot be used as one: it is a file, or missing."""
+    return "a file, not a folder" if path.exists() else f"{noun} not found"
+
+
 def list_images(folder: Path, recursive: bool = False) -> list[Path]:
     """Image files in a folder, sorted, each file once (a link to another of them is
     left out); other files (notes, thumbnails) are skipped with a log line.
@@ -163,8 +168,8 @@ def list_images(folder: Path, recursive: bool = False) -> list[Path]:
     """
     folder = Path(folder)
     if not folder.is_dir():
-        what = "a file, not a folder" if folder.exists() else "folder not found"
-        raise DataError(f"{folder}: {what}. Fix: check the path (it must be a folder of images).")
+        raise DataError(f"{folder}: {not_a_folder(folder)}. Fix: check the path (it must be a folder "
+                        "of images).")
     try:
         entries = list(_walk(folder) if recursive else folder.iterdir())
     except OSError as exc:
@@ -395,9 +400,8 @@ def list_test_images(test_dir: Path) -> list[tuple[str, Path]]:
     recursively); a missing good/ or images loose in `test_dir` are an error."""
     test_dir = Path(test_dir)
     if not test_dir.is_dir():
-        what = "a file, not a folder" if test_dir.exists() else "test folder not found"
-        raise DataError(f"{test_dir}: {what}. Fix: give a folder holding good/ and one folder per "
-                        "defect type.")
+        raise DataError(f"{test_dir}: {not_a_folder(test_dir, 'test folder')}. Fix: give a folder "
+                        "holding good/ and one folder per defect type.")
     if not (test_dir / "good").is_dir():
         if (test_dir / "test" / "good").is_dir():  # an MVTec category's root
             raise DataError(f"{test_dir}: no good/ folder, but {test_dir / 'test'} has one. Fix: "
