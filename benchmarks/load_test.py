@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import socket
+import re
 import statistics
 import subprocess
 import sys
@@ -35,38 +35,31 @@ from pfadseg.predict import collect_inputs
 SCORE_TOLERANCE = 1e-3  # in a batch with other images, or alone: the same score up to bf16 rounding
 
 
-def free_port() -> int:
-    """A TCP port on localhost that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
-def running_server(checkpoint: Path, args: tuple[str, ...] = (), timeout: float = 180.0,
-                   port: int | None = None) -> Iterator[tuple[str, subprocess.Popen]]:
-    """`pfadseg serve` in a child process on localhost; yields (base URL, process)
-    once /health answers, and stops it afterwards. Its log goes to a temporary
-    file whose tail is in the error when it fails to start."""
-    port = port or free_port()
-    url = f"http://127.0.0.1:{port}"
+def running_server(checkpoint: Path, args: tuple[str, ...] = (),
+                   timeout: float = 180.0) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`pfadseg serve` in a child process on a free localhost port (--port 0, the
+    port the server printed: no other process can take it in between); yields
+    (base URL, process) once /health answers, and stops it afterwards. Its log goes
+    to a temporary file whose tail is in the error when it fails to start."""
     cmd = [sys.executable, "-m", "pfadseg.cli", "serve", "--checkpoint", str(checkpoint),
-           "--port", str(port), *args]
+           "--port", "0", *args]
     token = args[args.index("--token") + 1] if "--token" in args else None
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    with tempfile.TemporaryFile() as log:
+    with tempfile.NamedTemporaryFile() as log:  # read by name: the child's offset stays its own
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         try:
             deadline = time.monotonic() + timeout
             while True:
+                printed = Path(log.name).read_text(errors="replace")
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    log.seek(0)
-                    tail = log.read().decode(errors="replace")[-3000:]
                     raise RuntimeError(f"`{' '.join(cmd)}` did not come up "
-                                       f"(exit code {proc.poll()}):\n{tail}")
+                                       f"(exit code {proc.poll()}):\n{printed[-3000:]}")
+                page = re.search(r"page at (http://127\.0\.0\.1:\d+)/", printed)
                 with contextlib.suppress(httpx.HTTPError):
-                    if httpx.get(f"{url}/health", headers=headers, timeout=2,
-                                 trust_env=False).status_code == 200:  # no HTTP_PROXY for localhost
+                    if page and httpx.get(f"{page[1]}/health", headers=headers, timeout=2,
+                                          trust_env=False).status_code == 200:  # no HTTP_PROXY for localhost
+                        url = page[1]
                         break
                 time.sleep(0.2)
             yield url, proc

@@ -57,6 +57,7 @@ def whole_number(minimum: int, maximum: int | None = None, why: str = "") -> Cal
 
 positive_int = whole_number(1)  # batch sizes, counts
 non_negative_int = whole_number(0)  # numbers of steps
+port = whole_number(0, 65535, "the highest TCP port")  # 0: any free port
 MAX_EVAL_SIZE = 8192  # an 8192 x 8192 float32 map is 256 MiB, and test keeps one per image
 
 
@@ -72,14 +73,6 @@ def image_size(text: str) -> int:
     if value % 32:
         raise argparse.ArgumentTypeError(f"{text!r} is not a multiple of 32 (the networks "
                                          f"downsample by 32); e.g. {max(round(value / 32), 1) * 32}")
-    return value
-
-
-def port(text: str) -> int:
-    """argparse type: a TCP port number."""
-    value = whole_number(1)(text)
-    if value > 65535:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port (1 to 65535)")
     return value
 
 
@@ -502,12 +495,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     """`pfadseg serve`: the web page and HTTP API around a checkpoint."""
     from .detector import Detector
-    from .serve import check_bind, serve
+    from .serve import bind, serve
 
-    check_bind(args.host, args.port, args.token)  # before the minute a model can take to load
-    detector = Detector.load(args.checkpoint, device=_device(args), threshold=args.threshold,
-                             bf16=not args.no_bf16)
-    serve(detector, args.host, args.port, args.token, args.max_upload_mb, args.max_megapixels)
+    listener = bind(args.host, args.port, args.token)  # before the minute a model can take to load
+    with listener:
+        detector = Detector.load(args.checkpoint, device=_device(args), threshold=args.threshold,
+                                 bf16=not args.no_bf16)
+        serve(detector, args.host, args.port, args.token, args.max_upload_mb, args.max_megapixels,
+              listener)
     return 0
 
 
@@ -645,7 +640,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default: %(default)s, this machine only); any other "
                         "needs --token")
-    p.add_argument("--port", type=port, default=8000, help="port (default: %(default)s)")
+    p.add_argument("--port", type=port, default=8000,
+                   help="port; 0 takes any free one, printed (default: %(default)s)")
     p.add_argument("--token", help="secret that /predict and /model calls must send (Authorization: "
                                    "Bearer T, or ?token=T; the page, /health and /docs stay open); "
                                    "required for a non-local --host")

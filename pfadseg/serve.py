@@ -69,10 +69,11 @@ def is_local(host: str) -> bool:
         return False
 
 
-def check_bind(host: str, port: int, token: str | None) -> None:
-    """Refuse to bind a non-local `host` without a token, a token no HTTP header can
-    carry, or a port another program holds (before the model loads, and before the
-    page's address is printed)."""
+def bind(host: str, port: int, token: str | None) -> socket.socket:
+    """The server's listening socket, bound before the model loads (the page's address
+    is printed only once it is held; port 0: any free port). Refuses a non-local
+    `host` without a token, a token no HTTP header can carry, and a port another
+    program holds."""
     if not is_local(host) and not token:
         raise ValueError(f"--host {host} makes the server reachable from other machines: give "
                          "--token T as well (/predict and /model then need it)")
@@ -82,14 +83,15 @@ def check_bind(host: str, port: int, token: str | None) -> None:
     if token is not None and not (token.isascii() and token.isprintable() and " " not in token):
         raise ValueError("--token must be printable ASCII without spaces (it travels in an HTTP "
                          "header). Fix: e.g. --token $(python -c 'import secrets; print(secrets.token_urlsafe())')")
+    listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     try:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        with socket.socket(family, socket.SOCK_STREAM) as probe:  # bound the way uvicorn binds
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            probe.bind((host, port))
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        listener.bind((host, port))
     except OSError as exc:
+        listener.close()
         raise ValueError(f"cannot serve on {host}:{port} ({exc.strerror or exc}). Fix: choose "
                          "another --port, or stop the program using it.") from exc
+    return listener
 
 
 class PixelBudget:
@@ -339,15 +341,18 @@ def create_app(detector: Detector, token: str | None = None,
 
 def serve(detector: Detector, host: str = "127.0.0.1", port: int = 8000, token: str | None = None,
           max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
-          max_megapixels: float = DEFAULT_MAX_MEGAPIXELS) -> None:
-    """Run the server until interrupted. A non-local `host` needs a `token`."""
-    check_bind(host, port, token)
+          max_megapixels: float = DEFAULT_MAX_MEGAPIXELS, listener: socket.socket | None = None) -> None:
+    """Run the server until interrupted. A non-local `host` needs a `token`; `listener`
+    is a socket from `bind(host, port, token)` (bound here when not given)."""
+    listener = listener or bind(host, port, token)
     import uvicorn
 
     app = create_app(detector, token, max_upload_mb, max_megapixels)
     shown = f"[{host}]" if ":" in host else host
     print(f"pfadseg serve: {detector.info()['variant']} on {detector.device}, "
-          f"page at http://{shown}:{port}/" + ("?token=..." if token else ""), flush=True)
+          f"page at http://{shown}:{listener.getsockname()[1]}/" + ("?token=..." if token else ""),
+          flush=True)
     # Ctrl-C waited for a stalled upload to end before: give open requests 5 s
-    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False,
-                timeout_graceful_shutdown=5)
+    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
+    with listener:
+        uvicorn.Server(config).run(sockets=[listener])

@@ -29,7 +29,7 @@ from pfadseg.demo import demo_root  # noqa: E402
 from pfadseg.detector import Detector  # noqa: E402
 from pfadseg.models import AnomalyModel, ModelConfig  # noqa: E402
 from pfadseg.models.teacher import RANDOM  # noqa: E402
-from pfadseg.serve import ModelQueue, PixelBudget, UploadError, create_app, is_local, serve  # noqa: E402
+from pfadseg.serve import ModelQueue, PixelBudget, UploadError, bind, create_app, is_local, serve  # noqa: E402
 
 spec = importlib.util.spec_from_file_location(
     "load_test", Path(__file__).parents[1] / "benchmarks" / "load_test.py")
@@ -235,7 +235,7 @@ def test_serve_options_are_checked_before_the_model_loads(detector: Detector, ca
         serve(detector, token="sécret")  # no HTTP header can carry it: the page could never log in
     with pytest.raises(ValueError, match="--token is empty. Fix: give a secret"):
         serve(detector, token="")  # served every call unchecked before
-    for option, value, words in (("--port", "99999", "is not a port"),
+    for option, value, words in (("--port", "99999", "is over 65535"),
                                  ("--max-megapixels", "0", "is not a number above 0"),
                                  ("--max-upload-mb", "-1", "is not a number above 0")):
         with pytest.raises(SystemExit):
@@ -340,3 +340,12 @@ def test_load_test_answers_every_request_correctly(live_server, requests: int) -
     print(f"\n{requests} requests from 8 clients: p50 {stats['p50_ms']:.0f} ms, "
           f"p95 {stats['p95_ms']:.0f} ms, server peak memory {load_test.peak_rss_mb(proc.pid) or 0:.0f} MiB")
     assert stats["errors"] == [] and stats["correct"] == requests
+
+
+
+def test_port_zero_binds_a_free_port_held_until_served() -> None:
+    with bind("127.0.0.1", 0, None) as listener:  # the command binds once: no probe, then a second bind
+        port = listener.getsockname()[1]
+        assert port != 0
+        with socket.socket() as other, pytest.raises(OSError):
+            other.bind(("127.0.0.1", port))
