@@ -149,17 +149,14 @@ class DefectSynthesizer:
 
     ``I_aug = I*(1-M) + (1-b)*A*M + b*I*M`` with texture A drawn uniformly from the
     bank and b = 0.8*U(0,1) per sample, so the texture opacity 1-b lies in (0.2, 1].
+    Every sample gets a defect, as in the official code.
     """
 
-    def __init__(self, textures: torch.Tensor, p_anomaly: float = 1.0) -> None:
-        """``textures``: (K, 3, H, W) in [0, 1] at the input size; ``p_anomaly``:
-        probability that a sample receives a defect (1.0 = official behaviour)."""
+    def __init__(self, textures: torch.Tensor) -> None:
+        """``textures``: (K, 3, H, W) in [0, 1] at the input size."""
         if textures.ndim != 4 or textures.shape[1] != 3 or textures.shape[0] == 0:
             raise ValueError(f"textures must be (K>0, 3, H, W), got {tuple(textures.shape)}")
-        if not 0.0 <= p_anomaly <= 1.0:
-            raise ValueError(f"p_anomaly must be in [0, 1], got {p_anomaly}")
         self.textures = textures
-        self.p_anomaly = p_anomaly
 
     def __call__(
         self, images: torch.Tensor, generator: torch.Generator
@@ -176,8 +173,6 @@ class DefectSynthesizer:
             0, self.textures.shape[0], (batch,), generator=generator, device=gen_device
         )
         beta = 0.8 * torch.rand(batch, generator=generator, device=gen_device)
-        keep = torch.rand(batch, generator=generator, device=gen_device) < self.p_anomaly
-        mask = mask * keep.to(device=device, dtype=mask.dtype).view(batch, 1, 1, 1)
         texture = self.textures[picks.to(self.textures.device)]
         texture = texture.to(device=device, dtype=images.dtype)
         beta = beta.to(device=device, dtype=images.dtype).view(batch, 1, 1, 1)

@@ -118,7 +118,7 @@ class Trainer:
         cpu_training_fixes(model, device, self.use_bf16)
         # decoded once; on a GPU the images and textures live there and defects are drawn there
         self.images = data.images.to(device)
-        self.synthesizer = DefectSynthesizer(data.synthesizer.textures.to(device), data.synthesizer.p_anomaly)
+        self.synthesizer = DefectSynthesizer(data.synthesizer.textures.to(device))
         self.rotation = data.rotation
         self.batch_size = dist.split_batch(config.batch_size)
         check_aff_batch(model.config.aff, self.batch_size, config)
