@@ -161,12 +161,12 @@ def device_slots(device: str, devices: int | None) -> list[Slot]:
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         ids = visible.split(",")[:count] if visible else [str(i) for i in range(count)]
         return [Slot("cuda", {"CUDA_VISIBLE_DEVICES": ids[i].strip()}) for i in range(wanted)]
-    resolve_device(name)  # a clear error for a device that is not there
+    resolved = str(resolve_device(name))  # a clear error for a device that is not there
     if devices not in (None, 1):
         where = "no CUDA GPU is visible" if name == "auto" else f"--device {device} is one device"
         raise ValueError(f"--devices {devices}: {where}, so jobs run one after another. Fix: drop "
                          "--devices, or use --device cuda on a machine with several GPUs")
-    return [Slot(name)]
+    return [Slot(resolved)]  # auto as what it is here, in the plan's line and each pair's command
 
 
 def _options(args: argparse.Namespace, names: tuple[tuple[str, bool], ...]) -> list[str]:
@@ -215,7 +215,7 @@ def evaluate_argv(job: Job, args: argparse.Namespace, device: str) -> list[str]:
     return _pfadseg(args) + ["test", "--checkpoint", str(job.checkpoint),
                              "--data", str(Path(args.data).resolve()), "--category", job.category,
                              *_options(args, TEST_OPTIONS), "--device", device,
-                             "--out", str(job.metrics.parent)]
+                             "--out", str(job.metrics.parent), "--overwrite"]  # a test stopped half-way
 
 
 def plan_jobs(out: Path, categories: list[str], variants: list[str]) -> list[Job]:

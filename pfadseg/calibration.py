@@ -136,7 +136,8 @@ class Thresholds:
                                        "Fix: run `pfadseg calibrate` on it.") from exc
         if meta.get("threshold") is None:
             raise CalibrationError("the checkpoint stores no threshold. Fix: run `pfadseg "
-                                   "calibrate --checkpoint C --good DIR` on it, or pass a threshold.")
+                                   "calibrate --checkpoint C --good DIR` on it, or give --threshold "
+                                   "(Python: threshold=).")
         value = float(meta["threshold"])
         return cls(image=value, pixel=value, method="legacy")
 

@@ -58,6 +58,8 @@ def whole_number(minimum: int, maximum: int | None = None, why: str = "") -> Cal
 positive_int = whole_number(1)  # batch sizes, counts
 non_negative_int = whole_number(0)  # numbers of steps
 port = whole_number(0, 65535, "the highest TCP port")  # 0: any free port
+RESULT_FILES = ("metrics.json", "metrics.md", "report.html", "summary.csv", "summary.json")
+OVERWRITE_HELP = "replace the results of an earlier test or predict run in --out (else refused)"
 MAX_EVAL_SIZE = 8192  # an 8192 x 8192 float32 map is 256 MiB, and test keeps one per image
 
 
@@ -112,6 +114,17 @@ def out_folder(path: Path) -> Path:
     except OSError as exc:
         raise DataError(f"--out {path}: cannot write there ({exc.strerror}). Fix: give a folder "
                         "you can write to.") from exc
+    return path
+
+
+def results_folder(path: Path, overwrite: bool) -> Path:
+    """--out of `test` and `predict`: as `out_folder`, and refused when it holds an
+    earlier run's results (either command's: both write report.html) unless `overwrite`."""
+    out_folder(path)
+    held = [name for name in RESULT_FILES if (path / name).is_file()]
+    if held and not overwrite:
+        raise DataError(f"--out {path} holds the results of an earlier run ({', '.join(held)}). "
+                        "Fix: give a new --out, or add --overwrite to replace them.")
     return path
 
 
@@ -322,14 +335,16 @@ def cmd_test(args: argparse.Namespace) -> int:
     """`pfadseg test`: the paper's metrics on a labelled test set, with report.html."""
     from .evaluation import format_table, run_folder_test, run_test
 
-    if (args.test_dir is None) == (args.data is None or args.category is None):
-        raise DataError("give --data ROOT --category NAME (MVTec layout), or --test-dir DIR")
+    mvtec = args.data is not None or args.category is not None
+    if (args.test_dir is None) != mvtec or (mvtec and (args.data is None or args.category is None)):
+        raise DataError("give --data ROOT --category NAME (MVTec layout), or --test-dir DIR "
+                        "(one of the two)")
     if args.mask_dir is not None and args.test_dir is None:
         raise DataError("--mask-dir goes with --test-dir (the MVTec layout has its ground_truth/)")
     if args.mask_dir is not None and not args.mask_dir.is_dir():
         raise DataError(f"--mask-dir {args.mask_dir}: not a folder. Fix: give the folder of masks "
                         "(by file stem, with or without _mask)")
-    out_folder(args.out)
+    results_folder(args.out, args.overwrite)
     device = _device(args)
     # the layout, checked in a second before the checkpoint loads (seconds)
     list_test_images(args.test_dir or mvtec_category(args.data, args.category) / "test")
@@ -352,11 +367,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .detector import Detector
     from .predict import collect_inputs, predict_files
 
-    out_folder(args.out)
+    backend = args.backend or ("onnx" if args.onnx is not None else "torch")
+    if args.onnx is not None and backend != "onnx":
+        raise DataError("--onnx is the model of --backend onnx. Fix: leave out --backend torch, or --onnx")
+    if backend == "onnx" and args.device not in ("auto", "cpu"):
+        raise DataError(f"--device {args.device}: the onnx backend runs on the CPU. Fix: leave "
+                        "out --device, or use --backend torch")
+    results_folder(args.out, args.overwrite)
     inputs = collect_inputs(args.inputs, skip=args.out)  # before the checkpoint loads (seconds)
-    detector = Detector.load(args.checkpoint, device=_device(args), threshold=args.threshold,
-                             bf16=not args.no_bf16, compile=args.compile, backend=args.backend,
-                             onnx=args.onnx, batch_size=args.batch_size)
+    detector = Detector.load(args.checkpoint, device="cpu" if backend == "onnx" else _device(args),
+                             threshold=args.threshold, bf16=not args.no_bf16, compile=args.compile,
+                             backend=backend, onnx=args.onnx, batch_size=args.batch_size)
     rows = predict_files(detector, inputs, args.out, args.batch_size, skip_bad=args.skip_bad_images)
     flagged = sum(r.get("anomalous", False) for r in rows)
     skipped = sum("error" in r for r in rows)
@@ -434,7 +455,7 @@ def cmd_export(args: argparse.Namespace) -> int:
                         f"any file of that name). Fix: --out {out.with_suffix('.onnx')}")
     _device(args)  # a wrong --device is still an error, as on the other commands
     model, _ = load_checkpoint(args.checkpoint)
-    print(f"exporting to {out}, then checking it with onnxruntime (up to a minute)...", flush=True)
+    print(f"exporting to {out}, then checking it with onnxruntime (a few minutes on a CPU)...", flush=True)
     export_onnx(model, out)
     print(f"exported: {out}")
     return 0
@@ -537,6 +558,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "by file stem with or without _mask; without it, image metrics only")
     p.add_argument("--out", type=user_path, required=True,
                    help="folder for metrics.json, metrics.md and report.html")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.add_argument("--no-report", action="store_true", help="skip report.html")
     p.add_argument("--batch-size", type=positive_int, default=16,
                    help="images per inference batch (default: %(default)s)")
@@ -556,16 +578,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint.safetensors of a `pfadseg train` run")
     p.add_argument("--out", type=user_path, required=True,
                    help="folder for the maps, overlays, masks (at the image's size, at most 1024 px "
-                        "a side) and summary.csv/.json")
+                        "a side), summary.csv/.json and report.html")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.add_argument("--threshold", type=probability,
                    help="image-score threshold between 0 and 1 (scores are probabilities; "
                         "default: the checkpoint's calibrated one)")
     p.add_argument("--batch-size", type=positive_int, default=8,
                    help="images per inference batch (default: %(default)s)")
-    p.add_argument("--backend", choices=("torch", "onnx"), default="torch",
+    p.add_argument("--backend", choices=("torch", "onnx"),
                    help="run the checkpoint in PyTorch, or its ONNX export in onnxruntime "
-                        "(default: %(default)s)")
-    p.add_argument("--onnx", type=user_path, help="exported model (default: checkpoint with .onnx)")
+                        "(default: torch; onnx when --onnx is given)")
+    p.add_argument("--onnx", type=user_path, help="exported model for the onnx backend (default: "
+                   "the checkpoint's path with .onnx)")
     p.add_argument("--no-bf16", action="store_true", help="run inference in plain fp32")
     p.add_argument("--compile", action="store_true", help=COMPILE_HELP + " (torch backend)")
     p.add_argument("--skip-bad-images", action="store_true", help="log and skip unreadable images")
@@ -676,7 +700,9 @@ def main(argv: list[str] | None = None) -> int:
     # `kill`, `timeout` and `docker stop` get what Ctrl-C gets: partial results written, no stray files
     terminate = signal.signal(signal.SIGTERM, _interrupt) if _main_thread() else None
     out = getattr(args, "out", None)
-    new_out = isinstance(out, Path) and not out.exists() and dist.rank() == 0
+    # the folders a failed command would leave behind empty: --out and its missing parents
+    created = ([out, *(p for p in out.parents if not p.exists())]
+               if isinstance(out, Path) and not out.exists() and dist.rank() == 0 else [])
     try:
         return args.func(args)
     except (DataError, CheckpointError, TeacherWeightsError, TrainingError, ValueError,
@@ -692,9 +718,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if terminate is not None:
             signal.signal(signal.SIGTERM, terminate)
-        if new_out:  # a failed command leaves no empty --out folder behind (rmdir keeps a full one)
+        for folder in created:  # deepest first; rmdir keeps a folder that holds anything
             with contextlib.suppress(OSError):
-                out.rmdir()
+                folder.rmdir()
 
 
 def _main_thread() -> bool:

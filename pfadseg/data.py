@@ -29,6 +29,8 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".tif", ".ti
 # photo and raw formats Pillow cannot read: a folder of them is worth a warning, not a log line
 UNREAD_IMAGE_SUFFIXES = (".heic", ".heif", ".avif", ".jp2", ".j2k", ".jxl", ".dng", ".raw", ".cr2",
                          ".cr3", ".nef", ".arw", ".orf", ".rw2", ".psd", ".svg", ".exr")
+SKIP_HINT = ("Or add --skip-bad-images (Python: skip_bad=True) to go on without the unreadable "
+             "images, each logged.")
 PREDICT_OUTPUTS = ("_overlay.png", "_mask.png")  # per-image files `pfadseg predict` writes
 
 
@@ -272,8 +274,7 @@ def load_train_images(folder: Path, size: int, skip_bad: bool = False,
     try:
         images, kept = load_images(paths, size, skip_bad, "loading training images", progress)
     except DataError as exc:  # only without skip_bad
-        raise DataError(f"{exc} Or add --skip-bad-images (Python: skip_bad=True) to train "
-                        "without the unreadable images, each logged.") from exc
+        raise DataError(f"{exc} {SKIP_HINT}") from exc
     if not kept:
         raise DataError(f"{folder}: none of the {len(paths)} images could be read. Fix: see "
                         "the 'skipped' warnings above for each file's problem.")
@@ -454,7 +455,7 @@ def load_folder_test_set(test_dir: Path, size: int, mask_dir: Path | None = None
             if skip_bad:
                 log.warning("skipped: %s", exc)
                 continue
-            raise
+            raise DataError(f"{exc} {SKIP_HINT}") from exc
         img = to_rgb(img)  # upright: a mask is drawn on the image as viewers show it
         if mask_dir is not None:
             if mask_path is None:
@@ -500,8 +501,7 @@ def load_image_folder(folder: Path, size: int, skip_bad: bool = False) -> torch.
     try:
         images, kept = load_images(paths, size, skip_bad)
     except DataError as exc:  # only without skip_bad
-        raise DataError(f"{exc} Or add --skip-bad-images (Python: skip_bad=True) to go on "
-                        "without the unreadable images, each logged.") from exc
+        raise DataError(f"{exc} {SKIP_HINT}") from exc
     if not kept:
         raise DataError(f"{folder}: none of the {len(paths)} images could be read (see the "
                         "'skipped' warnings above).")

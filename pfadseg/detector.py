@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .calibration import Thresholds
+from .calibration import CalibrationError, Thresholds
 from .checkpoint import load_checkpoint, weights_fingerprint
 from .config import check_whole
 from .data import DataError, load_rgb, to_rgb
@@ -157,7 +157,10 @@ class Detector:
         if threshold is not None and meta.get("threshold") is None and "thresholds" not in meta:
             thresholds = Thresholds(image=threshold, pixel=threshold, method="given")
         else:
-            thresholds = Thresholds.from_meta(meta)
+            try:
+                thresholds = Thresholds.from_meta(meta)
+            except CalibrationError as exc:
+                raise CalibrationError(f"{path}: {exc}") from exc
             if threshold is not None:
                 thresholds = dataclasses.replace(thresholds, image=float(threshold), method="given")
         if backend == "onnx":

@@ -110,17 +110,22 @@ def predict_files(detector: Detector, paths: list[Path], out_dir: Path, batch_si
             for path, p in zip(batch, detector.predict(images, batch_size, [names[q] for q in batch])):
                 gallery.add(p.name, p.image, p.anomaly_map, p.score)
                 mask = p.mask_at(p.output_size())
-                p.overlay().save(out_dir / f"{p.name}_overlay.png", compress_level=1)  # 5x faster than 6, 1.2x the size
-                mask_image(mask).save(out_dir / f"{p.name}_mask.png")
-                np.save(out_dir / f"{p.name}_map.npy", p.anomaly_map)
+                # whole or not at all, as the summary: an interrupt leaves no truncated image
+                with replacing(out_dir / f"{p.name}_overlay.png") as tmp:
+                    p.overlay().save(tmp, "PNG", compress_level=1)  # 5x faster than 6, 1.2x the size
+                with replacing(out_dir / f"{p.name}_mask.png") as tmp:
+                    mask_image(mask).save(tmp, "PNG")
+                with replacing(out_dir / f"{p.name}_map.npy") as tmp, open(tmp, "wb") as fh:
+                    np.save(fh, p.anomaly_map)
                 done[path] = {"image": str(path), "name": p.name, "score": p.score,
                               "normalized_score": p.normalized_score, "anomalous": p.anomalous,
                               "threshold": detector.thresholds.image,
                               "defect_area": float(mask.mean())}
             rows.extend(done[path] for path in chunk if path in done)  # in the inputs' order
             if failure is not None:
-                raise DataError(f"{failure} The {len(rows)} images scored before it are in "
-                                f"{out_dir / 'summary.csv'}; to go on past unreadable files, "
+                done_note = (f"The {len(rows)} images scored before it are in {out_dir / 'summary.csv'}"
+                             if rows else "No image was scored")
+                raise DataError(f"{failure} {done_note}; to go on past unreadable files, "
                                 "pass --skip-bad-images.") from failure
             bar.update(len(chunk))
     finally:

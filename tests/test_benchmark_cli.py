@@ -267,6 +267,8 @@ def test_a_bad_layout_or_path_stops_before_any_training(tmp_path: Path, capsys) 
 
 def test_device_slots(monkeypatch: pytest.MonkeyPatch) -> None:
     assert device_slots("cpu", None) == [Slot("cpu")]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert device_slots("auto", None) == [Slot("cpu")]  # named as what it is, in the plan's line
     with pytest.raises(ValueError, match="jobs run one after another"):
         device_slots("cpu", 2)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)

@@ -102,7 +102,7 @@ def test_predict_skips_bad_images_when_asked(trained: Path, tmp_path: Path, caps
     assert "m_broken.png" in capsys.readouterr().err.splitlines()[-1].split("--skip-bad-images")[0]
     done = json.loads((tmp_path / "out" / "summary.json").read_text())  # ... keeping what was done
     assert [Path(r["image"]).name for r in done] == ["good.jpg"]  # read before it in its batch
-    assert main(args + ["--skip-bad-images"]) == 0
+    assert main(args + ["--skip-bad-images", "--overwrite"]) == 0
     rows = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert [Path(r["image"]).name for r in rows] == ["good.jpg", "m_broken.png", "z_good.jpg"]
     assert "m_broken.png" in rows[1]["error"] and "score" in rows[0] and "score" in rows[2]
@@ -110,7 +110,7 @@ def test_predict_skips_bad_images_when_asked(trained: Path, tmp_path: Path, caps
     assert (tmp_path / "out" / "good_overlay.png").is_file()
     # nothing readable at all: not a success, and the summary says why for each file
     args[-1] = str(folder / "m_broken.png")
-    assert main(args + ["--skip-bad-images"]) == 2
+    assert main(args + ["--skip-bad-images", "--overwrite"]) == 2
     assert "no image could be read (1 given)" in capsys.readouterr().err
     assert "m_broken.png" in json.loads((tmp_path / "out" / "summary.json").read_text())[0]["error"]
 
@@ -145,6 +145,42 @@ def test_test_and_predict_check_their_inputs_before_loading_the_checkpoint(tmp_p
     assert main(["predict", "--checkpoint", missing, "--out", str(tmp_path / "p"), str(tmp_path / "typo.png")]) == 2
     err = capsys.readouterr().err
     assert "typo.png" in err and "nowhere.safetensors" not in err
+
+
+def test_test_and_predict_keep_an_earlier_runs_results(tmp_path: Path, capsys) -> None:
+    """A rerun into the same --out replaced the summary, overlays, metrics and report.html
+    (which test and predict both write) of the earlier run; now only with --overwrite."""
+    missing = str(tmp_path / "nowhere.safetensors")  # refused before the checkpoint loads
+    image = demo_root() / "bottle" / "test" / "good" / "000.jpg"
+    out = tmp_path / "earlier"
+    out.mkdir()
+    (out / "report.html").write_text("the earlier report")
+    for argv in (["predict", "--checkpoint", missing, "--out", str(out), str(image)],
+                 ["test", "--checkpoint", missing, "--test-dir", str(image.parents[1]), "--out", str(out)]):
+        assert main(argv) == 2
+        assert f"--out {out} holds the results of an earlier run (report.html). Fix: give a new " \
+               "--out, or add --overwrite" in capsys.readouterr().err
+        assert main(argv + ["--overwrite"]) == 2  # goes on, to the missing checkpoint
+        assert "nowhere.safetensors" in capsys.readouterr().err
+    assert (out / "report.html").read_text() == "the earlier report"
+
+
+def test_option_pairs_that_cannot_both_hold_are_refused(tmp_path: Path, capsys) -> None:
+    missing = str(tmp_path / "nowhere.safetensors")
+    image = demo_root() / "bottle" / "test" / "good" / "000.jpg"
+    predict = ["predict", "--checkpoint", missing, "--out", str(tmp_path / "p"), str(image)]
+    assert main(predict + ["--onnx", "m.onnx", "--backend", "torch"]) == 2  # --onnx went unread
+    assert "--onnx is the model of --backend onnx" in capsys.readouterr().err
+    assert main(predict + ["--backend", "onnx", "--device", "cuda"]) == 2  # not: "no CUDA GPU"
+    assert "--device cuda: the onnx backend runs on the CPU" in capsys.readouterr().err
+    assert main(predict + ["--onnx", str(tmp_path / "m.onnx")]) == 2  # --onnx alone: the onnx backend
+    assert "nowhere.safetensors" in capsys.readouterr().err
+    test = ["test", "--checkpoint", missing, "--test-dir", str(image.parents[1]), "--out", str(tmp_path / "t")]
+    assert main(test + ["--data", str(tmp_path)]) == 2  # --data went unread
+    assert "or --test-dir DIR (one of the two)" in capsys.readouterr().err
+    # a failed command leaves none of the folders it made for --out behind
+    assert main(["predict", "--checkpoint", missing, "--out", str(tmp_path / "a" / "b" / "c"), str(image)]) == 2
+    assert not (tmp_path / "a").exists()
 
 
 def test_global_options_go_before_or_after_the_command(capsys) -> None:

@@ -155,7 +155,7 @@ def test_test_set_loads_and_skips_bad_images(dataset: Path, caplog) -> None:
     assert list(ts.labels) == [1, 1, 0, 0] and ts.masks[:2].any() and not ts.masks[2:].any()
     bad = dataset / CATEGORY / "test" / "good" / "000.png"
     truncate(bad)
-    with pytest.raises(DataError, match="000.png: cannot read image"):
+    with pytest.raises(DataError, match="000.png: cannot read image.*Or add --skip-bad-images"):
         load_test_set(dataset, CATEGORY, SIZE)
     with caplog.at_level(logging.WARNING, logger="pfadseg.data"):
         ts = load_test_set(dataset, CATEGORY, SIZE, skip_bad=True)
