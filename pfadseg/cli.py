@@ -313,7 +313,9 @@ def _print_validation(path: Path) -> None:
     report = json.loads(path.read_text())
     final = report.get("final")
     if final:
-        print(f"validation on {report['images']} held-out images (good and synthetic defects): "
+        defects = report["defect_images"]  # this run's file: written just now
+        print(f"validation on {report['images'] - defects} held-out good images and {defects} "
+              "synthetic defects on them: "
               f"pixel AP {final['seg_pixel_ap']:.3f}, image AUROC {final['seg_image_auroc']:.3f} "
               f"(DeST map {final['dest_pixel_ap']:.3f}, student of step {report['student_step']}); "
               f"{len(report['warnings'])} warning(s); "
@@ -603,8 +605,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--good", type=user_path, required=True,
                    help="folder of defect-free images the model did not train on (recursive)")
     p.add_argument("--defects", type=user_path,
-                   help="folder of real defect images (recursive); with --masks, both "
-                        "thresholds maximise F1 on them")
+                   help="folder of real defect images (recursive), given with --masks: both "
+                        "thresholds then maximise F1 on them")
     p.add_argument("--masks", type=user_path, help="masks of the --defects images, matched by file "
                    "stem with or without _mask (recursive)")
     p.add_argument("--out", type=user_path, help="new checkpoint (default: <checkpoint>.calibrated"

@@ -3,7 +3,7 @@
     detector = Detector.load("run/checkpoint.safetensors", device="auto")
     for p in detector.predict(["a.png", "b.png"]):
         print(p.name, p.score, p.normalized_score, p.anomalous)
-        p.overlay().save(f"{p.name}_overlay.png")
+        p.overlay().save(f"overlay_{p.name}")  # p.name: the file's name, a.png
 
 `pfadseg predict`, `pfadseg demo` and `pfadseg serve` all score images through
 `Detector.predict`, so the command line, the demo and the web server give the

@@ -133,11 +133,12 @@ def _mean(rows: list[dict[Column, float]], key: Column) -> float | None:
 
 def _mean_rows(by_category: Table, columns: list[Column]) -> tuple[Table, list[str]]:
     """Texture, object and overall means over the categories present, each only
-    when it averages two or more categories and differs from the rows above;
-    plus one note listing the MVTec categories missing from them."""
+    when it averages two or more categories and differs from the rows above; plus
+    notes listing the MVTec categories missing from them. Other categories (your
+    own) are averaged only among themselves, never into the paper's MVTec means."""
     present = set(by_category)
     extras = _category_order(present - set(CATEGORIES))
-    overall = list(CATEGORIES) + extras if present & set(CATEGORIES) else extras
+    overall = list(CATEGORIES) if present & set(CATEGORIES) else extras
     groups = {"Texture mean": list(TEXTURES), "Object mean": list(OBJECTS), "Mean": overall}
     means: Table = {}
     covered: list[list[str]] = []
@@ -156,6 +157,8 @@ def _mean_rows(by_category: Table, columns: list[Column]) -> tuple[Table, list[s
     if means and present & set(CATEGORIES) and missing:
         notes.append(f"means cover the categories present; missing {len(missing)} of "
                      f"{len(CATEGORIES)} MVTec AD categories: {', '.join(missing)}")
+    if extras and present & set(CATEGORIES):
+        notes.append(f"not MVTec AD categories, so in no mean: {', '.join(extras)}")
     return means, notes
 
 
@@ -283,6 +286,8 @@ def _settings(results: list[dict]) -> str:
              for key, name in (("teacher", "teacher"), ("preset", "preset"),
                                ("image_size", "input size"), ("eval_size", "evaluated at"))]
     line = "; ".join(f"{name} {', '.join(values)}" for name, values in found if values)
+    if any(len(values) > 1 for _, values in found):  # which row ran with which is in its metrics.json
+        line += " (mixed: rows run with different settings are not comparable)"
     return line[:1].upper() + line[1:]
 
 

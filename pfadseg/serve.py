@@ -45,7 +45,8 @@ try:
 except ImportError as exc:  # optional dependency
     raise ImportError("`pfadseg serve` needs FastAPI and uvicorn: pip install 'pfadseg[serve]'") from exc
 
-FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "WEBP")  # what PIL may decode: no EPS, PDF or exotic plugins
+# what PIL may decode: the formats train and predict read (PPM: also PGM, PBM), no EPS, PDF or plugins
+FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "WEBP", "GIF", "PPM", "TGA")
 MAX_FILES = 16  # images per request
 BATCH_SIZE = 8  # images per model call, from one request or several waiting together
 MAX_QUEUED = 64  # requests waiting for the model before new ones get 503
@@ -148,7 +149,7 @@ def decode_upload(name: str, data: bytes, max_pixels: int, budget: PixelBudget |
             raise
     except UnidentifiedImageError:
         raise UploadError(415, f"{name}: not an image of a format this server reads (send PNG, "
-                               "JPEG, BMP, TIFF or WebP)") from None
+                               "JPEG, BMP, TIFF, WebP, GIF, PNM or TGA)") from None
     except Image.DecompressionBombError as exc:
         raise UploadError(413, f"{name}: refused as a decompression bomb ({exc})") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
@@ -348,7 +349,10 @@ def serve(detector: Detector, host: str = "127.0.0.1", port: int = 8000, token: 
     import uvicorn
 
     app = create_app(detector, token, max_upload_mb, max_megapixels)
-    shown = f"[{host}]" if ":" in host else host
+    if host in ("0.0.0.0", "::"):  # every address of this machine: its name opens the page elsewhere
+        shown = socket.gethostname()
+    else:
+        shown = f"[{host}]" if ":" in host else host
     print(f"pfadseg serve: {detector.info()['variant']} on {detector.device}, "
           f"page at http://{shown}:{listener.getsockname()[1]}/" + ("?token=..." if token else ""),
           flush=True)

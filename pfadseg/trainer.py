@@ -204,6 +204,12 @@ class Trainer:
             self._stage2 = (features, segment)
         return self._stage2
 
+    def _compiles_next(self) -> bool:
+        """Whether the next step compiles its stage's model first."""
+        if self.step < self.config.stage1_steps:
+            return self.config.compile_stage1 and self._stage1 is None
+        return self.config.compile and self._stage2 is None
+
     def train_step(self) -> dict[str, float]:
         """One optimiser step of the current stage; returns its losses."""
         stage = 1 if self.step < self.config.stage1_steps else 2
@@ -380,6 +386,8 @@ class Trainer:
             # seconds count on from the last row logged before a resume
             start = time.perf_counter() - (logged[-1]["seconds"] if logged else 0.0)
             while self.step < cfg.total_steps:
+                if self._compiles_next():  # else the bar stands still for minutes on a CPU
+                    bar.set_postfix_str("compiling this stage (once; minutes on a CPU)")
                 out = self.train_step()
                 bar.update(1)
                 bar.set_postfix(stage=out["stage"], loss=f"{out['loss']:.4f}")
@@ -420,7 +428,8 @@ def _report_validation(trainer: Trainer, out_dir: Path) -> dict | None:
     stage1 = [r for r in rows if r["step"] <= cfg.stage1_steps]
     report = {"final": rows[-1], "end_of_stage1": stage1[-1] if stage1 else None,
               "student_step": trainer.pick.step or cfg.stage1_steps,
-              "warnings": warnings, "points": len(rows), "images": len(trainer.validation_set.labels)}
+              "warnings": warnings, "points": len(rows), "images": len(trainer.validation_set.labels),
+              "defect_images": int(trainer.validation_set.labels.sum())}  # synthetic, on the good ones
     write_text(out_dir / VALIDATION_JSON, json.dumps(report, indent=2))
     return report
 

@@ -225,3 +225,13 @@ def test_demo_quick_writes_metrics_and_overlays(tmp_path: Path, capsys) -> None:
     assert str(quick.resolve()) in capsys.readouterr().out
     assert (quick / "run" / "checkpoint.safetensors").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["quick"]
+
+
+def test_test_table_says_when_the_threshold_misses_every_defect() -> None:
+    from pfadseg.evaluation import format_table
+
+    result = {"image_auroc": 0.9, "dest": {"image_auroc": 0.8}, "n_images": 12, "n_anomalous": 8,
+              "calibrated": {"method": "false_alarm", "image_f1": 0.0, "good_flagged": 0, "defects_missed": 8}}
+    assert "the image threshold misses every defect here. Fix: `pfadseg calibrate`" in format_table(result)
+    result["calibrated"].update(image_f1=0.5, defects_missed=3)
+    assert "Fix:" not in format_table(result)

@@ -53,6 +53,19 @@ def test_one_category_has_no_mean_rows_or_missing_list():
     assert "missing" not in files["results.md"]
 
 
+def test_own_categories_stay_out_of_the_mvtec_means():
+    """`report bottle/metrics.json parts/metrics.json` read "Mean (2/16)": a user's own
+    category averaged into MVTec's and counted as a 16th."""
+    files = build_tables([result("bottle", iap=0.5), result("carpet", iap=0.7),
+                          result("my_parts", iap=0.1), result("screws", iap=0.3)])
+    rows = csv_rows(files["results.csv"])
+    assert list(rows) == ["carpet", "bottle", "my_parts", "screws", "Mean (2/15)"]
+    assert rows["Mean (2/15)"]["IAP"] == "60.0"
+    assert "not MVTec AD categories, so in no mean: my_parts, screws" in files["results.md"]
+    own = csv_rows(build_tables([result("my_parts", iap=0.1), result("screws", iap=0.3)])["results.csv"])
+    assert own["Mean"]["IAP"] == "20.0"  # own categories alone: their own mean
+
+
 def test_mean_rows_that_repeat_a_group_are_left_out():
     rows = csv_rows(build_tables([result("carpet", iap=0.5), result("grid", iap=0.7)])["results.csv"])
     assert list(rows) == ["carpet", "grid", "Texture mean (2/5)"]  # "Mean (2/15)" would repeat it
@@ -100,7 +113,8 @@ def test_several_variants_get_one_table_per_metric_and_the_settings_line():
                for c, v, a, p in (("carpet", "base", 0.8, "paper"), ("carpet", "full", 0.9, "paper"),
                                   ("bottle", "base", 0.6, "tiny"), ("bottle", "full", 1.0, "paper"))]
     markdown = build_tables(results)["results.md"]
-    assert markdown.startswith("Teacher resnet18; preset paper, tiny; input size 256; evaluated at 256x256\n")
+    assert markdown.startswith("Teacher resnet18; preset paper, tiny; input size 256; evaluated at 256x256 "
+                               "(mixed: rows run with different settings are not comparable)\n")
     table1 = markdown.split("## Table 4")[0]
     assert "### I-AUROC\n\n| Category | base | full |" in table1
     assert "### IAP\n\n| Category | base | full |" in table1

@@ -152,6 +152,15 @@ def test_one_bad_file_among_good_ones_is_named(client: TestClient) -> None:
     assert response.status_code == 415 and "second.gif" in response.json()["detail"]
 
 
+def test_every_format_predict_reads_is_served(client: TestClient) -> None:
+    image = Image.open(IMAGE).convert("RGB")
+    for fmt, suffix in (("GIF", "gif"), ("PPM", "ppm"), ("TGA", "tga"), ("WEBP", "webp")):
+        data = io.BytesIO()
+        image.save(data, fmt)
+        response = client.post("/predict", files=[("file", (f"part.{suffix}", data.getvalue()))])
+        assert response.status_code == 200, (fmt, response.text)  # was 415 for GIF, PNM and TGA
+
+
 BOUNDARY = "pfadseg-test-boundary"
 
 
