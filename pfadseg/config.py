@@ -80,7 +80,7 @@ class TrainConfig:
 
 
 PRESETS: dict[str, TrainConfig] = {
-    # PFADSeg paper, Sec. 4: batch 16, 3000 + 4000 SGD steps, lr 0.5 / 0.1 / 0.01
+    # PFADSeg paper, Sec. 4.3: batch 16, 3000 + 4000 SGD steps, lr 0.5 / 0.1 / 0.01
     "paper": TrainConfig(compile_stage1=True),
     # the official DeSTSeg code: batch 32, 1000 + 4000 steps, lr 0.4 / 0.1 / 0.01
     "official": TrainConfig(batch_size=32, stage1_steps=1000, stage2_steps=4000, lr_student=0.4,

@@ -32,8 +32,8 @@ __all__ = [
     "evaluate",
 ]
 
-# 8-connectivity, like skimage.measure.label's default for 2-D images, which
-# the official DeSTSeg code uses to find ground-truth instances.
+# 8-connectivity, as the official DeSTSeg code finds ground-truth instances
+# (anomalib's connected components: OpenCV's default connectivity of 8).
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 
 
