@@ -45,6 +45,12 @@ try:
 except ImportError as exc:  # optional dependency
     raise ImportError("`pfadseg serve` needs FastAPI and uvicorn: pip install 'pfadseg[serve]'") from exc
 
+# /predict reads its form itself (size limits while streaming): the schema page gets the
+# form's shape here, so that it offers a file picker
+PREDICT_REQUEST = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["file"], "properties": {"file": {
+        "type": "array", "items": {"type": "string", "format": "binary"},
+        "description": "one or more images, the field repeated per image"}}}}}}}
 # what PIL may decode: the formats train and predict read (PPM: also PGM, PBM), no EPS, PDF or plugins
 FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "WEBP", "GIF", "PPM", "TGA")
 MAX_FILES = 16  # images per request
@@ -305,7 +311,7 @@ def create_app(detector: Detector, token: str | None = None,
         authorize(request)
         return detector.info()
 
-    @app.post("/predict")
+    @app.post("/predict", openapi_extra=PREDICT_REQUEST)
     async def predict(request: Request) -> dict:
         """Score the images in the multipart field "file" (repeat it for several)."""
         authorize(request)

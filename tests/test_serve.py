@@ -91,6 +91,8 @@ def test_health_and_model(client: TestClient) -> None:
         warnings.simplefilter("error")  # GET and HEAD /health warned: one operation id, two ops
         schema = client.get("/openapi.json").json()
     assert sorted(schema["paths"]) == ["/health", "/model", "/predict"]
+    form = schema["paths"]["/predict"]["post"]["requestBody"]["content"]["multipart/form-data"]
+    assert form["schema"]["properties"]["file"]["items"]["format"] == "binary"  # /docs: a file picker
     info = client.get("/model").json()
     assert info["variant"] == "pfadseg" and info["teacher"] == "efficientnet_lite0"
     assert info["threshold"] == 0.4 and info["pixel_threshold"] == 0.6
