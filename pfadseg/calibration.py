@@ -136,8 +136,8 @@ class Thresholds:
                                        "Fix: run `pfadseg calibrate` on it.") from exc
         if meta.get("threshold") is None:
             raise CalibrationError("the checkpoint stores no threshold. Fix: run `pfadseg "
-                                   "calibrate --checkpoint C --good DIR` on it, or give --threshold "
-                                   "(Python: threshold=).")
+                                   "calibrate --checkpoint C --good DIR` on it (predict and serve "
+                                   "also take --threshold; Python: threshold=).")
         value = float(meta["threshold"])
         return cls(image=value, pixel=value, method="legacy")
 

@@ -14,6 +14,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from itertools import islice
 from pathlib import Path
 
 import torch
@@ -28,6 +29,7 @@ from .data import (IMAGE_SUFFIXES, DataError, list_test_images, load_textures, m
                    train_image_paths)
 from .models import TEACHERS, ModelConfig, TeacherWeightsError
 from .models.teacher import RANDOM
+from .predict import PER_IMAGE
 from .runtime import DEVICE_HELP, cpu_heap_settings, place, resolve_device
 from .synthesis import DefectSynthesizer, procedural_textures
 from .trainer import (RESUMED, ROTATIONS, STATE_NAME, VALIDATION_JSON, TrainingError, check_out_dir,
@@ -122,6 +124,7 @@ def results_folder(path: Path, overwrite: bool) -> Path:
     earlier run's results (either command's: both write report.html) unless `overwrite`."""
     out_folder(path)
     held = [name for name in RESULT_FILES if (path / name).is_file()]
+    held += [f"{found.name}, ..." for suffix in PER_IMAGE for found in islice(path.glob(f"*{suffix}"), 1)]
     if held and not overwrite:
         raise DataError(f"--out {path} holds the results of an earlier run ({', '.join(held)}). "
                         "Fix: give a new --out, or add --overwrite to replace them.")
@@ -337,10 +340,11 @@ def cmd_test(args: argparse.Namespace) -> int:
     """`pfadseg test`: the paper's metrics on a labelled test set, with report.html."""
     from .evaluation import format_table, run_folder_test, run_test
 
-    mvtec = args.data is not None or args.category is not None
-    if (args.test_dir is None) != mvtec or (mvtec and (args.data is None or args.category is None)):
-        raise DataError("give --data ROOT --category NAME (MVTec layout), or --test-dir DIR "
-                        "(one of the two)")
+    if args.test_dir is not None and (args.data is not None or args.category is not None):
+        raise DataError("--test-dir is the whole test set: leave out --data and --category (they "
+                        "name an MVTec-layout one)")
+    if args.test_dir is None and (args.data is None or args.category is None):
+        raise DataError("give --data ROOT --category NAME (MVTec layout), or --test-dir DIR")
     if args.mask_dir is not None and args.test_dir is None:
         raise DataError("--mask-dir goes with --test-dir (the MVTec layout has its ground_truth/)")
     if args.mask_dir is not None and not args.mask_dir.is_dir():
@@ -372,9 +376,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     backend = args.backend or ("onnx" if args.onnx is not None else "torch")
     if args.onnx is not None and backend != "onnx":
         raise DataError("--onnx is the model of --backend onnx. Fix: leave out --backend torch, or --onnx")
-    if backend == "onnx" and args.device not in ("auto", "cpu"):
+    if backend == "onnx" and args.device.strip().lower().split(":")[0] not in ("auto", "cpu"):
         raise DataError(f"--device {args.device}: the onnx backend runs on the CPU. Fix: leave "
                         "out --device, or use --backend torch")
+    if backend == "onnx" and args.compile:
+        raise DataError("--compile compiles the torch model; the onnx backend runs its export as "
+                        "it is. Fix: leave out --compile, or use --backend torch")
     results_folder(args.out, args.overwrite)
     inputs = collect_inputs(args.inputs, skip=args.out)  # before the checkpoint loads (seconds)
     detector = Detector.load(args.checkpoint, device="cpu" if backend == "onnx" else _device(args),
@@ -703,8 +710,10 @@ def main(argv: list[str] | None = None) -> int:
     terminate = signal.signal(signal.SIGTERM, _interrupt) if _main_thread() else None
     out = getattr(args, "out", None)
     # the folders a failed command would leave behind empty: --out and its missing parents
-    created = ([out, *(p for p in out.parents if not p.exists())]
-               if isinstance(out, Path) and not out.exists() and dist.rank() == 0 else [])
+    # (resolved first: in new/../old/x, the existing old/ would pass for one the command made)
+    real = Path(os.path.realpath(out)) if isinstance(out, Path) else None
+    created = ([real, *(p for p in real.parents if not p.exists())]
+               if real is not None and not real.exists() and dist.rank() == 0 else [])
     try:
         return args.func(args)
     except (DataError, CheckpointError, TeacherWeightsError, TrainingError, ValueError,
@@ -742,7 +751,7 @@ def _again(args: argparse.Namespace) -> str:
         return "; continue with --resume"
     summary = args.out / "summary.csv" if args.command == "predict" else None
     if summary is not None and summary.is_file() and summary.stat().st_mtime >= args.started:
-        return f"; the images scored before it are in {summary}"
+        return f"; the images scored before it are in {summary} (a rerun needs --overwrite)"
     return ""
 
 

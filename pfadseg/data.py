@@ -40,15 +40,15 @@ class DataError(ValueError):
 
 def to_rgb(img: Image.Image) -> Image.Image:
     """Convert any PIL image to upright 8-bit RGB: turned as its EXIF orientation
-    says (as image viewers show a camera's JPEG), 16-bit, 32-bit and float grayscale
-    rescaled from their full range, palette and alpha images composited on black."""
+    says (as image viewers show a camera's JPEG), 16-bit grayscale rescaled from its
+    full range (32-bit from the fewest bits holding its values, float from its own), palette and alpha images composited on black."""
     img = ImageOps.exif_transpose(img)
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         arr = np.asarray(img, dtype=np.float64)
         arr[~np.isfinite(arr)] = 0.0  # a float image's NaN/inf pixels: black, not an all-NaN scale
         top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
-        if img.mode == "I" and arr.max() > 65535:  # a 32-bit image: its own full range, not white
-            top = 2.0 ** 31 - 1
+        if img.mode == "I" and arr.max() > 65535:  # 17 to 31 bits: the fewest bits holding it, not white
+            top = 2.0 ** np.ceil(np.log2(arr.max() + 1)) - 1
         if top == 65535.0 and 0 < arr.max() < 4096:  # once per process: the same camera made them all
             warnings.warn("a 16-bit image uses 12 or fewer of its bits (a 10- or 12-bit camera?): "
                           "read on the 16-bit scale, it is nearly black with few grey levels. "

@@ -148,6 +148,8 @@ class Detector:
         compiled forward is built for."""
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose from {BACKENDS}")
+        if onnx is not None and backend != "onnx":
+            raise ValueError("onnx= is the model of backend='onnx': give both, or neither")
         check_whole("batch_size", batch_size)
         if threshold is not None and not 0.0 <= threshold <= 1.0:
             raise ValueError(f"threshold {threshold!r} is not between 0 and 1 (image scores are "

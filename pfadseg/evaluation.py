@@ -224,6 +224,8 @@ def write_results(model: AnomalyModel, test: TestSet, name: str, out_dir: Path, 
         from .html_report import write_test_report  # here: it imports this module, and matplotlib
 
         write_test_report(out_dir / "report.html", test, outputs, result, thresholds)
+    else:  # an earlier run's (--overwrite) would pass for this one's
+        (out_dir / "report.html").unlink(missing_ok=True)
     # last, and whole or not at all: `benchmark` counts a pair with it as done
     write_text(out_dir / "metrics.json", json.dumps(result, indent=2))
     return result

@@ -84,7 +84,8 @@ def predict_files(detector: Detector, paths: list[Path], out_dir: Path, batch_si
     summary.csv / summary.json; return the summary rows. An unreadable file
     stops the run with its name, unless `skip_bad` (then its row holds the error);
     the summary and report.html (every image, most anomalous first) are written
-    for the images done before it, as they are when the run is interrupted."""
+    for the images done before it, as they are when the run is interrupted (none
+    when no image was done)."""
     from .html_report import Gallery, write_gallery_page  # here: it imports inference, which imports this
 
     out_dir = Path(out_dir)
@@ -123,20 +124,23 @@ def predict_files(detector: Detector, paths: list[Path], out_dir: Path, batch_si
                               "defect_area": float(mask.mean())}
             rows.extend(done[path] for path in chunk if path in done)  # in the inputs' order
             if failure is not None:
-                done_note = (f"The {len(rows)} images scored before it are in {out_dir / 'summary.csv'}"
-                             if rows else "No image was scored")
-                raise DataError(f"{failure} {done_note}; to go on past unreadable files, "
-                                "pass --skip-bad-images.") from failure
+                if rows:
+                    raise DataError(f"{failure} The {len(rows)} images scored before it are in "
+                                    f"{out_dir / 'summary.csv'}; to go on past unreadable files, "
+                                    "rerun with --skip-bad-images --overwrite.") from failure
+                raise DataError(f"{failure} No image was scored; to go on past unreadable files, "
+                                "rerun with --skip-bad-images.") from failure
             bar.update(len(chunk))
     finally:
         bar.close()
-        write_gallery_page(out_dir / "report.html", gallery)
-        write_text(out_dir / "summary.json", json.dumps(rows, indent=2))
-        with replacing(out_dir / "summary.csv") as tmp, open(tmp, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=SUMMARY_FIELDS)
-            writer.writeheader()
-            writer.writerows(rows)
-        _warn_of_older_files(out_dir, set(names.values()))
+        if rows:  # else stopped before its first image: an earlier run's files stay as they were
+            write_gallery_page(out_dir / "report.html", gallery)
+            write_text(out_dir / "summary.json", json.dumps(rows, indent=2))
+            with replacing(out_dir / "summary.csv") as tmp, open(tmp, "w", newline="") as fh:
+                writer = csv.DictWriter(fh, fieldnames=SUMMARY_FIELDS)
+                writer.writeheader()
+                writer.writerows(rows)
+            _warn_of_older_files(out_dir, set(names.values()))
     return rows
 
 

@@ -286,7 +286,9 @@ def _settings(results: list[dict]) -> str:
              for key, name in (("teacher", "teacher"), ("preset", "preset"),
                                ("image_size", "input size"), ("eval_size", "evaluated at"))]
     line = "; ".join(f"{name} {', '.join(values)}" for name, values in found if values)
-    if any(len(values) > 1 for _, values in found):  # which row ran with which is in its metrics.json
+    # which row ran with which is in its metrics.json; sizes evaluated at differ per category
+    # at their original resolutions (--eval-size original), which compares nothing across rows
+    if any(len(values) > 1 for name, values in found if name != "evaluated at"):
         line += " (mixed: rows run with different settings are not comparable)"
     return line[:1].upper() + line[1:]
 

@@ -94,6 +94,7 @@ def bind(host: str, port: int, token: str | None) -> socket.socket:
     try:
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
         listener.bind((host, port))
+        listener.listen()  # held from now: another SO_REUSEADDR socket cannot bind it too
     except OSError as exc:
         listener.close()
         raise ValueError(f"cannot serve on {host}:{port} ({exc.strerror or exc}). Fix: choose "

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from pfadseg.cli import main
+from pfadseg.detector import Detector
 from pfadseg.demo import demo_root
 
 METRICS = ("image_auroc", "pixel_auroc", "pixel_ap", "iap", "iap90", "aupro")
@@ -108,6 +109,13 @@ def test_predict_skips_bad_images_when_asked(trained: Path, tmp_path: Path, caps
     assert "m_broken.png" in rows[1]["error"] and "score" in rows[0] and "score" in rows[2]
     assert "skipped: " in caplog.text and "m_broken.png" in caplog.text  # logged, as train does
     assert (tmp_path / "out" / "good_overlay.png").is_file()
+    # an unreadable first image: nothing written, so the rerun the message names is not refused
+    first = ["predict", "--checkpoint", str(trained / "checkpoint.safetensors"), "--out",
+             str(tmp_path / "first"), str(folder / "m_broken.png"), str(folder / "good.jpg")]
+    assert main(first) == 2
+    assert "No image was scored; to go on past unreadable files, rerun with --skip-bad-images." \
+        in capsys.readouterr().err
+    assert not (tmp_path / "first").exists() and main(first + ["--skip-bad-images"]) == 0
     # nothing readable at all: not a success, and the summary says why for each file
     args[-1] = str(folder / "m_broken.png")
     assert main(args + ["--skip-bad-images", "--overwrite"]) == 2
@@ -163,6 +171,11 @@ def test_test_and_predict_keep_an_earlier_runs_results(tmp_path: Path, capsys) -
         assert main(argv + ["--overwrite"]) == 2  # goes on, to the missing checkpoint
         assert "nowhere.safetensors" in capsys.readouterr().err
     assert (out / "report.html").read_text() == "the earlier report"
+    masks = tmp_path / "masks"  # an input folder as --out: its own *_mask.png would be written over
+    masks.mkdir()
+    (masks / "a_mask.png").write_bytes(b"a user's mask")
+    assert main(["predict", "--checkpoint", missing, "--out", str(masks), str(image)]) == 2
+    assert "holds the results of an earlier run (a_mask.png, ...)" in capsys.readouterr().err
 
 
 def test_option_pairs_that_cannot_both_hold_are_refused(tmp_path: Path, capsys) -> None:
@@ -175,12 +188,23 @@ def test_option_pairs_that_cannot_both_hold_are_refused(tmp_path: Path, capsys) 
     assert "--device cuda: the onnx backend runs on the CPU" in capsys.readouterr().err
     assert main(predict + ["--onnx", str(tmp_path / "m.onnx")]) == 2  # --onnx alone: the onnx backend
     assert "nowhere.safetensors" in capsys.readouterr().err
+    assert main(predict + ["--backend", "onnx", "--compile"]) == 2  # went unread
+    assert "--compile compiles the torch model" in capsys.readouterr().err
+    assert main(predict + ["--backend", "onnx", "--device", "CPU"]) == 2
+    assert "nowhere.safetensors" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="onnx= is the model of backend='onnx'"):
+        Detector.load(missing, onnx="m.onnx")
     test = ["test", "--checkpoint", missing, "--test-dir", str(image.parents[1]), "--out", str(tmp_path / "t")]
-    assert main(test + ["--data", str(tmp_path)]) == 2  # --data went unread
-    assert "or --test-dir DIR (one of the two)" in capsys.readouterr().err
-    # a failed command leaves none of the folders it made for --out behind
+    for extra in (["--data", str(tmp_path)], ["--category", "bottle"]):  # went unread
+        assert main(test + extra) == 2
+        assert "--test-dir is the whole test set: leave out --data and --category" in capsys.readouterr().err
+    # a failed command leaves none of the folders it made for --out behind, and only those
     assert main(["predict", "--checkpoint", missing, "--out", str(tmp_path / "a" / "b" / "c"), str(image)]) == 2
     assert not (tmp_path / "a").exists()
+    (tmp_path / "kept").mkdir()
+    assert main(["predict", "--checkpoint", missing, "--out", str(tmp_path / "new" / ".." / "kept" / "x"),
+                 str(image)]) == 2
+    assert (tmp_path / "kept").is_dir() and not (tmp_path / "kept" / "x").exists()
 
 
 def test_global_options_go_before_or_after_the_command(capsys) -> None:

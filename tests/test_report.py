@@ -115,6 +115,8 @@ def test_several_variants_get_one_table_per_metric_and_the_settings_line():
     markdown = build_tables(results)["results.md"]
     assert markdown.startswith("Teacher resnet18; preset paper, tiny; input size 256; evaluated at 256x256 "
                                "(mixed: rows run with different settings are not comparable)\n")
+    original = [{**r, "preset": "paper", "eval_size": [900 + 100 * i, 900 + 100 * i]} for i, r in enumerate(results)]
+    assert "mixed" not in build_tables(original)["results.md"]  # each category at its own resolution
     table1 = markdown.split("## Table 4")[0]
     assert "### I-AUROC\n\n| Category | base | full |" in table1
     assert "### IAP\n\n| Category | base | full |" in table1
