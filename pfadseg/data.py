@@ -41,7 +41,8 @@ class DataError(ValueError):
 def to_rgb(img: Image.Image) -> Image.Image:
     """Convert any PIL image to upright 8-bit RGB: turned as its EXIF orientation
     says (as image viewers show a camera's JPEG), 16-bit grayscale rescaled from its
-    full range (32-bit from the fewest bits holding its values, float from its own), palette and alpha images composited on black."""
+    full range (32-bit from the fewest bits holding its values, float from its own),
+    palette and alpha images composited on black."""
     img = ImageOps.exif_transpose(img)
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         arr = np.asarray(img, dtype=np.float64)
