@@ -78,6 +78,9 @@ def _normalize(raw: np.ndarray | float, threshold: float) -> np.ndarray | float:
     return out.astype(arr.dtype if np.issubdtype(arr.dtype, np.floating) else np.float64)
 
 
+RENAMED = {"synthetic_recall": "defect_recall", "synthetic_pixel_f1": "defect_pixel_f1"}  # older checkpoints
+
+
 @dataclass(frozen=True)
 class Thresholds:
     """An image and a pixel threshold on raw model outputs, and how they were found.
@@ -96,8 +99,10 @@ class Thresholds:
     n_good: int = 0
     n_defects: int = 0
     source: str = ""  # what the good images were, e.g. "held-out good images"
-    synthetic_recall: float | None = None  # synthetic defect images flagged at `image`
-    synthetic_pixel_f1: float | None = None  # pixel F1 on them at `pixel`
+    # what the thresholds do on the defects calibration saw (synthetic ones for "false_alarm",
+    # the labelled ones for "f1"): defect images flagged at `image`, pixel F1 at `pixel`
+    defect_recall: float | None = None
+    defect_pixel_f1: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("image", "pixel"):
@@ -129,6 +134,7 @@ class Thresholds:
         saved = meta.get("thresholds")
         if isinstance(saved, dict):
             known = {f.name for f in fields(cls)}
+            saved = {RENAMED.get(k, k): v for k, v in saved.items()}
             try:
                 return cls(**{k: v for k, v in saved.items() if k in known})
             except (TypeError, ValueError) as exc:
@@ -232,18 +238,19 @@ def calibrate_outputs(good_scores: np.ndarray, good_maps: np.ndarray,
     if defect_maps is not None and not synthetic:
         scores = np.concatenate([good_scores, defect_scores])
         labels = np.concatenate([np.zeros(n_good, dtype=bool), np.ones(len(defect_scores), dtype=bool)])
-        return Thresholds(f1_threshold(scores, labels), f1_threshold(maps, masks), "f1",
-                          n_good=n_good, n_defects=len(defect_scores))
-    thresholds = Thresholds(false_alarm_threshold(good_scores, false_alarm_rate),
-                            pixel_false_alarm_threshold(good_maps, pixel_false_alarm_rate),
-                            "false_alarm", false_alarm_rate, pixel_false_alarm_rate, n_good)
+        thresholds = Thresholds(f1_threshold(scores, labels), f1_threshold(maps, masks), "f1",
+                                n_good=n_good)
+    else:
+        thresholds = Thresholds(false_alarm_threshold(good_scores, false_alarm_rate),
+                                pixel_false_alarm_threshold(good_maps, pixel_false_alarm_rate),
+                                "false_alarm", false_alarm_rate, pixel_false_alarm_rate, n_good)
     if defect_maps is None:
         return thresholds
     predicted = maps >= thresholds.pixel
     hits = int(np.count_nonzero(predicted & masks))
     return replace(thresholds, n_defects=len(defect_scores),
-                   synthetic_recall=float(np.mean(defect_scores >= thresholds.image)),
-                   synthetic_pixel_f1=2 * hits / (np.count_nonzero(predicted) + np.count_nonzero(masks)))
+                   defect_recall=float(np.mean(defect_scores >= thresholds.image)),
+                   defect_pixel_f1=2 * hits / (np.count_nonzero(predicted) + np.count_nonzero(masks)))
 
 
 def synthetic_defects(good_images: torch.Tensor, synthesizer: DefectSynthesizer, seed: int,

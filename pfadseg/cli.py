@@ -446,10 +446,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         print(f"before: image {before.image:.6g}, pixel {before.pixel:.6g} ({before.method})")
     print(f"after:  image {thresholds.image:.6g}, pixel {thresholds.pixel:.6g} "
           f"({thresholds.method}; {thresholds.n_good} good, {thresholds.n_defects} "
-          f"{'synthetic ' if thresholds.synthetic_recall is not None else ''}defect images)")
-    if thresholds.synthetic_recall is not None:
-        print(f"synthetic defects: {100 * thresholds.synthetic_recall:.0f}% flagged, pixel F1 "
-              f"{100 * thresholds.synthetic_pixel_f1:.1f}%")
+          f"{'synthetic ' if synthesizer is not None else ''}defect images)")
+    if thresholds.defect_recall is not None:
+        print(f"{'synthetic' if synthesizer is not None else 'your'} defects: "
+              f"{100 * thresholds.defect_recall:.0f}% flagged, pixel F1 {100 * thresholds.defect_pixel_f1:.1f}%")
     print(f"checkpoint: {out}")
     return 0
 

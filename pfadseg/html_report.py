@@ -269,9 +269,10 @@ def _how_found(t: Thresholds) -> str:
         text = "an image threshold given by hand (--threshold); the pixel threshold as calibrated"
     else:
         text = "one threshold from before calibration, for images and pixels alike"
-    if t.synthetic_recall is not None:
-        text += (f"; on {t.n_defects} synthetic defects it flags {_pct(t.synthetic_recall)}% of "
-                 f"the images, pixel F1 {_pct(t.synthetic_pixel_f1)}%")
+    if t.defect_recall is not None:
+        kind = "synthetic" if t.method == "false_alarm" else "labelled"
+        text += (f"; on {t.n_defects} {kind} defects it flags {_pct(t.defect_recall)}% of "
+                 f"the images, pixel F1 {_pct(t.defect_pixel_f1)}%")
     return html.escape(text)
 
 

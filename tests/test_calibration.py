@@ -40,10 +40,13 @@ def test_normalisation_is_half_at_the_threshold_monotonic_and_bounded() -> None:
 
 def test_meta_round_trip_and_old_checkpoints() -> None:
     t = Thresholds(0.31, 0.42, "false_alarm", false_alarm_rate=0.01, pixel_false_alarm_rate=1e-3,
-                   n_good=21, n_defects=40, source="held-out good images", synthetic_recall=0.9,
-                   synthetic_pixel_f1=0.7)
+                   n_good=21, n_defects=40, source="held-out good images", defect_recall=0.9,
+                   defect_pixel_f1=0.7)
     meta = json.loads(json.dumps(t.to_meta()))  # what a checkpoint stores
     assert meta["threshold"] == 0.31 and Thresholds.from_meta(meta) == t
+    older = {**meta["thresholds"], "synthetic_recall": 0.9, "synthetic_pixel_f1": 0.7}  # earlier names
+    del older["defect_recall"], older["defect_pixel_f1"]
+    assert Thresholds.from_meta({"thresholds": older}) == t
     legacy = Thresholds.from_meta({"threshold": 0.6})
     assert (legacy.image, legacy.pixel, legacy.method) == (0.6, 0.6, "legacy")
     with pytest.raises(CalibrationError, match="pfadseg calibrate"):
@@ -105,11 +108,12 @@ def test_calibrate_outputs_rates_on_good_images_and_f1_on_real_defects() -> None
     t = calibrate_outputs(scores[0], good, scores[1], defect, masks)
     assert t.method == "false_alarm" and (t.n_good, t.n_defects) == (6, 6)
     assert np.mean(good >= t.pixel) == pytest.approx(1e-3, abs=5e-4)  # 0.1% of good pixels
-    assert t.synthetic_recall == 1.0 and t.synthetic_pixel_f1 > 0.95  # the planted squares
+    assert t.defect_recall == 1.0 and t.defect_pixel_f1 > 0.95  # the planted squares
     real = calibrate_outputs(scores[0], good, scores[1], defect, masks, synthetic=False)
     assert real.method == "f1" and 0.2 < real.image < 0.6 and 0.2 < real.pixel < 0.6
+    assert real.defect_recall == 1.0 and real.defect_pixel_f1 > 0.95  # what it does on them, said
     none = calibrate_outputs(scores[0], good, pixel_false_alarm_rate=0.01)
-    assert none.method == "false_alarm" and none.n_defects == 0 and none.synthetic_recall is None
+    assert none.method == "false_alarm" and none.n_defects == 0 and none.defect_recall is None
     assert np.mean(good >= none.pixel) == pytest.approx(0.01, abs=2e-3)
     with pytest.raises(CalibrationError, match="masks are all empty.*Fix: give the masks"):
         calibrate_outputs(scores[0], good, scores[1], defect, np.zeros_like(masks), synthetic=False)
@@ -151,7 +155,7 @@ def test_training_calibrates_on_held_out_images(trained: Path) -> None:
     t = Thresholds.from_meta(meta)
     assert meta["threshold"] == t.image and t.method == "false_alarm"
     assert t.n_good == 4 and t.n_defects > 0 and t.source == "held-out good images"
-    assert 0.0 <= t.synthetic_recall <= 1.0
+    assert 0.0 <= t.defect_recall <= 1.0
     assert 0.0 < t.image < 1.0 and 0.0 < t.pixel < 1.0
 
 
@@ -177,7 +181,7 @@ def test_calibrate_runs_the_model_and_writes_a_new_checkpoint(trained: Path) -> 
     assert other.read_bytes() == before_other
 
 
-def test_cli_calibrate_with_real_defects_uses_f1(trained: Path, tmp_path: Path, caplog) -> None:
+def test_cli_calibrate_with_real_defects_uses_f1(trained: Path, tmp_path: Path, caplog, capsys) -> None:
     base = trained / "mvtec" / CATEGORY
     # masks named like their images, in a nested folder: matched by stem
     masks = tmp_path / "masks" / "deep"
@@ -191,6 +195,7 @@ def test_cli_calibrate_with_real_defects_uses_f1(trained: Path, tmp_path: Path, 
                  "--no-bf16"]) == 0
     t = Thresholds.from_meta(read_meta(out))
     assert t.method == "f1" and (t.n_good, t.n_defects) == (2, 2)
+    assert "your defects: " in capsys.readouterr().out  # what the new thresholds do on them
     assert "pfadseg calibrate on" in t.source
     assert "only 2 good image(s)" in caplog.text  # thresholds from 2 images are rough: said so
 
