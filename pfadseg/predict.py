@@ -140,17 +140,17 @@ def predict_files(detector: Detector, paths: list[Path], out_dir: Path, batch_si
                 writer = csv.DictWriter(fh, fieldnames=SUMMARY_FIELDS)
                 writer.writeheader()
                 writer.writerows(rows)
-            _warn_of_older_files(out_dir, set(names.values()))
+            _warn_of_older_files(out_dir, {row["name"] for row in rows if "name" in row})
     return rows
 
 
 def _warn_of_older_files(out_dir: Path, names: set[str]) -> None:
-    """A reused --out keeps an earlier run's per-image files that this one did not
-    overwrite (never deleted: they may be someone's results); say so, as the
-    summary files now list this run's images alone."""
+    """Per-image files in --out that the summary does not list: an earlier run's that
+    this one did not overwrite (--overwrite), or an image's first files when it was
+    interrupted (never deleted: they may be someone's results); say so."""
     older = [p for suffix in PER_IMAGE for p in out_dir.glob(f"*{suffix}")
              if p.name.removesuffix(suffix) not in names]
     if older:
-        log.warning("%s also holds %d per-image files of an earlier run (e.g. %s), not in this "
-                    "run's summary.csv. Fix: use a new --out, or delete them.", out_dir, len(older),
-                    older[0].name)
+        log.warning("%s also holds %d per-image files that its summary.csv does not list (e.g. %s: "
+                    "an earlier run's, or an image's interrupted half-way). Fix: use a new --out, or "
+                    "delete them.", out_dir, len(older), older[0].name)

@@ -170,7 +170,7 @@ def test_predict_leaves_out_its_own_output_folder_and_long_names(trained: Detect
     predict_files(trained, paths, tmp_path / "again", progress=False)
     with caplog.at_level("WARNING", logger="pfadseg.predict"):
         predict_files(trained, paths[:1], tmp_path / "again", progress=False)
-    assert "holds 3 per-image files of an earlier run" in caplog.text
+    assert "holds 3 per-image files that its summary.csv does not list" in caplog.text
     long = output_names([tmp_path / ("検" * 83 + ".png")])[0]
     assert len(long.encode()) <= 200 and long.startswith("検")  # + "_overlay.png" fits 255 bytes
 
