@@ -124,7 +124,8 @@ def results_folder(path: Path, overwrite: bool) -> Path:
     earlier run's results (either command's: both write report.html) unless `overwrite`."""
     out_folder(path)
     held = [name for name in RESULT_FILES if (path / name).is_file()]
-    held += [f"{found.name}, ..." for suffix in PER_IMAGE for found in islice(path.glob(f"*{suffix}"), 1)]
+    held += [f"per-image files such as {found.name}"
+             for found in islice((p for suffix in PER_IMAGE for p in path.glob(f"*{suffix}")), 1)]
     if held and not overwrite:
         raise DataError(f"--out {path} holds the results of an earlier run ({', '.join(held)}). "
                         "Fix: give a new --out, or add --overwrite to replace them.")

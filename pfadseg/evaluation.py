@@ -184,7 +184,8 @@ def format_table(result: dict) -> str:
         n_good = result["n_images"] - result["n_anomalous"]
         wrong = [what for what, all_of in (("misses every defect", cal["defects_missed"] == result["n_anomalous"]),
                                            ("flags every good image", cal["good_flagged"] == n_good)) if all_of]
-        if wrong and min(n_good, result["n_anomalous"]) > 0:
+        # only where the scores do tell defects apart: else no threshold would help
+        if wrong and min(n_good, result["n_anomalous"]) > 0 and result["image_auroc"] >= 0.8:
             lines.append(f"the image threshold {' and '.join(wrong)} here. Fix: `pfadseg calibrate` on "
                          "your own good images (or with --defects and --masks, by best F1)")
     return "\n".join(lines)

@@ -175,7 +175,7 @@ def test_test_and_predict_keep_an_earlier_runs_results(tmp_path: Path, capsys) -
     masks.mkdir()
     (masks / "a_mask.png").write_bytes(b"a user's mask")
     assert main(["predict", "--checkpoint", missing, "--out", str(masks), str(image)]) == 2
-    assert "holds the results of an earlier run (a_mask.png, ...)" in capsys.readouterr().err
+    assert "holds the results of an earlier run (per-image files such as a_mask.png)" in capsys.readouterr().err
 
 
 def test_option_pairs_that_cannot_both_hold_are_refused(tmp_path: Path, capsys) -> None:
@@ -257,5 +257,6 @@ def test_test_table_says_when_the_threshold_misses_every_defect() -> None:
     result = {"image_auroc": 0.9, "dest": {"image_auroc": 0.8}, "n_images": 12, "n_anomalous": 8,
               "calibrated": {"method": "false_alarm", "image_f1": 0.0, "good_flagged": 0, "defects_missed": 8}}
     assert "the image threshold misses every defect here. Fix: `pfadseg calibrate`" in format_table(result)
+    assert "Fix:" not in format_table({**result, "image_auroc": 0.6})  # no threshold would help
     result["calibrated"].update(image_f1=0.5, defects_missed=3)
     assert "Fix:" not in format_table(result)
