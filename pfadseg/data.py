@@ -47,16 +47,17 @@ def to_rgb(img: Image.Image) -> Image.Image:
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         arr = np.asarray(img, dtype=np.float64)
         arr[~np.isfinite(arr)] = 0.0  # a float image's NaN/inf pixels: black, not an all-NaN scale
-        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
-        if img.mode == "I" and arr.max() > 65535:  # 17 to 31 bits: the fewest bits holding it, not white
-            top = 2.0 ** np.ceil(np.log2(arr.max() + 1)) - 1
-        if top == 65535.0 and 0 < arr.max() < 4096:  # once per process: the same camera made them all
+        peak = float(arr.max())  # once: a camera's 16-bit frame is tens of megapixels
+        top = 65535.0 if img.mode.startswith("I;16") or peak > 255 else 255.0
+        if img.mode == "I" and peak > 65535:  # 17 to 31 bits: the fewest bits holding it, not white
+            top = 2.0 ** np.ceil(np.log2(peak + 1)) - 1
+        if top == 65535.0 and 0 < peak < 4096:  # once per process: the same camera made them all
             warnings.warn("a 16-bit image uses 12 or fewer of its bits (a 10- or 12-bit camera?): "
                           "read on the 16-bit scale, it is nearly black with few grey levels. "
                           "Fix: scale the images to the full 16-bit range, or save them as 8-bit.",
                           stacklevel=2)
         if img.mode == "F":
-            top = max(float(arr.max()), 1.0) if arr.max() > 1 else 1.0
+            top = max(peak, 1.0)
         arr = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
         img = Image.fromarray(arr, mode="L")
     if img.mode == "La":  # premultiplied alpha: PIL converts it to LA only
