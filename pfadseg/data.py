@@ -38,11 +38,15 @@ class DataError(ValueError):
     """Bad input data; the message names the file or folder and the fix."""
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
+_low_bits_warned = False  # the 12-bit warning, once per process: one camera made them all
+
+
+def to_rgb(img: Image.Image, name: object = "a 16-bit image") -> Image.Image:
     """Convert any PIL image to upright 8-bit RGB: turned as its EXIF orientation
     says (as image viewers show a camera's JPEG), 16-bit grayscale rescaled from its
     full range (32-bit from the fewest bits holding its values, float from its own),
-    palette and alpha images composited on black."""
+    palette and alpha images composited on black. `name` (its path) goes into warnings."""
+    global _low_bits_warned
     img = ImageOps.exif_transpose(img)
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         arr = np.asarray(img, dtype=np.float64)
@@ -51,11 +55,12 @@ def to_rgb(img: Image.Image) -> Image.Image:
         top = 65535.0 if img.mode.startswith("I;16") or peak > 255 else 255.0
         if img.mode == "I" and peak > 65535:  # 17 to 31 bits: the fewest bits holding it, not white
             top = 2.0 ** np.ceil(np.log2(peak + 1)) - 1
-        if top == 65535.0 and 0 < peak < 4096:  # once per process: the same camera made them all
-            warnings.warn("a 16-bit image uses 12 or fewer of its bits (a 10- or 12-bit camera?): "
+        if top == 65535.0 and 0 < peak < 4096 and not _low_bits_warned:
+            _low_bits_warned = True
+            warnings.warn(f"{name} uses 12 or fewer of its 16 bits (a 10- or 12-bit camera?): "
                           "read on the 16-bit scale, it is nearly black with few grey levels. "
-                          "Fix: scale the images to the full 16-bit range, or save them as 8-bit.",
-                          stacklevel=2)
+                          "Fix: scale the images to the full 16-bit range, or save them as 8-bit "
+                          "(shown for the first such image only).", stacklevel=2)
         if img.mode == "F":
             top = max(peak, 1.0)
         arr = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
@@ -102,7 +107,7 @@ def open_image(path: Path) -> Image.Image:
 
 def load_rgb(path: Path, size: int | None) -> np.ndarray:
     """Image as uint8 (H, W, 3), resized bilinearly to size x size when size is given."""
-    return _pixels(to_rgb(open_image(path)), size)
+    return _pixels(to_rgb(open_image(path), path), size)
 
 
 def _pixels(img: Image.Image, size: int | None) -> np.ndarray:
@@ -460,7 +465,7 @@ def load_folder_test_set(test_dir: Path, size: int, mask_dir: Path | None = None
                 log.warning("skipped: %s", exc)
                 continue
             raise DataError(f"{exc} {SKIP_HINT}") from exc
-        img = to_rgb(img)  # upright: a mask is drawn on the image as viewers show it
+        img = to_rgb(img, path)  # upright: a mask is drawn on the image as viewers show it
         if mask_dir is not None:
             if mask_path is None:
                 shape = (img.height, img.width) if msize is None else (msize, msize)
@@ -527,7 +532,7 @@ def load_defect_set(defect_dir: Path, mask_dir: Path, size: int) -> tuple[torch.
                         "one). Fix: add <stem>_mask.png (or <stem>.png) for each defect image.")
     images, masks = [], []
     for path in paths:
-        img = to_rgb(open_image(path))
+        img = to_rgb(open_image(path), path)
         masks.append(load_mask(matched[path], size, expected=img.size))
         images.append(_pixels(img, size))
     return _batch(images), np.stack(masks)

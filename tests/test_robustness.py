@@ -10,6 +10,7 @@ import os
 import pickle
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -772,9 +773,15 @@ def test_unreadable_folders_and_files_are_named_with_the_fix(tmp_path: Path, mon
         load_rgb(folder / "crack" / "000.png", None)
 
 
-def test_twelve_bit_data_in_a_sixteen_bit_file_is_warned_of(tmp_path: Path) -> None:
-    """A 12-bit camera's values (0..4095) in a 16-bit PNG read as 0..16 of 255: said, not silent."""
+def test_twelve_bit_data_in_a_sixteen_bit_file_is_warned_of(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 12-bit camera's values (0..4095) in a 16-bit PNG read as 0..16 of 255: said, not silent,
+    naming the first such file, once (a folder of them would repeat it per image)."""
+    monkeypatch.setattr(data, "_low_bits_warned", False)
     path = tmp_path / "mono12.png"
     Image.fromarray(np.linspace(0, 4095, 64 * 64).reshape(64, 64).astype(np.uint16)).save(path)
-    with pytest.warns(UserWarning, match="uses 12 or fewer of its bits"):
+    with pytest.warns(UserWarning, match=r"mono12\.png uses 12 or fewer of its 16 bits"):
         assert load_rgb(path, None).max() <= 16
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_rgb(path, None)
