@@ -13,13 +13,8 @@ held-out tenth of the good images):
 Why false-alarm rates and not F1 on the run's synthetic defects: the real
 defects of a product are unknown at training time, and the synthetic ones are
 a different, louder population (texture pasted at up to full opacity), so a
-threshold tuned to them sits too high for real defects. Measured on the demo
-sample (two GPU runs with `pfadseg demo`'s settings, 16 labelled test images):
-pixel F1 at the synthetic-F1 threshold was 0.076 and 0.152 under the test
-set's best pixel F1, at the 0.1% false-alarm rate 0.043 and 0.001 under it;
-the 1% image threshold (the normal quantile then, narrower than today's
-prediction bound) reached the best image F1 (1.0) in both. The good
-images are the one population a held-out split really samples. The synthetic
+threshold tuned to them sits too high for real defects. The good images are
+the one population a held-out split really samples. The synthetic
 defects still serve as a check that needs no labels: the fraction of them each
 threshold catches is stored beside the thresholds.
 
@@ -38,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy import stats
+from scipy import special, stats
 
 from . import checkpoint as ckpt
 from . import metrics
@@ -60,19 +55,15 @@ class CalibrationError(ValueError):
 
 
 def _logit(p: np.ndarray | float) -> np.ndarray:
-    p = np.clip(np.asarray(p, dtype=np.float64), _EPS, 1.0 - _EPS)
-    return np.log(p) - np.log1p(-p)
-
-
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 0.5 * (1.0 + np.tanh(0.5 * x))  # overflow-free
+    """Log-odds of probabilities clipped to [_EPS, 1 - _EPS] (0 and 1 stay finite)."""
+    return special.logit(np.clip(np.asarray(p, dtype=np.float64), _EPS, 1.0 - _EPS))
 
 
 def _normalize(raw: np.ndarray | float, threshold: float) -> np.ndarray | float:
     """Odds of `raw` relative to the threshold's, as a probability: monotonic,
     in [0, 1], 0.5 exactly at the threshold. Keeps scalars scalar and float32 float32."""
     arr = np.asarray(raw)
-    out = _sigmoid(_logit(arr) - _logit(threshold))
+    out = special.expit(_logit(arr) - _logit(threshold))
     if arr.ndim == 0:
         return float(out)
     return out.astype(arr.dtype if np.issubdtype(arr.dtype, np.floating) else np.float64)
@@ -181,10 +172,10 @@ def false_alarm_threshold(good_scores: np.ndarray, rate: float) -> float:
     if z.size == 0:
         raise CalibrationError("no good image to calibrate on")
     if z.size == 1:  # no spread to estimate: just above it (warned about by the callers)
-        return float(_sigmoid(np.asarray(z[0] + stats.norm.ppf(1.0 - rate) * 1e-3)))
+        return float(special.expit(z[0] + stats.norm.ppf(1.0 - rate) * 1e-3))
     n, spread = z.size, max(float(z.std(ddof=1)), 1e-3)
     bound = stats.t.ppf(1.0 - rate, n - 1) * spread * np.sqrt(1.0 + 1.0 / n)
-    return float(_sigmoid(np.asarray(z.mean() + bound)))
+    return float(special.expit(z.mean() + bound))
 
 
 def pixel_false_alarm_threshold(good_maps: np.ndarray, rate: float) -> float:
@@ -206,7 +197,7 @@ def f1_threshold(scores: np.ndarray, labels: np.ndarray) -> float:
     if below.size == 0:
         return top
     # Every threshold in (highest score under top, top] gives the same counts.
-    return float(_sigmoid(0.5 * (_logit(top) + _logit(below.max()))))
+    return float(special.expit(0.5 * (_logit(top) + _logit(below.max()))))
 
 
 def calibrate_outputs(good_scores: np.ndarray, good_maps: np.ndarray,
@@ -253,15 +244,15 @@ def calibrate_outputs(good_scores: np.ndarray, good_maps: np.ndarray,
                    defect_pixel_f1=2 * hits / (np.count_nonzero(predicted) + np.count_nonzero(masks)))
 
 
-def synthetic_defects(good_images: torch.Tensor, synthesizer: DefectSynthesizer, seed: int,
-                      copies: int = SYNTHETIC_COPIES) -> tuple[torch.Tensor, np.ndarray]:
-    """`copies` synthetic defects on each good image: uint8 images (M, 3, S, S) and
+def synthetic_defects(good_images: torch.Tensor, synthesizer: DefectSynthesizer,
+                      seed: int) -> tuple[torch.Tensor, np.ndarray]:
+    """SYNTHETIC_COPIES synthetic defects on each good image: uint8 images (M, 3, S, S) and
     bool masks (M, S, S). Draws without a defect (the synthesiser leaves some
     images clean) are left out; the draws depend only on `seed`."""
     generator = torch.Generator().manual_seed(seed)
     clean = good_images.float().div(255.0)
     images, masks = [], []
-    for _ in range(copies):
+    for _ in range(SYNTHETIC_COPIES):
         augmented, mask = synthesizer(clean, generator)
         keep = mask.flatten(1).amax(dim=1) > 0
         images.append(augmented[keep].mul(255.0).round_().clamp_(0, 255).to(torch.uint8))
@@ -274,7 +265,7 @@ def calibrate(model: AnomalyModel, good_images: torch.Tensor,
               defect_images: torch.Tensor | None = None, defect_masks: np.ndarray | None = None,
               false_alarm_rate: float = DEFAULT_FALSE_ALARM_RATE,
               pixel_false_alarm_rate: float = DEFAULT_PIXEL_FALSE_ALARM_RATE,
-              copies: int = SYNTHETIC_COPIES, batch_size: int = 16, bf16: bool = True,
+              batch_size: int = 16, bf16: bool = True,
               source: str = "held-out good images") -> Thresholds:
     """Thresholds for `model` from defect-free uint8 images (N, 3, S, S) it never trained on
     (`source` says what they are, for the checkpoint's metadata).
@@ -282,7 +273,7 @@ def calibrate(model: AnomalyModel, good_images: torch.Tensor,
     With real `defect_images` and their bool `defect_masks` (N, S, S), both
     thresholds maximise F1 on them. Otherwise both come from the false-alarm
     rates on the good images, and `synthesizer` (seeded by `seed`; may be None)
-    draws `copies` defects per good image to measure what they catch. The model
+    draws SYNTHETIC_COPIES defects per good image to measure what they catch. The model
     runs through `pfadseg.inference.infer`, on whatever device its parameters are on.
     """
     if len(good_images) == 0:
@@ -294,7 +285,7 @@ def calibrate(model: AnomalyModel, good_images: torch.Tensor,
         if defect_masks is None or len(defect_masks) != len(defect_images):
             raise CalibrationError("every defect image needs its mask")
     elif synthesizer is not None:
-        defect_images, defect_masks = synthetic_defects(good_images, synthesizer, seed, copies)
+        defect_images, defect_masks = synthetic_defects(good_images, synthesizer, seed)
         if len(defect_images) == 0:
             raise CalibrationError("the synthesiser drew no defect on the good images")
     if defect_images is not None:

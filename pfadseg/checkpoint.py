@@ -182,7 +182,7 @@ def model_tensors(model: AnomalyModel, tensors: dict[str, torch.Tensor]) -> dict
     return {k: v for k, v in tensors.items() if k in known or not k.startswith("teacher.")}
 
 
-def load_checkpoint(path: Path, expect_variant: str | None = None) -> tuple[AnomalyModel, dict]:
+def load_checkpoint(path: Path) -> tuple[AnomalyModel, dict]:
     """Rebuild the model from a checkpoint alone (no download: the teacher's
     weights are in the file) and return it in eval mode with its metadata."""
     tensors, meta = read(path)
@@ -200,8 +200,6 @@ def load_checkpoint(path: Path, expect_variant: str | None = None) -> tuple[Anom
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{path}: its metadata does not describe a model "
                               f"({type(exc).__name__}: {exc})") from exc
-    if expect_variant is not None and config.variant != expect_variant:
-        raise CheckpointError(f"{path}: holds variant {config.variant}, expected {expect_variant}")
     try:
         model.load_state_dict(model_tensors(model, tensors), strict=True)
     except RuntimeError as exc:

@@ -755,6 +755,3 @@ def _again(args: argparse.Namespace) -> str:
         return f"; the images scored before it are in {summary} (a rerun needs --overwrite)"
     return ""
 
-
-if __name__ == "__main__":
-    sys.exit(main())

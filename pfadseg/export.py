@@ -165,7 +165,7 @@ def export_onnx(model: AnomalyModel, path: Path) -> Path:
     return path
 
 
-def onnx_map_fn(path: Path, threads: int | None = None, fingerprint: str | None = None) -> MapFn:
+def onnx_map_fn(path: Path, fingerprint: str | None = None) -> MapFn:
     """A function mapping uint8 images (B, 3, S, S) to (segmentation maps
     float32 (B, S, S), image scores (B,)), run by onnxruntime on the CPU.
     With `fingerprint` (the checkpoint's `weights_fingerprint`), a file exported
@@ -174,7 +174,7 @@ def onnx_map_fn(path: Path, threads: int | None = None, fingerprint: str | None 
     if not path.is_file():
         raise ValueError(f"ONNX model not found: {path}. Create it with "
                          "`pfadseg export --checkpoint CHECKPOINT --out FILE`.")
-    session = _session(path, threads)
+    session = _session(path)
     if fingerprint is not None:
         recorded = session.get_modelmeta().custom_metadata_map.get(WEIGHTS_KEY)
         if recorded != fingerprint:

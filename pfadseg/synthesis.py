@@ -21,16 +21,6 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = [
-    "ROTATION_POLICY",
-    "DefectSynthesizer",
-    "perlin_mask",
-    "perlin_noise",
-    "procedural_textures",
-    "rotate_images",
-    "rotation_policy_for",
-]
-
 # Rotation augmentation of the clean image in the official DeSTSeg code.
 ROTATION_POLICY: dict[str, str] = {
     **{c: "none" for c in ("capsule", "metal_nut", "pill", "toothbrush", "transistor")},
@@ -129,9 +119,8 @@ def perlin_mask(
     size: tuple[int, int],
     generator: torch.Generator,
     device: torch.device | str | None = None,
-    threshold: float = 0.5,
 ) -> torch.Tensor:
-    """Return binary defect masks (B, 1, H, W) float: rotated Perlin noise > threshold.
+    """Return binary defect masks (B, 1, H, W) float: rotated Perlin noise > 0.5 (DRAEM).
 
     Rotation is by U(-90, 90) degrees per sample (bilinear, zeros padding).
     """
@@ -141,7 +130,7 @@ def perlin_mask(
     angles = (torch.rand(batch, generator=generator, device=gen_device) * 180.0 - 90.0).to(device)
     grid = _rotation_grid(angles, size, device)
     rotated = F.grid_sample(noise, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    return (rotated > threshold).float()
+    return (rotated > 0.5).float()
 
 
 class DefectSynthesizer:
@@ -194,7 +183,6 @@ def rotate_images(
     policy: str,
     generator: torch.Generator,
     max_angle: float = 5.0,
-    padding: str = "reflection",
 ) -> torch.Tensor:
     """Randomly rotate clean images (B, C, H, W) per the category's policy.
 
@@ -203,14 +191,12 @@ def rotate_images(
     - "right_angle": a random multiple of 90 degrees (exact, ``torch.rot90``; needs
       square images), then U(-max_angle, max_angle) degrees.
 
-    The small rotation is bilinear; ``padding`` fills the uncovered corners:
-    "reflection", "border", or "grey" (constant 114/255, as the official code does
-    with PIL). ``max_angle=0`` skips the resampling, keeping the output exact.
+    The small rotation is bilinear and fills the uncovered corners with grey
+    (114/255, as the official code does with PIL). ``max_angle=0`` skips the
+    resampling, keeping the output exact.
     """
     if policy not in ROTATION_POLICIES:
         raise ValueError(f"unknown rotation policy {policy!r}")
-    if padding not in ("reflection", "border", "grey"):
-        raise ValueError(f"unknown padding {padding!r}")
     if policy == "none":
         return images
     batch, _, height, width = images.shape
@@ -229,12 +215,8 @@ def rotate_images(
     if max_angle == 0:
         return out
     grid = _rotation_grid(angles, (height, width), images.device).to(images.dtype)
-    if padding == "grey":
-        shifted = F.grid_sample(
-            out - _OFFICIAL_FILL, grid, padding_mode="zeros", align_corners=False
-        )
-        return shifted + _OFFICIAL_FILL
-    return F.grid_sample(out, grid, padding_mode=padding, align_corners=False)
+    shifted = F.grid_sample(out - _OFFICIAL_FILL, grid, padding_mode="zeros", align_corners=False)
+    return shifted + _OFFICIAL_FILL
 
 
 def procedural_textures(count: int, size: int, seed: int = 0) -> torch.Tensor:

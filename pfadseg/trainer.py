@@ -152,7 +152,7 @@ class Trainer:
         """Indices, clean images, synthetic images and masks of one random batch."""
         idx = torch.randint(len(self.images), (self.batch_size,), generator=self.generator)
         clean = to_input(self.images[idx.to(self.device)])
-        clean = rotate_images(clean, self.rotation, self.generator, padding="grey")
+        clean = rotate_images(clean, self.rotation, self.generator)
         augmented, mask = self.synthesizer(clean, self.generator)
         return idx, clean, augmented, mask
 

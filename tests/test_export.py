@@ -43,7 +43,7 @@ def assert_matches_torch(model: AnomalyModel, path: Path) -> None:
     for batch sizes 2 (traced) and 3 (never traced: the batch axis is dynamic)."""
     import onnxruntime as ort
 
-    map_fn = onnx_map_fn(path, threads=1)
+    map_fn = onnx_map_fn(path)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     gen = torch.Generator().manual_seed(1)
     for batch in (2, 3):

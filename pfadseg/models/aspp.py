@@ -1,4 +1,5 @@
-"""ASPP head of DeSTSeg's segmentation network (atrous spatial pyramid pooling)."""
+"""ASPP head of DeSTSeg's segmentation network (atrous spatial pyramid pooling), which
+PFADSeg replaces by RCM (Sec. 3.3)."""
 from __future__ import annotations
 
 from collections.abc import Sequence

@@ -1,4 +1,5 @@
-"""DeSTSeg and PFADSeg: teacher, denoising student and segmentation network.
+"""DeSTSeg and PFADSeg (PFADSeg Sec. 3, Fig. 2): teacher, denoising student and
+segmentation network.
 
 `ModelConfig` names a variant: `destseg` is the CVPR 2023 baseline, `pfadseg`
 turns on all three PFADSeg modules, and the switches give every ablation row.
@@ -129,6 +130,8 @@ class AnomalyModel(nn.Module):
 
 
 def _products(t_feats: list[torch.Tensor], s_feats: list[torch.Tensor]) -> torch.Tensor:
+    """The segmentation input (Sec. 3.3, DeSTSeg): -T_l * S_l of the unit-normalised
+    features, upsampled to T1's size (a quarter of the input) and concatenated."""
     size = t_feats[0].shape[-2:]
     return torch.cat([F.interpolate(-l2_normalize(t) * l2_normalize(s), size=size, mode="bilinear",
                                     align_corners=False) for t, s in zip(t_feats, s_feats)], dim=1)

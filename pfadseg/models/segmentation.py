@@ -1,4 +1,4 @@
-"""The segmentation network trained on teacher-student feature differences."""
+"""The segmentation network on teacher-student feature differences (PFADSeg Sec. 3.3)."""
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,4 @@
-"""The frozen ImageNet teacher: three feature levels at strides 4, 8 and 16.
+"""The frozen ImageNet teacher (PFADSeg Sec. 3.1): feature levels T1, T2, T3 at strides 4, 8, 16.
 
 `resnet18` is the paper's teacher (torchvision's IMAGENET1K_V1 weights, the
 ones the official code got through timm 0.6). `efficientnet_lite0` reads the
@@ -16,7 +16,7 @@ from torch import nn
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-RANDOM = "random"  # weights source that asks for an untrained teacher (tests only)
+RANDOM = "random"  # an untrained teacher: its weights then come from a checkpoint (or a test)
 
 
 class TeacherWeightsError(RuntimeError):
@@ -163,7 +163,7 @@ TEACHERS: dict[str, TeacherSpec] = {
 
 def build_teacher(name: str, weights: str | Path | None = None) -> Teacher:
     """Build a frozen teacher. `weights`: None for the standard ImageNet
-    weights, a file path, or "random" (untrained; for tests only)."""
+    weights, a file path, or "random" (untrained: a checkpoint fills it in, or a test uses it)."""
     if name not in TEACHERS:
         raise ValueError(f"unknown teacher {name!r}; choose from {sorted(TEACHERS)}")
     spec = TEACHERS[name]
