@@ -67,7 +67,7 @@ MAX_EVAL_SIZE = 8192  # an 8192 x 8192 float32 map is 256 MiB, and test keeps on
 
 def user_path(text: str) -> Path:
     """argparse type: a path with ~ expanded, which the shell leaves in --out=~/runs
-    (results went to a folder named "~" while the message named the home folder)."""
+    (else the results would go to a folder named "~")."""
     return Path(text).expanduser()
 
 
@@ -110,7 +110,7 @@ def out_folder(path: Path) -> Path:
     except OSError as exc:
         raise DataError(f"--out {path}: cannot create it ({exc.strerror}). Fix: give a folder "
                         "you can write to.") from exc
-    try:  # an existing read-only folder failed only when the results were written
+    try:  # now: a read-only folder would fail only when the results are written
         with tempfile.TemporaryFile(dir=path):
             pass
     except OSError as exc:
@@ -283,7 +283,7 @@ def check_run_paths(textures: Path | None, texture_limit: int | None, weights: P
 def cmd_train(args: argparse.Namespace) -> int:
     """`pfadseg train`: train on a folder of good images (or resume a run) and write its checkpoint."""
     device = _device(args)
-    if args.data is not None and args.train_dir is not None:  # --data went unread before
+    if args.data is not None and args.train_dir is not None:
         raise DataError("--data ROOT and --train-dir DIR both name the training images. Fix: give "
                         "one of them (--category NAME with --train-dir only sets its rotation)")
     if args.data is not None and args.train_dir is None and args.category:

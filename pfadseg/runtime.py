@@ -80,6 +80,11 @@ def channels_last(device: torch.device) -> bool:
     return device.type in ("cpu", "cuda")
 
 
+def fused_sgd(device: torch.device) -> bool:
+    """Whether SGD takes its fused kernel (one launch for all parameters): CPU and CUDA only."""
+    return device.type in ("cpu", "cuda")
+
+
 def place(model: nn.Module, device: torch.device) -> nn.Module:
     """Move a model to `device` in the memory layout that runs fastest there; on
     CUDA, cuDNN times its convolution algorithms once per shape (the shapes are fixed)."""

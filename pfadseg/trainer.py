@@ -35,8 +35,8 @@ from .inference import to_input
 from .models import AnomalyModel, ModelConfig
 from .models.teacher import RANDOM
 from .models.losses import segmentation_loss
-from .runtime import (autocast, bf16_supported, compiled, cpu_training_fixes, place, release_free_memory,
-                      resolve_device, step_begin)
+from .runtime import (autocast, bf16_supported, compiled, cpu_training_fixes, fused_sgd, place,
+                      release_free_memory, resolve_device, step_begin)
 from .data import category_of, load_textures, load_train_images
 from .files import replacing, write_text
 from .synthesis import (ROTATION_POLICIES, DefectSynthesizer, procedural_textures, rotate_images,
@@ -133,7 +133,7 @@ class Trainer:
         self._stage2: tuple[Callable, Callable] | None = None
         seg = model.segmentation
         sgd = dict(momentum=config.momentum, weight_decay=config.weight_decay,
-                   fused=device.type in ("cpu", "cuda"))
+                   fused=fused_sgd(device))
         self.opt_student = torch.optim.SGD(model.student.parameters(), lr=config.lr_student, **sgd)
         self.opt_seg = torch.optim.SGD(
             [{"params": seg.res.parameters(), "lr": config.lr_seg_res},
@@ -408,8 +408,7 @@ class Trainer:
     def calibrate_threshold(self, good_images: torch.Tensor, source: str) -> Thresholds:
         """Image and pixel thresholds at false-alarm rates on good images (uint8,
         ideally never trained on), checked against the run's synthetic defects on
-        them; see pfadseg.calibration. (The highest training-image score, used
-        before, sat far above the scores of real defects.)"""
+        them; see pfadseg.calibration."""
         return calibrate(self.model, good_images, self.synthesizer, self.config.seed,
                          bf16=self.use_bf16, source=source)
 
