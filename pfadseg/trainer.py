@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm import tqdm
@@ -26,6 +27,8 @@ try:
     import fcntl
 except ImportError:  # Windows: no lock
     fcntl = None
+if TYPE_CHECKING:
+    import _csv  # the type of csv.writer(...) objects
 
 from . import checkpoint as ckpt
 from . import distributed as dist
@@ -259,7 +262,7 @@ class Trainer:
         cfg = self.config
         return [cfg.lr_student] if optimizer is self.opt_student else [cfg.lr_seg_res, cfg.lr_seg_head]
 
-    def validate(self, writer: csv.writer) -> None:
+    def validate(self, writer: _csv._writer) -> None:
         """Score the validation set now (rank 0), append a row to validation.csv; others wait."""
         if self.validation_set is not None:
             start = time.perf_counter()
