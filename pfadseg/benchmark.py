@@ -490,6 +490,6 @@ def run_benchmark(args: argparse.Namespace) -> int:
     paths = write_report(results, out / "report")
     print(paths[0].read_text())
     done = sum(job.folder in finished for job in jobs)
-    print(f"tables ({len(results)} finished pairs in {out}, {done} of this command's {len(jobs)}): "
+    print(f"tables ({len(results)} finished pair(s) in {out}, {done} of this command's {len(jobs)}): "
           f"{' '.join(map(str, paths))}")
     return 1 if progress.failed else 0

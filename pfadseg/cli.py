@@ -148,7 +148,8 @@ def _add_run_args(data: argparse._ArgumentGroup, model: argparse._ArgumentGroup,
                       help="folder of texture images for synthetic defects (DTD images/); "
                            "default: built-in procedural textures")
     data.add_argument("--texture-limit", type=positive_int,
-                      help="use at most this many texture images, evenly spaced (default: all)")
+                      help="use at most this many texture images, evenly spaced (default: all; "
+                           "without --textures: how many procedural ones, 64)")
     data.add_argument("--rotation", choices=ROTATIONS, default="auto",
                       help="rotation augmentation of the good images; auto = the official "
                            "per-category choice by the category name, none for other names "
@@ -197,7 +198,8 @@ def _add_run_args(data: argparse._ArgumentGroup, model: argparse._ArgumentGroup,
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     data = p.add_argument_group("data")
     data.add_argument("--data", type=user_path, help="MVTec-layout root holding <category>/train/good")
-    data.add_argument("--category", help="category folder under --data (e.g. bottle)")
+    data.add_argument("--category", help="category folder under --data (e.g. bottle); with "
+                      "--train-dir: the category's name, for --rotation auto and the run's record")
     data.add_argument("--train-dir", type=user_path,
                       help="or: any folder of defect-free images (with --resume: the run's)")
     model = p.add_argument_group("model")
@@ -587,8 +589,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", type=user_path, required=True,
                    help="checkpoint.safetensors of a `pfadseg train` run")
     p.add_argument("--out", type=user_path, required=True,
-                   help="folder for the maps, overlays, masks (at the image's size, at most 1024 px "
-                        "a side), summary.csv/.json and report.html")
+                   help="folder for overlays and masks (at the image's size, at most 1024 px a "
+                        "side), raw maps (.npy, at the model's input size), summary.csv/.json "
+                        "and report.html")
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.add_argument("--threshold", type=probability,
                    help="image-score threshold between 0 and 1 (scores are probabilities; "
@@ -617,8 +620,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "thresholds then maximise F1 on them")
     p.add_argument("--masks", type=user_path, help="masks of the --defects images, matched by file "
                    "stem with or without _mask (recursive)")
-    p.add_argument("--out", type=user_path, help="new checkpoint (default: <checkpoint>.calibrated"
-                   ".safetensors beside it)")
+    p.add_argument("--out", type=user_path, help="new checkpoint (default: <name>.calibrated"
+                   ".safetensors beside it, e.g. checkpoint.calibrated.safetensors)")
     p.add_argument("--false-alarm-rate", type=probability,
                    help="without --defects: the fraction of good images the image threshold "
                         f"may flag (default: {DEFAULT_FALSE_ALARM_RATE})")

@@ -125,7 +125,7 @@ def predict_files(detector: Detector, paths: list[Path], out_dir: Path, batch_si
             rows.extend(done[path] for path in chunk if path in done)  # in the inputs' order
             if failure is not None:
                 if rows:
-                    raise DataError(f"{failure} The {len(rows)} images scored before it are in "
+                    raise DataError(f"{failure} The {len(rows)} image(s) scored before it are in "
                                     f"{out_dir / 'summary.csv'}; to go on past unreadable files, "
                                     "rerun with --skip-bad-images --overwrite.") from failure
                 raise DataError(f"{failure} No image was scored; to go on past unreadable files, "

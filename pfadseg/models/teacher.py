@@ -103,8 +103,9 @@ def _resnet18(source: str | None) -> nn.Module:
             raise TeacherWeightsError(
                 "cannot get the ResNet18 ImageNet weights (torchvision IMAGENET1K_V1): "
                 f"{exc}.\nRemedies: (1) connect to the internet once; they are downloaded "
-                f"from {url} and cached under $TORCH_HOME; or (2) download that file elsewhere "
-                "and pass it with --teacher-weights FILE (Python: teacher_weights=FILE). "
+                f"from {url} and cached under $TORCH_HOME/hub/checkpoints; or (2) download "
+                "that file elsewhere and pass it with --teacher-weights FILE (Python: "
+                "teacher_weights=FILE). "
                 "The offline alternative is --teacher efficientnet_lite0."
             ) from exc
     else:
