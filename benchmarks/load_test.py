@@ -42,7 +42,7 @@ def running_server(checkpoint: Path, args: tuple[str, ...] = (),
     port the server printed: no other process can take it in between); yields
     (base URL, process) once /health answers, and stops it afterwards. Its log goes
     to a temporary file whose tail is in the error when it fails to start."""
-    cmd = [sys.executable, "-m", "pfadseg.cli", "serve", "--checkpoint", str(checkpoint),
+    cmd = [sys.executable, "-m", "pfadseg", "serve", "--checkpoint", str(checkpoint),
            "--port", "0", *args]
     token = args[args.index("--token") + 1] if "--token" in args else None
     headers = {"Authorization": f"Bearer {token}"} if token else {}

@@ -274,8 +274,8 @@ def category_of(train_dir: Path) -> str:
 
 
 def load_train_images(folder: Path, size: int, skip_bad: bool = False,
-                      progress: bool = True) -> torch.Tensor:
-    """All good training images of a folder; an empty folder is an error."""
+                      progress: bool = True) -> tuple[torch.Tensor, list[str]]:
+    """All good training images of a folder and their file names; an empty folder is an error."""
     paths = train_image_paths(folder)
     if dist.is_main() and (nested := image_subfolders(folder)):  # torchrun: one walk, one line
         log.warning("%s: training on its %d images; its sub-folders (%s) are not read", folder,
@@ -287,7 +287,7 @@ def load_train_images(folder: Path, size: int, skip_bad: bool = False,
     if not kept:
         raise DataError(f"{folder}: none of the {len(paths)} images could be read. Fix: see "
                         "the 'skipped' warnings above for each file's problem.")
-    return images
+    return images, [p.name for p in kept]
 
 
 def texture_paths(folder: Path, limit: int | None = None) -> list[Path]:

@@ -68,6 +68,7 @@ class TrainData:
     images: torch.Tensor  # uint8 (N, 3, S, S)
     synthesizer: DefectSynthesizer
     rotation: str = "none"
+    names: tuple[str, ...] = ()  # the images' file names: a resumed run checks it has the same
 
     @classmethod
     def from_folder(cls, train_dir: Path, size: int, textures: Path | None = None,
@@ -79,7 +80,7 @@ class TrainData:
         shows the loading bars."""
         if rotation not in ROTATIONS:
             raise ValueError(f"unknown rotation {rotation!r}; choose from {ROTATIONS}")
-        images = load_train_images(Path(train_dir), size, skip_bad, progress)
+        images, names = load_train_images(Path(train_dir), size, skip_bad, progress)
         if textures is not None:
             texture_images = load_textures(Path(textures), size, texture_limit, progress)
         else:
@@ -88,7 +89,7 @@ class TrainData:
             texture_images = procedural_textures(texture_limit or 64, size)
         if rotation == "auto":
             rotation = rotation_policy_for(category or Path(train_dir).name)
-        return cls(images, DefectSynthesizer(texture_images), rotation)
+        return cls(images, DefectSynthesizer(texture_images), rotation, tuple(names))
 
 
 def check_aff_batch(aff: bool, per_process: int, config: TrainConfig,
@@ -571,6 +572,26 @@ def resumed_settings(out_dir: Path, given: dict[str, object], defaults: dict[str
     return kept
 
 
+def check_same_images(out_dir: Path, names: tuple[str, ...]) -> None:
+    """A resumed run must train on the images it started with: the held-out split is
+    drawn by position, so an added or removed file would hold out trained-on images
+    and set the thresholds on them. Runs whose config.json lists no images pass."""
+    try:
+        recorded = json.loads((out_dir / "config.json").read_text()).get("images")
+    except (OSError, ValueError, AttributeError):  # a damaged one: resumed_settings names it
+        return
+    if not names or recorded is None or list(recorded) == list(names):
+        return
+    gone = sorted(set(recorded) - set(names))
+    new = sorted(set(names) - set(recorded))
+    what = [f"{len(gone)} gone (e.g. {gone[0]})" if gone else "",
+            f"{len(new)} new (e.g. {new[0]})" if new else ""]
+    raise TrainingError(f"--resume: the training images changed since the run in {out_dir} "
+                        f"started: {', '.join(w for w in what if w) or 'another order'}. The "
+                        "images held out for the thresholds would then include trained-on ones. "
+                        "Fix: restore the folder as it was, or start a new run with another --out.")
+
+
 def run_lock(out_dir: Path) -> contextlib.AbstractContextManager:
     """One training run in a folder at a time: an OS lock on out_dir/.lock, held by
     rank 0 while it trains and released when it ends, also when it is killed. A
@@ -640,6 +661,7 @@ def train(model_config: ModelConfig, train_config: TrainConfig, data: TrainData,
             train_config = replace(kept, bf16=kept.bf16 and train_config.bf16,
                                    compile=kept.compile and train_config.compile,
                                    compile_stage1=kept.compile_stage1 and train_config.compile_stage1)
+            check_same_images(out_dir, data.names)
         torch.manual_seed(train_config.seed)
         train_idx, held_idx = held_out_split(len(data.images), train_config.seed)
         held_out = data.images[held_idx]  # for calibration only: never trained on
@@ -655,6 +677,7 @@ def train(model_config: ModelConfig, train_config: TrainConfig, data: TrainData,
             write_text(out_dir / "config.json", json.dumps(
                 {"model": model.config.to_dict(), "train": train_config.to_dict(),
                  "processes": dist.world_size(), **(extra_meta or {}),
+                 **({"images": list(data.names)} if data.names else {}),
                  # what else a seed's result depends on (kernels differ with each of them)
                  "runtime": {"device": str(device), "bf16": trainer.use_bf16, "threads": torch.get_num_threads(),
                              "torch": torch.__version__}}, indent=2))

@@ -29,7 +29,8 @@ from safetensors.torch import load_file
 from conftest import CATEGORY, write_dataset
 from pfadseg import checkpoint as ckpt
 from pfadseg import cli
-from pfadseg.trainer import CHECKPOINT_NAME, STATE_FORMAT, STATE_NAME, Trainer, TrainingError
+from pfadseg.trainer import (CHECKPOINT_NAME, STATE_FORMAT, STATE_NAME, Trainer, TrainingError,
+                             check_same_images)
 
 STAGE1, STAGE2 = 2, 2
 TOTAL = STAGE1 + STAGE2
@@ -152,6 +153,15 @@ def test_interrupted_run_resumes_bit_exactly(data, reference: tuple[str, Path], 
         assert cli.main(argv) == 2, extra
         assert words in capsys.readouterr().err
     assert state_step(out) == 3
+    # an image added to the folder would shift the held-out split onto trained-on images
+    extra_image = good / "zz_new.png"
+    extra_image.write_bytes((good / "000.png").read_bytes())
+    try:
+        assert cli.main(train_argv(model, *data, out, "--resume")) == 2
+    finally:
+        extra_image.unlink()
+    assert "training images changed since the run" in capsys.readouterr().err
+    assert state_step(out) == 3
     # options left out come from the run: images, model, schedule, textures (none given here);
     # the teacher's weights too, from the state file (the file named here is never read)
     assert cli.main(["--threads", "1", "train", "--device", "cpu", "--out", str(out), "--resume",
@@ -165,6 +175,20 @@ def test_interrupted_run_resumes_bit_exactly(data, reference: tuple[str, Path], 
     config = json.loads((out / "config.json").read_text())
     assert config["preset"] == "tiny" and config["textures"] == str(textures.resolve())
     assert (config["train_dir"], config["category"]) == (str(good), CATEGORY)
+    assert config["images"] == sorted(p.name for p in good.iterdir())
+
+
+def test_resume_refuses_a_changed_image_folder(tmp_path: Path) -> None:
+    """The names recorded in config.json must match the images a resumed run loads."""
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"images": ["a.png", "b.png", "c.png"]}))
+    check_same_images(tmp_path, ("a.png", "b.png", "c.png"))
+    check_same_images(tmp_path, ())  # TrainData built in Python without names: nothing to compare
+    with pytest.raises(TrainingError, match=r"changed since the run .* started: 1 gone \(e\.g\. "
+                                            r"b\.png\), 1 new \(e\.g\. d\.png\).*Fix: restore"):
+        check_same_images(tmp_path, ("a.png", "c.png", "d.png"))
+    config.write_text(json.dumps({"model": {}}))  # a run from before config.json listed its images
+    check_same_images(tmp_path, ("x.png",))
 
 
 def _kill_self() -> None:
@@ -225,7 +249,7 @@ def test_killed_process_resumes_bit_exactly(data, reference: tuple[str, Path], t
     else:
         assert not (out / STATE_NAME).exists()
 
-    resumed = subprocess.run([sys.executable, "-m", "pfadseg.cli", *argv],
+    resumed = subprocess.run([sys.executable, "-m", "pfadseg", *argv],
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "checkpoint:" in resumed.stdout

@@ -53,8 +53,9 @@ def test_truncated_training_image_is_named_or_skipped(dataset: Path, caplog) -> 
     assert str(bad) in msg and "cannot read image" in msg and "Fix:" in msg
     assert "--skip-bad-images" in msg and "skip_bad=True" in msg
     with caplog.at_level(logging.WARNING, logger="pfadseg.data"):
-        images = load_train_images(good, SIZE, skip_bad=True)
+        images, names = load_train_images(good, SIZE, skip_bad=True)
     assert images.shape == (3, 3, SIZE, SIZE) and images.dtype == torch.uint8
+    assert names == ["000.png", "002.png", "003.png"]  # the kept ones, in order
     assert any("skipped" in r.message and str(bad) in r.message for r in caplog.records)
 
 
@@ -74,7 +75,7 @@ def test_non_image_and_hidden_files_are_skipped(dataset: Path) -> None:
     (good / "Thumbs.db").write_bytes(bytes(50))
     (good / "sub.png").mkdir()  # a folder with an image suffix
     assert [p.name for p in list_images(good)] == ["000.png", "001.png", "002.png", "003.png"]
-    assert load_train_images(good, SIZE).shape == (4, 3, SIZE, SIZE)
+    assert load_train_images(good, SIZE)[0].shape == (4, 3, SIZE, SIZE)
 
 
 def test_loading_bar_only_when_asked(tmp_path: Path, capsys) -> None:
@@ -115,7 +116,7 @@ def test_sub_folders_beside_training_images_are_named(tmp_path: Path, caplog) ->
         (tmp_path / name).parent.mkdir(exist_ok=True)
         Image.new("RGB", (8, 8)).save(tmp_path / name)
     with caplog.at_level("WARNING", logger="pfadseg.data"):
-        assert len(load_train_images(tmp_path, SIZE, progress=False)) == 1
+        assert load_train_images(tmp_path, SIZE, progress=False)[1] == ["a.png"]
     assert "its sub-folders (more/) are not read" in caplog.text
     with pytest.raises(DataError, match="missing: folder not found"):
         load_train_images(tmp_path / "missing", SIZE)
@@ -169,7 +170,7 @@ def test_small_images_are_upscaled(tmp_path: Path) -> None:
     folder.mkdir()
     Image.new("RGB", (16, 12), (10, 200, 30)).save(folder / "a.png")
     Image.new("RGB", (1, 1), (10, 200, 30)).save(folder / "b.png")
-    images = load_train_images(folder, SIZE)
+    images, _ = load_train_images(folder, SIZE)
     assert images.shape == (2, 3, SIZE, SIZE)
     assert (images[:, :, SIZE // 2, SIZE // 2] == torch.tensor([10, 200, 30], dtype=torch.uint8)).all()
 
