@@ -110,7 +110,7 @@ def out_folder(path: Path) -> Path:
     except OSError as exc:
         raise DataError(f"--out {path}: cannot create it ({exc.strerror}). Fix: give a folder "
                         "you can write to.") from exc
-    try:  # now: a read-only folder would fail only when the results are written
+    try:  # else a read-only folder would fail only when the results are written
         with tempfile.TemporaryFile(dir=path):
             pass
     except OSError as exc:
@@ -167,7 +167,7 @@ def _add_run_args(data: argparse._ArgumentGroup, model: argparse._ArgumentGroup,
     schedule.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
                           help="training schedule: paper (PFADSeg paper, 3000 + 4000 steps), "
                                "official (DeSTSeg code, 1000 + 4000), cpu (fits a 2-core CPU), "
-                               "demo (the bundled sample), tiny (seconds; smoke tests) "
+                               "demo (the bundled sample), tiny (2 + 2 steps; smoke tests) "
                                "(default: %(default)s)")
     schedule.add_argument("--batch-size", type=positive_int,
                           help="training batch size (default: the preset's)")
@@ -418,8 +418,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     out = args.out or args.checkpoint.with_name(args.checkpoint.stem + ".calibrated.safetensors")
     out_file(out, "checkpoint.calibrated.safetensors")
     check_calibrated_path(args.checkpoint, out)
-    if out.exists():
-        print(f"{out} holds an earlier calibration of this model: it is replaced")
+    replaced = out.exists()
     device = _device(args)
     model, meta = load_checkpoint(args.checkpoint)
     place(model, device)
@@ -453,7 +452,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if thresholds.defect_recall is not None:
         print(f"{'synthetic' if synthesizer is not None else 'your'} defects: "
               f"{100 * thresholds.defect_recall:.0f}% flagged, pixel F1 {100 * thresholds.defect_pixel_f1:.1f}%")
-    print(f"checkpoint: {out}")
+    print(f"checkpoint: {out}" + (" (replaced the earlier calibration of this model)" if replaced else ""))
     return 0
 
 
@@ -697,6 +696,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled as Ctrl-C is but with its own exit status (143, the shell's)."""
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one `pfadseg` command; its exit status (a clear message, not a traceback, for bad input)."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -727,9 +730,9 @@ def main(argv: list[str] | None = None) -> int:
         # tqdm.write clears a progress bar the error left open, so the message gets its own line
         tqdm.write(f"pfadseg {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         tqdm.write(f"pfadseg {args.command}: interrupted{_again(args)}", file=sys.stderr)
-        return 130
+        return 128 + (signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT)
     finally:
         if terminate is not None:
             signal.signal(signal.SIGTERM, terminate)
@@ -744,7 +747,7 @@ def _main_thread() -> bool:
 
 
 def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
+    raise Terminated
 
 
 def _again(args: argparse.Namespace) -> str:
@@ -758,3 +761,6 @@ def _again(args: argparse.Namespace) -> str:
         return f"; the images scored before it are in {summary} (a rerun needs --overwrite)"
     return ""
 
+
+if __name__ == "__main__":  # `python -m pfadseg.cli`, as `python -m pfadseg`
+    sys.exit(main())

@@ -41,7 +41,7 @@ class DataError(ValueError):
 _low_bits_warned = False  # the 12-bit warning, once per process: one camera made them all
 
 
-def to_rgb(img: Image.Image, name: object = "a 16-bit image") -> Image.Image:
+def to_rgb(img: Image.Image, name: str | Path = "a 16-bit image") -> Image.Image:
     """Convert any PIL image to upright 8-bit RGB: turned as its EXIF orientation
     says (as image viewers show a camera's JPEG), 16-bit grayscale rescaled from its
     full range (32-bit from the fewest bits holding its values, float from its own),
@@ -57,8 +57,8 @@ def to_rgb(img: Image.Image, name: object = "a 16-bit image") -> Image.Image:
             top = 2.0 ** np.ceil(np.log2(peak + 1)) - 1
         if top == 65535.0 and 0 < peak < 4096 and not _low_bits_warned:
             _low_bits_warned = True
-            warnings.warn(f"{name} uses 12 or fewer of its 16 bits (a 10- or 12-bit camera?): "
-                          "read on the 16-bit scale, it is nearly black with few grey levels. "
+            warnings.warn(f"{name} uses 12 or fewer bits (a 10- or 12-bit camera?): read on "
+                          "the 16-bit scale, it is nearly black with few grey levels. "
                           "Fix: scale the images to the full 16-bit range, or save them as 8-bit "
                           "(shown for the first such image only).", stacklevel=2)
         if img.mode == "F":
@@ -522,6 +522,10 @@ def load_defect_set(defect_dir: Path, mask_dir: Path, size: int) -> tuple[torch.
     matched as in `load_folder_test_set`: uint8 (N, 3, size, size) and bool (N, size, size)."""
     defect_dir, mask_dir = Path(defect_dir), Path(mask_dir)
     paths = list_images(defect_dir, recursive=True)
+    if (defect_dir / "good").is_dir():  # a test folder (good/ + defect types) given whole
+        log.warning("%s: left out, its images are defect-free (the good images come from --good)",
+                    defect_dir / "good")
+        paths = [p for p in paths if not p.is_relative_to(defect_dir / "good")]
     if not paths:
         raise DataError(f"{defect_dir}: no defect images. Fix: point --defects at a folder of "
                         "images that show defects.")

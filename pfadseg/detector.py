@@ -106,13 +106,18 @@ def _rgb(item: ImageInput, index: int) -> np.ndarray:
     elif isinstance(item, Image.Image):
         rgb = np.asarray(to_rgb(item), dtype=np.uint8)
     elif isinstance(item, np.ndarray):
-        if item.dtype != np.uint8 or item.ndim != 3 or item.shape[2] != 3:
-            raise DataError(f"image {index}: an array must be uint8 (H, W, 3) RGB, got "
-                            f"{item.dtype} {item.shape}. Fix: convert it, e.g. np.asarray(pil_image.convert('RGB')).")
-        rgb = item.copy()  # the Prediction keeps its own: the caller may reuse the buffer
+        if item.dtype != np.uint8 or not (item.ndim == 2 or (item.ndim == 3 and item.shape[2] in (1, 3, 4))):
+            raise DataError(f"image {index}: an array must be uint8 (H, W, 3) RGB, (H, W, 4) RGBA "
+                            f"or (H, W) / (H, W, 1) grey, got {item.dtype} {item.shape}. Fix: convert it, e.g. "
+                            "np.asarray(pil_image.convert('RGB')).")
+        if item.ndim == 3 and item.shape[2] == 3:
+            rgb = item.copy()  # the Prediction keeps its own: the caller may reuse the buffer
+        else:  # grey and RGBA as their PIL images are read (alpha composited on black)
+            rgb = np.asarray(to_rgb(Image.fromarray(item.squeeze(2) if item.ndim == 3 and
+                                                    item.shape[2] == 1 else item)), dtype=np.uint8)
     else:
         raise DataError(f"image {index}: {type(item).__name__} is not an image. Fix: pass a path, "
-                        "a PIL image or a uint8 (H, W, 3) array.")
+                        "a PIL image or a uint8 array (H, W, 3), (H, W, 4) or (H, W).")
     if not rgb.shape[0] or not rgb.shape[1]:
         raise DataError(f"image {index}: empty ({rgb.shape[1]}x{rgb.shape[0]} pixels). Fix: leave it out.")
     return rgb
@@ -199,9 +204,10 @@ class Detector:
 
     def predict(self, images: Sequence[ImageInput], batch_size: int = 8,
                 names: Sequence[str] | None = None) -> list[Prediction]:
-        """Score images given as paths, PIL images or uint8 (H, W, 3) arrays, in
-        order; `batch_size` of them are decoded and run at a time. An unreadable
-        file raises DataError naming it."""
+        """Score images given as paths, PIL images or uint8 arrays ((H, W, 3) RGB,
+        (H, W, 4) RGBA, (H, W) or (H, W, 1) grey; or one (N, H, W, 3) batch), in order;
+        `batch_size` of them are decoded and run at a time. An unreadable file
+        raises DataError naming it."""
         if isinstance(images, (str, Path, Image.Image)) or (isinstance(images, np.ndarray)
                                                             and images.ndim != 4):
             raise TypeError(f"predict takes a list of images, got one {type(images).__name__}. "

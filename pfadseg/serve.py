@@ -119,7 +119,8 @@ class PixelBudget:
                                        "megapixels in all (4x --max-megapixels). Fix: send fewer "
                                        "images per request, or smaller ones.")
             if self.held + pixels > self.limit:
-                raise UploadError(503, f"{name}: busy with other large images; retry in a moment")
+                raise UploadError(503, f"{name}: busy with other large images; retry in a moment",
+                                  headers={"Retry-After": "1"})
             self.held += pixels
 
     def give(self, pixels: int) -> None:
@@ -313,7 +314,8 @@ def create_app(detector: Detector, token: str | None = None,
 
     @app.post("/predict", openapi_extra=PREDICT_REQUEST)
     async def predict(request: Request) -> dict:
-        """Score the images in the multipart field "file" (repeat it for several)."""
+        """Score the images in the multipart field "file" (repeat it for several). All or
+        nothing: one bad file fails the request, with an error naming it."""
         authorize(request)
         held = 0  # decoded pixels this request holds, given back when it is answered
         try:

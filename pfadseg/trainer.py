@@ -68,7 +68,7 @@ class TrainData:
     images: torch.Tensor  # uint8 (N, 3, S, S)
     synthesizer: DefectSynthesizer
     rotation: str = "none"
-    names: tuple[str, ...] = ()  # the images' file names: a resumed run checks it has the same
+    names: tuple[str, ...] = ()  # file names of the folder's images, for --resume's check
 
     @classmethod
     def from_folder(cls, train_dir: Path, size: int, textures: Path | None = None,
@@ -573,14 +573,15 @@ def resumed_settings(out_dir: Path, given: dict[str, object], defaults: dict[str
 
 
 def check_same_images(out_dir: Path, names: tuple[str, ...]) -> None:
-    """A resumed run must train on the images it started with: the held-out split is
-    drawn by position, so an added or removed file would hold out trained-on images
-    and set the thresholds on them. Runs whose config.json lists no images pass."""
+    """A resumed run must train on the image files it started with (compared by name):
+    the held-out split is drawn by position, so an added or removed file would hold out
+    trained-on images and set the thresholds on them. Runs whose config.json lists no
+    images (from before it did) pass."""
     try:
         recorded = json.loads((out_dir / "config.json").read_text()).get("images")
     except (OSError, ValueError, AttributeError):  # a damaged one: resumed_settings names it
         return
-    if not names or recorded is None or list(recorded) == list(names):
+    if not names or not isinstance(recorded, list) or recorded == list(names):
         return
     gone = sorted(set(recorded) - set(names))
     new = sorted(set(names) - set(recorded))

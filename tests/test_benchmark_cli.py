@@ -155,7 +155,7 @@ def test_ablation_writes_table4_from_finished_pairs(tmp_path: Path, capsys: pyte
     assert "| pfadseg | ✓ | ✓ | ✓ | 85.0 | 17.0 |" in markdown
     # a rerun with one variant keeps the folder's other pairs in the tables
     assert main(CI_ARGS + ["--out", str(out)]) == 0
-    assert "tables (8 finished pairs in" in capsys.readouterr().out
+    assert "tables (8 finished pair(s) in" in capsys.readouterr().out
     assert [row[0] for row in csv.reader(open(out / "report" / "variants.csv"))][1:] == list(ABLATION)
 
 

@@ -238,6 +238,11 @@ def test_cli_calibrate_names_an_unreadable_good_image_and_the_skip_option(traine
     assert f"{good / 'broken.png'}: cannot read image" in err and "Or add --skip-bad-images" in err
     assert main([*argv, "--skip-bad-images"]) == 0
     assert Thresholds.from_meta(read_meta(tmp_path / "c.safetensors")).n_good == 2
+    capsys.readouterr()
+    assert main(argv) == 2  # stops on broken.png: the earlier calibration is kept, and not said gone
+    assert "replace" not in capsys.readouterr().out and (tmp_path / "c.safetensors").is_file()
+    assert main([*argv, "--skip-bad-images"]) == 0
+    assert "(replaced the earlier calibration of this model)" in capsys.readouterr().out
 
 
 def test_cli_calibrate_refuses_half_of_the_defect_options(trained: Path, capsys) -> None:

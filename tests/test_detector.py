@@ -80,8 +80,15 @@ def test_threshold_replaces_the_image_threshold_only(trained: Detector) -> None:
 def test_bad_inputs_are_named(trained: Detector, tmp_path: Path) -> None:
     with pytest.raises(DataError, match="nope.png"):
         trained.predict([tmp_path / "nope.png"])
-    with pytest.raises(DataError, match=r"image 1: an array must be uint8 \(H, W, 3\)"):
+    with pytest.raises(DataError, match=r"image 1: an array must be uint8 \(H, W, 3\) RGB, \(H, W, 4\)"):
         trained.predict([IMAGES[0], np.zeros((8, 8), dtype=np.float32)])
+    # grey and RGBA arrays are read as their PIL images are
+    grey = np.asarray(Image.open(IMAGES[0]).convert("L"))
+    rgba = np.asarray(Image.open(IMAGES[0]).convert("RGBA"))
+    from_arrays = trained.predict([grey, grey[..., None], rgba])
+    from_pil = trained.predict([Image.fromarray(grey), Image.fromarray(rgba)])
+    for p, q in zip(from_arrays, [from_pil[0], from_pil[0], from_pil[1]]):
+        assert np.array_equal(p.image, q.image)  # the same RGB pixels go into the model
     with pytest.raises(DataError, match="image 0: int is not an image"):
         trained.predict([3])  # type: ignore[list-item]
     with pytest.raises(DataError, match=r"image 0: empty \(0x0 pixels\)"):

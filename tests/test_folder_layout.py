@@ -144,6 +144,20 @@ def test_load_defect_set_pairs_images_and_masks(folder: tuple[Path, Path]) -> No
     assert found.any(axis=(1, 2)).all()
 
 
+def test_load_defect_set_takes_a_whole_test_folder(folder: tuple[Path, Path], caplog) -> None:
+    """The test folder given as --defects (as `test --test-dir` takes it): its good/ is
+    left out, said, and each defect image gets its own mask."""
+    test, masks = folder
+    with caplog.at_level("WARNING", logger="pfadseg.data"):
+        images, found = load_defect_set(test, masks, SIZE)
+    assert f"{test / 'good'}: left out" in caplog.text
+    assert images.shape[0] == 3  # dent/001.jpeg, scratch/002.tif, scratch/x/001.bmp
+    assert np.allclose([_band_start(m) * SRC / SIZE for m in found], [24, 12, 0], atol=1)
+    (test / "dent" / "001.jpeg").rename(test / "dent" / "009.jpeg")  # a defect without its mask
+    with pytest.raises(DataError, match="009.jpeg: no mask under"):
+        load_defect_set(test, masks, SIZE)
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An untrained 64-pixel model: enough to exercise evaluation and the report."""

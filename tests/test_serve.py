@@ -237,6 +237,7 @@ def test_decoded_pixels_are_bounded_over_requests(detector: Detector) -> None:
     with pytest.raises(UploadError) as busy:
         budget.take("b", 6, request_holds=0)
     assert busy.value.status_code == 503 and "retry" in busy.value.detail
+    assert busy.value.headers == {"Retry-After": "1"}  # as the queue-full 503 says, when to retry
     budget.give(6)
     budget.take("b", 6, request_holds=0)
 
