@@ -153,8 +153,8 @@ def test_load_defect_set_takes_a_whole_test_folder(folder: tuple[Path, Path], ca
     assert f"{test / 'good'}: left out" in caplog.text
     assert images.shape[0] == 3  # dent/001.jpeg, scratch/002.tif, scratch/x/001.bmp
     assert np.allclose([_band_start(m) * SRC / SIZE for m in found], [24, 12, 0], atol=1)
-    (test / "dent" / "001.jpeg").rename(test / "dent" / "009.jpeg")  # a defect without its mask
-    with pytest.raises(DataError, match="009.jpeg: no mask under"):
+    (test / "dent" / "001.jpeg").rename(test / "dent" / "009.jpeg")  # its mask's name: a typo now
+    with pytest.raises(DataError, match=r"dent/001_mask\.png: mask without an image"):
         load_defect_set(test, masks, SIZE)
 
 
