@@ -14,7 +14,6 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from itertools import islice
 from pathlib import Path
 
 import torch
@@ -124,8 +123,9 @@ def results_folder(path: Path, overwrite: bool) -> Path:
     earlier run's results (either command's: both write report.html) unless `overwrite`."""
     out_folder(path)
     held = [name for name in RESULT_FILES if (path / name).is_file()]
-    held += [f"per-image files such as {found.name}"
-             for found in islice((p for suffix in PER_IMAGE for p in path.glob(f"*{suffix}")), 1)]
+    found = next((p for suffix in PER_IMAGE for p in path.glob(f"*{suffix}")), None)
+    if found is not None:
+        held.append(f"per-image files such as {found.name}")
     if held and not overwrite:
         raise DataError(f"--out {path} holds the results of an earlier run ({', '.join(held)}). "
                         "Fix: give a new --out, or add --overwrite to replace them.")

@@ -110,11 +110,12 @@ def _rgb(item: ImageInput, index: int) -> np.ndarray:
             raise DataError(f"image {index}: an array must be uint8 (H, W, 3) RGB, (H, W, 4) RGBA "
                             f"or (H, W) / (H, W, 1) grey, got {item.dtype} {item.shape}. Fix: convert it, e.g. "
                             "np.asarray(pil_image.convert('RGB')).")
+        if item.ndim == 3 and item.shape[2] == 1:
+            item = item[..., 0]
         if item.ndim == 3 and item.shape[2] == 3:
             rgb = item.copy()  # the Prediction keeps its own: the caller may reuse the buffer
         else:  # grey and RGBA as their PIL images are read (alpha composited on black)
-            rgb = np.asarray(to_rgb(Image.fromarray(item.squeeze(2) if item.ndim == 3 and
-                                                    item.shape[2] == 1 else item)), dtype=np.uint8)
+            rgb = np.asarray(to_rgb(Image.fromarray(item)), dtype=np.uint8)
     else:
         raise DataError(f"image {index}: {type(item).__name__} is not an image. Fix: pass a path, "
                         "a PIL image or a uint8 array (H, W, 3), (H, W, 4) or (H, W).")

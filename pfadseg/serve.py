@@ -135,8 +135,8 @@ def decode_upload(name: str, data: bytes, max_pixels: int, budget: PixelBudget |
 
     The size is checked from the header, before any pixel is decoded; PIL itself
     refuses anything over twice its MAX_IMAGE_PIXELS (800 megapixels, as pfadseg.data
-    sets it) whatever `max_pixels` says. (No warnings filter: that is process-wide, and this runs
-    in several threads at once.)"""
+    sets it) whatever `max_pixels` says. (No warnings filter: that is process-wide, and
+    this runs in several threads at once.)"""
     if not data:
         raise UploadError(400, f"{name}: empty file")
     try:
