@@ -215,6 +215,15 @@ def list_images(folder: Path, recursive: bool = False) -> list[Path]:
     return images
 
 
+def unreadable(errors: list[DataError], total: int, shown: int = 10) -> DataError:
+    """One error for all the files that could not be read, each with its own fix."""
+    if len(errors) == 1:
+        return errors[0]
+    more = f"\n  ... and {len(errors) - shown} more" if len(errors) > shown else ""
+    return DataError(f"{len(errors)} of {total} images cannot be read:\n  "
+                     + "\n  ".join(str(e) for e in errors[:shown]) + more)
+
+
 def _loading_bar(items: list, desc: str, progress: bool = True) -> tqdm:
     """`items` with a progress bar: none for a handful, and under torchrun rank 0's alone."""
     return tqdm(items, desc=desc, unit="img", leave=False,
@@ -225,18 +234,21 @@ def load_images(paths: list[Path], size: int, skip_bad: bool = False,
                 desc: str = "loading images", progress: bool = True) -> tuple[torch.Tensor, list[Path]]:
     """Decode and resize once: uint8 (N, 3, size, size) and the paths kept.
 
-    An unreadable file stops with its name, unless `skip_bad`, when it is logged
-    and left out.
+    Unreadable files stop the load after all are tried, so one error lists them
+    all; with `skip_bad` each is logged and left out.
     """
-    arrays, kept = [], []
+    arrays, kept, bad = [], [], []
     for p in _loading_bar(paths, desc, progress):
         try:
             arrays.append(load_rgb(p, size))
             kept.append(p)
         except DataError as exc:
             if not skip_bad:
-                raise
+                bad.append(exc)
+                continue
             log.warning("skipped: %s", exc)
+    if bad:
+        raise unreadable(bad, len(paths))
     if not arrays:
         return torch.empty(0, 3, size, size, dtype=torch.uint8), kept
     return _batch(arrays), kept
@@ -322,7 +334,7 @@ def load_textures(folder: Path, size: int, limit: int | None = None,
     try:
         images, _ = load_images(paths, size, desc="loading textures", progress=progress)
     except DataError as exc:
-        raise DataError(f"cannot read texture image {exc}") from exc
+        raise DataError(f"texture folder {folder}: {exc}") from exc
     return images.float().div_(255.0)
 
 
@@ -449,7 +461,7 @@ def load_folder_test_set(test_dir: Path, size: int, mask_dir: Path | None = None
     entries = list_test_images(test_dir)
     matched = _match_masks(entries, test_dir, Path(mask_dir), strict_masks) if mask_dir is not None else {}
     msize = size if mask_size == "input" else mask_size
-    images, masks, labels, defects, paths = [], [], [], [], []
+    images, masks, labels, defects, paths, bad = [], [], [], [], [], []
     for defect, path in _loading_bar(entries, "loading test images"):
         mask_path = matched.get(path)
         if mask_dir is not None and mask_path is None and defect != "good":
@@ -463,8 +475,9 @@ def load_folder_test_set(test_dir: Path, size: int, mask_dir: Path | None = None
         except DataError as exc:
             if skip_bad:
                 log.warning("skipped: %s", exc)
-                continue
-            raise DataError(f"{exc} {SKIP_HINT}") from exc
+            else:
+                bad.append(exc)
+            continue
         img = to_rgb(img, path)  # upright: a mask is drawn on the image as viewers show it
         if mask_dir is not None:
             if mask_path is None:
@@ -480,6 +493,8 @@ def load_folder_test_set(test_dir: Path, size: int, mask_dir: Path | None = None
         labels.append(int(defect != "good"))
         defects.append(defect)
         paths.append(path)
+    if bad:
+        raise DataError(f"{unreadable(bad, len(entries))} {SKIP_HINT}")
     if not images:
         raise DataError(f"{test_dir}: no test images found ({'/'.join(IMAGE_SUFFIXES)})")
     if masks and len({m.shape for m in masks}) > 1:

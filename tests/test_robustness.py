@@ -25,8 +25,8 @@ from pfadseg import checkpoint as ckpt
 from pfadseg import cli, data
 from pfadseg.checkpoint import CheckpointError, load_checkpoint
 from pfadseg.config import preset
-from pfadseg.data import (DataError, list_images, load_rgb, load_test_set, load_textures, to_rgb,
-                          load_train_images)
+from pfadseg.data import (DataError, list_images, load_folder_test_set, load_rgb, load_test_set,
+                          load_textures, load_train_images, to_rgb)
 from pfadseg.models import AnomalyModel, ModelConfig
 from pfadseg.models.teacher import RANDOM
 from pfadseg.synthesis import DefectSynthesizer, procedural_textures
@@ -57,6 +57,28 @@ def test_truncated_training_image_is_named_or_skipped(dataset: Path, caplog) -> 
     assert images.shape == (3, 3, SIZE, SIZE) and images.dtype == torch.uint8
     assert names == ["000.png", "002.png", "003.png"]  # the kept ones, in order
     assert any("skipped" in r.message and str(bad) in r.message for r in caplog.records)
+
+
+def test_every_unreadable_file_is_listed_in_one_error(dataset: Path) -> None:
+    """Three bad files cost one run to find, not three: the error lists all of them."""
+    good = dataset / CATEGORY / "train" / "good"
+    bad = [good / "000.png", good / "002.png", good / "003.png"]
+    truncate(bad[0])
+    bad[1].write_bytes(b"")
+    bad[2].write_bytes(b"not an image")
+    with pytest.raises(DataError) as err:
+        load_train_images(good, SIZE)
+    msg = str(err.value)
+    assert msg.startswith("3 of 4 images cannot be read") and "--skip-bad-images" in msg
+    assert all(str(p) in msg for p in bad) and str(good / "001.png") not in msg
+    assert "empty file (0 bytes)" in msg
+    test_dir = dataset / CATEGORY / "test"
+    broken = sorted((test_dir / "good").iterdir())[:2]
+    for p in broken:
+        truncate(p)
+    with pytest.raises(DataError) as err:
+        load_folder_test_set(test_dir, SIZE)
+    assert all(str(p) in str(err.value) for p in broken) and "--skip-bad-images" in str(err.value)
 
 
 def test_all_training_images_bad_with_skip(dataset: Path) -> None:
@@ -203,7 +225,7 @@ def test_texture_folder_without_images(tmp_path: Path, textures: Path) -> None:
         load_textures(tmp_path / "nowhere", SIZE)
     assert load_textures(textures, SIZE).shape == (2, 3, SIZE, SIZE)
     truncate(textures / "noise.png")
-    with pytest.raises(ValueError, match="cannot read texture image .*noise.png"):
+    with pytest.raises(ValueError, match=f"texture folder {textures}: .*noise.png: cannot read image"):
         load_textures(textures, SIZE)
 
 
