@@ -58,6 +58,8 @@ def collect_inputs(inputs: list[Path], skip: Path | None = None) -> list[Path]:
     first: dict[Path, Path] = {}
     for path in paths:
         first.setdefault(path.resolve(), path)
+    if len(first) < len(paths):
+        log.info("%d input(s) given more than once, each scored once", len(paths) - len(first))
     return list(first.values())
 
 

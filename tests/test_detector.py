@@ -1,6 +1,7 @@
 """`Detector`: train, load and predict through one object, and what a `Prediction` holds."""
 from __future__ import annotations
 
+import logging
 import re
 import subprocess
 import sys
@@ -149,11 +150,13 @@ def test_train_checks_python_arguments_before_any_work(tmp_path: Path) -> None:
     assert not (tmp_path / "run").exists()
 
 
-def test_a_file_also_inside_a_given_folder_is_scored_once() -> None:
+def test_a_file_also_inside_a_given_folder_is_scored_once(caplog) -> None:
     from pfadseg.predict import collect_inputs, output_names
 
     folder = BOTTLE / "test" / "good"
-    paths = collect_inputs([folder, folder / "000.jpg"])
+    with caplog.at_level(logging.INFO, logger="pfadseg.predict"):
+        paths = collect_inputs([folder, folder / "000.jpg"])
+    assert "1 input(s) given more than once" in caplog.text
     assert paths == collect_inputs([folder]) and len(set(output_names(paths))) == len(paths)
 
 
