@@ -103,13 +103,19 @@ def _rgb(item: ImageInput, index: int) -> np.ndarray:
                         "pfadseg.predict.collect_inputs([folder]).")
     if isinstance(item, (str, Path)):
         rgb = load_rgb(Path(item), None)
-    elif isinstance(item, Image.Image):
-        rgb = np.asarray(to_rgb(item), dtype=np.uint8)
+    elif isinstance(item, Image.Image):  # opened lazily: a bad file fails here, as it is decoded
+        try:
+            rgb = np.asarray(to_rgb(item), dtype=np.uint8)
+        except (OSError, SyntaxError, ValueError) as exc:
+            source = getattr(item, "filename", "") or "in memory"
+            raise DataError(f"image {index} ({source}): cannot read it ({exc}). Fix: re-export "
+                            "the file as PNG or JPEG, or leave it out.") from exc
     elif isinstance(item, np.ndarray):
         if item.dtype != np.uint8 or not (item.ndim == 2 or (item.ndim == 3 and item.shape[2] in (1, 3, 4))):
             raise DataError(f"image {index}: an array must be uint8 (H, W, 3) RGB, (H, W, 4) RGBA "
-                            f"or (H, W) / (H, W, 1) grey, got {item.dtype} {item.shape}. Fix: convert it, e.g. "
-                            "np.asarray(pil_image.convert('RGB')).")
+                            f"or (H, W) / (H, W, 1) grey, got {item.dtype} {item.shape}. Fix: convert it, "
+                            "e.g. (a >> 8).astype(np.uint8) for 16 bits, (a * 255).round().astype(np.uint8) "
+                            "for floats in [0, 1]; or pass the file's path, which is read at any depth.")
         if item.ndim == 3 and item.shape[2] == 1:
             item = item[..., 0]
         if item.ndim == 3 and item.shape[2] == 3:

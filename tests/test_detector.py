@@ -90,6 +90,11 @@ def test_bad_inputs_are_named(trained: Detector, tmp_path: Path) -> None:
     from_pil = trained.predict([Image.fromarray(grey), Image.fromarray(rgba)])
     for p, q in zip(from_arrays, [from_pil[0], from_pil[0], from_pil[1]]):
         assert np.array_equal(p.image, q.image)  # the same RGB pixels go into the model
+    truncated = tmp_path / "cut.png"  # PIL opens lazily: the error comes when predict decodes it
+    Image.open(IMAGES[0]).save(truncated)
+    truncated.write_bytes(truncated.read_bytes()[:2000])
+    with pytest.raises(DataError, match=rf"image 1 \({re.escape(str(truncated))}\): cannot read it"):
+        trained.predict([IMAGES[0], Image.open(truncated)])
     with pytest.raises(DataError, match="image 0: int is not an image"):
         trained.predict([3])  # type: ignore[list-item]
     with pytest.raises(DataError, match=r"image 0: empty \(0x0 pixels\)"):
