@@ -146,7 +146,8 @@ def load_mask(path: Path, size: int | None, expected: tuple[int, int] | None = N
 
 def _walk(folder: Path) -> Iterator[Path]:
     """Every path below `folder`, into linked folders too (Path.rglob skips them before
-    Python 3.13: a test set of symlinked defect folders looked empty); each real folder once."""
+    Python 3.13: a test set of symlinked defect folders looked empty); each real folder
+    once, hidden ones (.thumbnails/, .Trash-1000/, .ipynb_checkpoints/) never."""
     seen: set[str] = set()
     for root, dirs, names in os.walk(folder, followlinks=True, onerror=_unlisted):
         real = os.path.realpath(root)
@@ -154,6 +155,7 @@ def _walk(folder: Path) -> Iterator[Path]:
             dirs.clear()
             continue
         seen.add(real)
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
         yield from (Path(root) / name for name in dirs + names)
 
 

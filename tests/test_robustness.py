@@ -98,6 +98,9 @@ def test_non_image_and_hidden_files_are_skipped(dataset: Path) -> None:
     (good / "sub.png").mkdir()  # a folder with an image suffix
     assert [p.name for p in list_images(good)] == ["000.png", "001.png", "002.png", "003.png"]
     assert load_train_images(good, SIZE)[0].shape == (4, 3, SIZE, SIZE)
+    (good / ".thumbnails").mkdir()  # a hidden folder's images are no inputs of a recursive listing
+    Image.new("RGB", (8, 8)).save(good / ".thumbnails" / "000.png")
+    assert [p.name for p in list_images(good, recursive=True)] == ["000.png", "001.png", "002.png", "003.png"]
 
 
 def test_loading_bar_only_when_asked(tmp_path: Path, capsys) -> None:
