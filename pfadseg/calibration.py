@@ -43,6 +43,7 @@ from .synthesis import DefectSynthesizer
 
 DEFAULT_FALSE_ALARM_RATE = 0.01  # of good images flagged by the image threshold
 DEFAULT_PIXEL_FALSE_ALARM_RATE = 0.001  # of good pixels inside the predicted mask
+CALIBRATED_SUFFIX = ".calibrated.safetensors"  # `pfadseg calibrate`'s copy: <name>.calibrated.safetensors
 FEW_GOOD_IMAGES = 20  # fewer give rough thresholds (a normal fitted to few scores; F1 on few)
 HELD_OUT_FRACTION = 0.1  # of the good training images, kept for calibration
 MIN_HELD_OUT, MAX_HELD_OUT = 4, 30  # fewer than 2 * MIN_HELD_OUT images: none held out
@@ -299,10 +300,11 @@ def calibrate(model: AnomalyModel, good_images: torch.Tensor,
 def check_calibrated_path(source: Path, out: Path, tensors: dict[str, torch.Tensor] | None = None) -> None:
     """The calibrated copy never replaces its original, nor another model or file: an
     existing `out` is replaced only when it holds the same weights (an earlier
-    calibration of the same model). Checked before any work; `tensors` are the
+    calibration of the same model, such as `source` itself when it is a
+    *.calibrated.safetensors copy). Checked before any work; `tensors` are the
     source's, when already read."""
     source, out = Path(source), Path(out)
-    if out.resolve() == source.resolve():
+    if out.resolve() == source.resolve() and not source.name.endswith(CALIBRATED_SUFFIX):
         raise CalibrationError(f"{out}: is the checkpoint being calibrated. Fix: choose another "
                                "--out; the original stays as it is.")
     if out.exists() and not _same_weights(out, ckpt.read(source)[0] if tensors is None else tensors):

@@ -404,7 +404,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     """`pfadseg calibrate`: new thresholds for a checkpoint, from good (and defect) images."""
-    from .calibration import Thresholds, calibrate, check_calibrated_path, write_calibrated_checkpoint
+    from .calibration import (CALIBRATED_SUFFIX, Thresholds, calibrate, check_calibrated_path,
+                              write_calibrated_checkpoint)
     from .data import load_defect_set, load_image_folder
 
     if (args.defects is None) != (args.masks is None):
@@ -415,7 +416,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         raise DataError("--false-alarm-rate and --pixel-false-alarm-rate set the thresholds from "
                         "good images alone; with --defects both maximise F1 on the real defects. "
                         "Fix: leave out the rates, or --defects and --masks.")
-    out = args.out or args.checkpoint.with_name(args.checkpoint.stem + ".calibrated.safetensors")
+    # a calibrated copy is recalibrated in place, not as <name>.calibrated.calibrated
+    out = args.out or args.checkpoint.with_name(args.checkpoint.stem.removesuffix(".calibrated")
+                                                + CALIBRATED_SUFFIX)
     out_file(out, "checkpoint.calibrated.safetensors")
     check_calibrated_path(args.checkpoint, out)
     replaced = out.exists()
@@ -620,7 +623,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--masks", type=user_path, help="masks of the --defects images, matched by file "
                    "stem with or without _mask (recursive)")
     p.add_argument("--out", type=user_path, help="new checkpoint (default: <name>.calibrated"
-                   ".safetensors beside it, e.g. checkpoint.calibrated.safetensors)")
+                   ".safetensors beside it, e.g. checkpoint.calibrated.safetensors; a calibrated "
+                   "copy is itself replaced)")
     p.add_argument("--false-alarm-rate", type=probability,
                    help="without --defects: the fraction of good images the image threshold "
                         f"may flag (default: {DEFAULT_FALSE_ALARM_RATE})")

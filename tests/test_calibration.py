@@ -222,6 +222,10 @@ def test_cli_calibrate_warns_of_training_images_and_predict_outputs(trained: Pat
                  "--device", "cpu", "--no-bf16"]) == 0
     assert "trained on" not in caplog.text and "leaving out 4 overlays and masks" in caplog.text
     assert Thresholds.from_meta(read_meta(first)).n_good == 2  # not 6
+    # a calibrated copy is recalibrated in place (was: c.calibrated.calibrated.safetensors)
+    assert main(["calibrate", "--checkpoint", str(first), "--good", str(good / "good"),
+                 "--device", "cpu", "--no-bf16"]) == 0
+    assert Thresholds.from_meta(read_meta(first)).n_good == 8 and len(list(tmp_path.glob("*.safetensors"))) == 2
 
 
 def test_cli_calibrate_names_an_unreadable_good_image_and_the_skip_option(trained: Path, tmp_path: Path,
