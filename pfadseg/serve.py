@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import errno
 import ipaddress
 import logging
 import queue
@@ -97,8 +98,11 @@ def bind(host: str, port: int, token: str | None) -> socket.socket:
         listener.listen()  # held from now: another SO_REUSEADDR socket cannot bind it too
     except OSError as exc:
         listener.close()
-        raise ValueError(f"cannot serve on {host}:{port} ({exc.strerror or exc}). Fix: choose "
-                         "another --port, or stop the program using it.") from exc
+        fix = ("choose another --port, or stop the program using it" if exc.errno == errno.EADDRINUSE
+               else "check --host: it must name this machine (an address it has, or 0.0.0.0 for all)"
+               if isinstance(exc, socket.gaierror) or exc.errno == errno.EADDRNOTAVAIL
+               else "choose another --port (below 1024 needs root), or check --host")
+        raise ValueError(f"cannot serve on {host}:{port} ({exc.strerror or exc}). Fix: {fix}.") from exc
     return listener
 
 

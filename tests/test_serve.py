@@ -285,6 +285,11 @@ def test_a_port_in_use_is_refused_before_the_model_loads(capsys) -> None:
         assert main(["serve", "--checkpoint", "missing.safetensors", "--port", str(port)]) == 2
     err = capsys.readouterr().err
     assert f"cannot serve on 127.0.0.1:{port}" in err and "--port" in err and "missing" not in err
+    # an address this machine does not have (TEST-NET-3): the fix is the host, not the port
+    assert main(["serve", "--checkpoint", "missing.safetensors", "--host", "203.0.113.7",
+                 "--token", "t", "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot serve on 203.0.113.7:0" in err and "Fix: check --host" in err
 
 
 class _GatedDetector:
