@@ -26,7 +26,7 @@ from PIL import Image
 from .calibration import CalibrationError, Thresholds
 from .checkpoint import load_checkpoint, weights_fingerprint
 from .config import check_whole
-from .data import DataError, load_rgb, to_rgb
+from .data import IMAGE_SUFFIXES, DataError, load_rgb, to_rgb
 from .models import AnomalyModel, ModelConfig
 from .predict import MapFn, output_names
 from .runtime import place, resolve_device
@@ -131,14 +131,15 @@ def _rgb(item: ImageInput, index: int) -> np.ndarray:
 
 
 def _names(items: Sequence[ImageInput]) -> list[str]:
-    """Each input's file name, or image_<index>.png for an image in memory (still a file
-    name, so that f"overlay_{name}" saves as a PNG). Names that occur more than once
+    """Each input's file name (".png" added to one without an image suffix), or
+    image_<index>.png for an image in memory: a file name, so that f"overlay_{name}" saves. Names that occur more than once
     get their folder in front, as predict's output files (good/005.png, crack/005.png:
     good_005.png, crack_005.png), so that files saved by name do not overwrite each other."""
     paths = [Path(item) if isinstance(item, (str, Path))
              else Path(getattr(item, "filename", "") or f"image_{i}.png")  # PIL knows its file
              for i, item in enumerate(items)]
-    return [stem + path.suffix for stem, path in zip(output_names(paths), paths)]
+    return [stem + (path.suffix if path.suffix.lower() in IMAGE_SUFFIXES else path.suffix + ".png")
+            for stem, path in zip(output_names(paths), paths)]
 
 
 class Detector:

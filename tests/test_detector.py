@@ -67,6 +67,8 @@ def test_paths_pil_images_and_arrays_score_alike(trained: Detector) -> None:
                                                             "image_2.png"]
     assert trained.predict([pil])[0].name == "000.jpg"
     assert [p.name for p in trained.predict([array], names=["mine"])] == ["mine"]
+    from pfadseg.detector import _names
+    assert _names(["a/noext", "b/scan.dat", "c/x.TIF"]) == ["noext.png", "scan.dat.png", "x.TIF"]
 
 
 def test_threshold_replaces_the_image_threshold_only(trained: Detector) -> None:
