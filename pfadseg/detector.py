@@ -163,6 +163,9 @@ class Detector:
             raise ValueError(f"unknown backend {backend!r}; choose from {BACKENDS}")
         if onnx is not None and backend != "onnx":
             raise ValueError("onnx= is the model of backend='onnx': give both, or neither")
+        if backend == "onnx" and (str(device).split(":")[0] not in ("auto", "cpu") or compile):
+            raise ValueError(f"backend='onnx' runs its export on the CPU as it is (device={device!r}, "
+                             f"compile={compile}). Fix: leave out device and compile, or backend='torch'")
         check_whole("batch_size", batch_size)
         if threshold is not None and not 0.0 <= threshold <= 1.0:
             raise ValueError(f"threshold {threshold!r} is not between 0 and 1 (image scores are "

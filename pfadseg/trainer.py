@@ -716,6 +716,7 @@ def train_folder(model_config: ModelConfig, preset_name: str, train_dir: Path, o
     train_dir = Path(train_dir)
     category = category or category_of(train_dir)
     train_config = preset(preset_name, **(schedule or {}))  # bad overrides fail before images load
+    check_out_dir(Path(out_dir), resume)  # and so does a finished run's folder
     data = TrainData.from_folder(train_dir, model_config.image_size, textures, texture_limit, rotation,
                                  category, skip_bad=skip_bad, progress=progress)
     if announce and dist.is_main():

@@ -19,6 +19,7 @@ from pfadseg.data import DataError
 from pfadseg.demo import demo_root
 from pfadseg.detector import Detector, Prediction
 from pfadseg.models import ModelConfig
+from pfadseg.trainer import TrainingError
 
 BOTTLE = demo_root() / "bottle"
 IMAGES = [BOTTLE / "test" / "good" / "000.jpg", BOTTLE / "test" / "broken_large" / "000.jpg"]
@@ -155,6 +156,24 @@ def test_train_checks_python_arguments_before_any_work(tmp_path: Path) -> None:
             Detector.train(BOTTLE / "train" / "good", tmp_path / "run", teacher="efficientnet_lite0",
                            image_size=64, preset_name="tiny", device="cpu", **schedule)
     assert not (tmp_path / "run").exists()
+    # these were found only after every training image was decoded (minutes, for a big folder)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    for kwargs, words in (({"image_size": 100}, "image_size must be a multiple of 32"),
+                          ({"teacher": "resnet50"}, "unknown teacher 'resnet50'"),
+                          ({"out_dir": a_file}, "is a file")):
+        with pytest.raises((ValueError, TrainingError), match=words):
+            Detector.train(tmp_path / "no_images_here", **{"out_dir": tmp_path / "run", "teacher":
+                           "efficientnet_lite0", "preset_name": "tiny", "device": "cpu", **kwargs})
+    assert not (tmp_path / "run").exists()
+
+
+def test_load_refuses_what_the_onnx_backend_would_ignore(tmp_path: Path) -> None:
+    """The command line refused --device cuda and --compile with the onnx backend; the API ran
+    on the CPU, uncompiled, without a word. Checked before the checkpoint is read."""
+    for kwargs in ({"device": "cuda"}, {"device": "cuda:1"}, {"compile": True}):
+        with pytest.raises(ValueError, match="backend='onnx' runs its export on the CPU as it is"):
+            Detector.load(tmp_path / "missing.safetensors", backend="onnx", **kwargs)
 
 
 def test_a_file_also_inside_a_given_folder_is_scored_once(caplog) -> None:

@@ -18,7 +18,7 @@ from .losses import cosine_distance, l2_normalize, student_loss
 from .residual import BlockOptions
 from .segmentation import SegmentationNet
 from .student import Student
-from .teacher import Teacher, build_teacher
+from .teacher import TEACHERS, Teacher, build_teacher
 
 TOP_K = 100  # image score = mean of the top-100 pixels of the anomaly map
 
@@ -35,6 +35,13 @@ class ModelConfig:
     pcar_dilations: tuple[int, ...] = (1, 2, 3)
     mean: tuple[float, ...] = field(default=())
     std: tuple[float, ...] = field(default=())
+
+    def __post_init__(self) -> None:  # at once: Detector.train checks before images load
+        if self.teacher not in TEACHERS:
+            raise ValueError(f"unknown teacher {self.teacher!r}; choose from {sorted(TEACHERS)}")
+        if self.image_size % 32:
+            raise ValueError(f"image_size must be a multiple of 32 (the networks downsample by "
+                             f"32), got {self.image_size}")
 
     @classmethod
     def named(cls, model: str, **kwargs: object) -> "ModelConfig":
@@ -63,8 +70,6 @@ class AnomalyModel(nn.Module):
 
     def __init__(self, config: ModelConfig, teacher: Teacher) -> None:
         super().__init__()
-        if config.image_size % 32:
-            raise ValueError(f"image_size must be a multiple of 32, got {config.image_size}")
         self.config = replace(config, mean=tuple(teacher.mean), std=tuple(teacher.std))  # not the caller's
         opts = BlockOptions(aff=config.aff, pcar=config.pcar, pcar_dilations=tuple(config.pcar_dilations))
         self.teacher = teacher
