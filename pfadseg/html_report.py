@@ -346,11 +346,17 @@ def _shown_names(paths: Sequence[Path]) -> list[str]:
     return [Path(p).absolute().relative_to(root).as_posix() for p in paths]
 
 
-def write_gallery_page(path: Path, gallery: Gallery) -> Path:
-    """A page holding only `gallery` (see `Gallery.add`)."""
+def write_gallery_page(path: Path, gallery: Gallery, skipped: Sequence[tuple[str, str]] = ()) -> Path:
+    """A page holding only `gallery` (see `Gallery.add`), after a list of the
+    `skipped` (file, error) that could not be scored."""
     flagged = sum(e.flagged for e in gallery.entries)
     body = (f"<p>{len(gallery.entries)} images, {flagged} anomalous at the image threshold "
-            f"({html.escape(gallery.thresholds.method)}).</p>" + gallery.html())
+            f"({html.escape(gallery.thresholds.method)}).</p>")
+    if skipped:
+        body += (f"<p>{len(skipped)} file(s) could not be read and are not shown:</p><ul>"
+                 + "".join(f"<li><b>{html.escape(name)}</b>: {html.escape(error)}</li>"
+                           for name, error in skipped) + "</ul>")
+    body += gallery.html()
     path = Path(path)
     write_text(path, _page("pfadseg predict", body))
     return path

@@ -109,6 +109,8 @@ def test_predict_skips_bad_images_when_asked(trained: Path, tmp_path: Path, caps
     assert "m_broken.png" in rows[1]["error"] and "score" in rows[0] and "score" in rows[2]
     assert "skipped: " in caplog.text and "m_broken.png" in caplog.text  # logged, as train does
     assert (tmp_path / "out" / "good_overlay.png").is_file()
+    page = (tmp_path / "out" / "report.html").read_text()  # the page says what it leaves out
+    assert "2 images, " in page and "1 file(s) could not be read" in page and "m_broken.png" in page
     # an unreadable first image: nothing written, so the rerun the message names is not refused
     first = ["predict", "--checkpoint", str(trained / "checkpoint.safetensors"), "--out",
              str(tmp_path / "first"), str(folder / "m_broken.png"), str(folder / "good.jpg")]
