@@ -31,7 +31,7 @@ import torch
 
 from . import JOB_ENV
 from .config import TrainConfig, preset
-from .data import DataError, mvtec_category, not_a_folder, train_image_paths
+from .data import DataError, category_name, mvtec_category, not_a_folder, train_image_paths
 from .files import write_text
 from .models import ModelConfig
 from .report import CATEGORIES, read_results, write_report
@@ -105,6 +105,9 @@ def parse_variants(text: str) -> list[str]:
         return list(ABLATION)
     variants: list[str] = []
     for name in filter(None, (part.strip() for part in text.split(","))):
+        if name.lower() == "ablation":
+            raise ValueError("--variants: ablation stands alone (it is all 8 combinations, destseg "
+                             "and pfadseg among them). Fix: --variants ablation")
         modules = modules_of(name)
         if modules is None:
             raise ValueError(f"--variants: unknown variant {name!r}. Fix: use ablation, or a comma "
@@ -134,7 +137,7 @@ def find_categories(root: Path, text: str) -> tuple[list[str], list[str]]:
         if not names:
             raise DataError(f"{root}: holds none of the 15 MVTec AD categories. {layout}")
     else:
-        names = list(dict.fromkeys(filter(None, (part.strip() for part in text.split(",")))))
+        names = list(dict.fromkeys(category_name(part) for part in text.split(",") if part.strip()))
         if not names:
             raise ValueError("--categories: none given. Fix: all, or a comma list such as bottle,carpet")
     for name in names:

@@ -24,8 +24,8 @@ from . import distributed as dist
 from .calibration import DEFAULT_FALSE_ALARM_RATE, DEFAULT_PIXEL_FALSE_ALARM_RATE, FEW_GOOD_IMAGES
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import LR_SCHEDULES, PRESETS
-from .data import (IMAGE_SUFFIXES, DataError, list_test_images, load_textures, mvtec_category, texture_paths,
-                   train_image_paths)
+from .data import (IMAGE_SUFFIXES, DataError, category_name, list_test_images, load_textures,
+                   mvtec_category, texture_paths, train_image_paths)
 from .models import TEACHERS, ModelConfig, TeacherWeightsError
 from .models.teacher import RANDOM
 from .predict import PER_IMAGE
@@ -68,6 +68,14 @@ def user_path(text: str) -> Path:
     """argparse type: a path with ~ expanded, which the shell leaves in --out=~/runs
     (else the results would go to a folder named "~")."""
     return Path(text).expanduser()
+
+
+def category(text: str) -> str:
+    """argparse type: a category's folder name, as data.category_name reads it."""
+    try:
+        return category_name(text)
+    except DataError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def image_size(text: str) -> int:
@@ -198,7 +206,7 @@ def _add_run_args(data: argparse._ArgumentGroup, model: argparse._ArgumentGroup,
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     data = p.add_argument_group("data")
     data.add_argument("--data", type=user_path, help="MVTec-layout root holding <category>/train/good")
-    data.add_argument("--category", help="category folder under --data (e.g. bottle); with "
+    data.add_argument("--category", type=category, help="category folder under --data (e.g. bottle); with "
                       "--train-dir: the category's name, for --rotation auto and the run's record")
     data.add_argument("--train-dir", type=user_path,
                       help="or: any folder of defect-free images (with --resume: the run's)")
@@ -563,7 +571,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint.safetensors of a `pfadseg train` run")
     p.add_argument("--data", type=user_path, help="MVTec-layout root holding <category>/test and "
                    "<category>/ground_truth")
-    p.add_argument("--category", help="category folder under --data (e.g. bottle)")
+    p.add_argument("--category", type=category, help="category folder under --data (e.g. bottle)")
     p.add_argument("--test-dir", type=user_path,
                    help="or: any folder holding good/ and one folder per defect type (searched "
                         f"recursively; {'/'.join(IMAGE_SUFFIXES)})")

@@ -351,6 +351,16 @@ class TestSet:
     paths: list[Path]
 
 
+def category_name(text: str) -> str:
+    """A category as typed ("bottle/" from shell completion, "./bottle") as its folder's
+    name: the rotation, the record and the report's means go by that name."""
+    name = os.path.normpath(text.strip())
+    if name in (".", "..") or "/" in name or os.sep in name:
+        raise DataError(f"{text!r} is not a category name. Fix: give one folder name under "
+                        "--data, e.g. bottle")
+    return name
+
+
 def mvtec_category(root: Path, category: str) -> Path:
     """<root>/<category>, checked to exist."""
     path = Path(root) / category

@@ -208,10 +208,23 @@ def test_variant_names() -> None:
     assert parse_variants("pfadseg, destseg,+rcm+aff,destseg") == ["pfadseg", "destseg", "destseg+aff+rcm"]
     with pytest.raises(ValueError, match="unknown variant 'patchcore'"):
         parse_variants("pfadseg,patchcore")
+    with pytest.raises(ValueError, match="ablation stands alone"):  # was: "unknown variant 'ablation'"
+        parse_variants("ablation,destseg")
     # The names are the ones the model gives its own variant (metrics.json's "variant").
     for name in ABLATION:
         flags = {m: m in modules_of(name) for m in ("aff", "pcar", "rcm")}
         assert ModelConfig(**flags).variant == name
+
+
+def test_category_option_reads_a_completed_folder_name(capsys) -> None:
+    from pfadseg.cli import build_parser, main
+
+    for command in (["train", "--out", "o"], ["test", "--checkpoint", "c.safetensors", "--out", "o"]):
+        assert build_parser().parse_args([*command, "--category", "./bottle/"]).category == "bottle"
+    with pytest.raises(SystemExit) as exited:
+        main(["train", "--data", "d", "--category", "a/b", "--out", "o"])
+    assert exited.value.code == 2
+    assert "'a/b' is not a category name" in capsys.readouterr().err
 
 
 def _category(folder: Path, image: bytes = b"") -> Path:
@@ -229,6 +242,10 @@ def test_all_categories_lists_the_missing_ones(tmp_path: Path) -> None:
     assert found == ["wood", "bottle"]
     assert len(missing) == 13 and "carpet" in missing and "wood" not in missing
     assert find_categories(tmp_path, "bottle, not_mvtec") == (["bottle", "not_mvtec"], [])
+    # as the shell completes them: one category, its MVTec name (was "bottle/", rotation none)
+    assert find_categories(tmp_path, "bottle/,./bottle") == (["bottle"], [])
+    with pytest.raises(ValueError, match="'bottle/train' is not a category name"):
+        find_categories(tmp_path, "bottle/train")
     with pytest.raises(DataError, match="nope: category folder not found"):
         find_categories(tmp_path, "bottle,nope")
     (tmp_path / "other").mkdir()
