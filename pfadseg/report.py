@@ -131,6 +131,14 @@ def _mean(rows: list[dict[Column, float]], key: Column) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def _averaged(by_category: Table) -> list[str]:
+    """The categories the overall means (Table 1's Mean row, Table 4) average: the MVTec
+    AD ones when there are any, else all (your own categories, among themselves)."""
+    present = set(by_category)
+    mvtec = [c for c in CATEGORIES if c in present]
+    return mvtec or _category_order(present)
+
+
 def _mean_rows(by_category: Table, columns: list[Column]) -> tuple[Table, list[str]]:
     """Texture, object and overall means over the categories present, each only
     when it averages two or more categories and differs from the rows above; plus
@@ -205,14 +213,14 @@ def _series_table(by_category: Table, variants: dict[str, str],
     rows = []
     for s in series:
         marks = [_ON if m in (modules[s] or ()) else "" for m in TABLE4_MODULES] if flags else []
-        values = [_fmt(_mean(list(by_category.values()), (s, m))) for m in metrics]
+        values = [_fmt(_mean([by_category[c] for c in _averaged(by_category)], (s, m))) for m in metrics]
         rows.append([s] + marks + values)
     return header, rows
 
 
 def _coverage(by_category: Table, series: list[str]) -> tuple[str, list[str]]:
     """What Table 4's means cover, and a note for each series that lacks categories."""
-    categories = _category_order(set(by_category))
+    categories = _averaged(by_category)
     notes = []
     for s in series:
         lacking = [c for c in categories if not any(key[0] == s for key in by_category[c])]

@@ -64,6 +64,11 @@ def test_own_categories_stay_out_of_the_mvtec_means():
     assert "not MVTec AD categories, so in no mean: my_parts, screws" in files["results.md"]
     own = csv_rows(build_tables([result("my_parts", iap=0.1), result("screws", iap=0.3)])["results.csv"])
     assert own["Mean"]["IAP"] == "20.0"  # own categories alone: their own mean
+    # Table 4 averages what Table 1's Mean does (it took my_parts and screws in: 40.0, 5 categories)
+    files = build_tables([result(c, v, iap=x) for v in ("base", "full")
+                          for c, x in (("bottle", 0.5), ("carpet", 0.7), ("my_parts", 0.1))])
+    assert "## Table 4: variants (mean over 2 categories)" in files["results.md"]
+    assert list(csv.reader(io.StringIO(files["variants.csv"])))[1:] == [["base", "60.0"], ["full", "60.0"]]
 
 
 def test_mean_rows_that_repeat_a_group_are_left_out():
