@@ -205,12 +205,15 @@ def _pfadseg(args: argparse.Namespace) -> list[str]:
 
 
 def train_argv(job: Job, args: argparse.Namespace, device: str) -> list[str]:
-    """The `pfadseg train` command of a job, with --resume when it has a state file."""
+    """The `pfadseg train` command of a job, with --resume when it has a state file
+    (then without --save-every: a resumed run keeps its own, and train refuses another)."""
+    resume = (job.folder / STATE_NAME).is_file()
+    options = tuple(o for o in TRAIN_OPTIONS if not (resume and o[0] == "save_every"))
     argv = _pfadseg(args) + ["train", "--data", str(Path(args.data).resolve()),
                              "--category", job.category, *_model_options(job.variant),
-                             *_options(args, TRAIN_OPTIONS), "--device", device,
+                             *_options(args, options), "--device", device,
                              "--out", str(job.folder)]
-    return argv + (["--resume"] if (job.folder / STATE_NAME).is_file() else [])
+    return argv + (["--resume"] if resume else [])
 
 
 def evaluate_argv(job: Job, args: argparse.Namespace, device: str) -> list[str]:

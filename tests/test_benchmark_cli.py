@@ -201,6 +201,13 @@ def test_commands_pass_options_through(tmp_path: Path) -> None:
     assert f"--checkpoint {job.folder / 'checkpoint.safetensors'}" in test
     assert f"--no-bf16 --device cuda --out {job.folder / 'test'}" in test
     assert "--model pfadseg" in " ".join(train_argv(Job("bottle", "pfadseg", job.folder), args, "cpu"))
+    # a pair stopped half-way resumes with its own save points: train refuses another --save-every
+    saving = parse("--save-every", "3")
+    assert "--save-every 3" in " ".join(train_argv(job, saving, "cpu"))
+    job.folder.mkdir(parents=True)
+    (job.folder / "train_state.safetensors").write_bytes(b"")
+    resumed = train_argv(job, saving, "cpu")
+    assert resumed[-1] == "--resume" and "--save-every" not in resumed
 
 
 def test_variant_names() -> None:
