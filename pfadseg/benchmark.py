@@ -337,7 +337,8 @@ Runner = Callable[[Job, Slot, Progress], bool]
 def run_jobs(jobs: list[Job], slots: list[Slot], runner: Runner, progress: Progress) -> None:
     """Run `runner(job, slot, progress)` for every job, one job per slot at a
     time; a job that fails (False or an exception) leaves the others going.
-    An interrupt (Ctrl-C, or `kill -INT` to this process alone) is passed on to the
+    An interrupt (Ctrl-C, or `kill -INT` to this process alone; a script's background
+    job ignores SIGINT, as shells start them: send it SIGTERM) is passed on to the
     running jobs' subprocesses, which save their state and stop; no new job or
     step starts, and this returns (raising KeyboardInterrupt) once they have ended."""
     pending: queue.SimpleQueue[Job] = queue.SimpleQueue()
@@ -445,7 +446,9 @@ def subprocess_runner(args: argparse.Namespace) -> Runner:
                 progress.say(job, f"{step} stopped by the interrupt")
                 return False
             if code != 0:
-                progress.say(job, f"{step} failed (exit code {code}); see {log_path}")
+                retrain = (f"; if its checkpoint is damaged, delete {job.folder} and rerun to train "
+                           "it again" if step == "test" and len(steps) == 1 else "")
+                progress.say(job, f"{step} failed (exit code {code}); see {log_path}{retrain}")
                 return False
         return True
     return run

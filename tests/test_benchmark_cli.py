@@ -380,6 +380,12 @@ def test_runner_tests_a_trained_pair_and_resumes_an_unfinished_one(
     assert "tile pfadseg: train (resuming) on GPU 3..." in printed
     assert f"broken pfadseg: train failed (exit code 1); see {broken.folder / 'benchmark.log'}" in printed
     assert "$ CUDA_VISIBLE_DEVICES=3 " in (broken.folder / "benchmark.log").read_text()
+    calls.clear()
+    broken.checkpoint.write_bytes(b"")  # trained, and its test fails: the way out is said
+    assert not run(broken, slot, progress)
+    assert [argv[3] for argv in calls] == ["test"]
+    assert (f"broken pfadseg: test failed (exit code 1); see {broken.folder / 'benchmark.log'}; if its "
+            f"checkpoint is damaged, delete {broken.folder} and rerun") in capsys.readouterr().out
 
 
 def test_an_interrupt_to_the_parent_alone_stops_the_running_job(tmp_path: Path) -> None:
