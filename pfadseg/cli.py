@@ -743,7 +743,8 @@ def main(argv: list[str] | None = None) -> int:
         tqdm.write(f"pfadseg {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
-        tqdm.write(f"pfadseg {args.command}: interrupted{_again(args)}", file=sys.stderr)
+        if dist.rank() == 0:  # under torchrun every rank is interrupted: one line says it
+            tqdm.write(f"pfadseg {args.command}: interrupted{_again(args)}", file=sys.stderr)
         return 128 + (signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT)
     finally:
         if terminate is not None:

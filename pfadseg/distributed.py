@@ -28,6 +28,12 @@ def world_size() -> int:
     return torch_dist.get_world_size() if torch_dist.is_initialized() else 1
 
 
+def processes() -> int:
+    """The processes torchrun started, known before the group is joined (for checks
+    that should fail in a second, not after the images load)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) if launched() else 1
+
+
 def is_main() -> bool:
     """Whether this process writes files (rank 0, or the only process)."""
     return rank() == 0
@@ -60,9 +66,10 @@ def wrap(module: nn.Module, device: torch.device) -> nn.Module:
     return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-def split_batch(batch_size: int) -> int:
-    """This rank's share of a global batch, which must divide evenly."""
-    n = world_size()
+def split_batch(batch_size: int, n: int | None = None) -> int:
+    """This rank's share of a global batch over `n` processes (default: those
+    training together), which must divide evenly."""
+    n = n or world_size()
     if batch_size % n:
         raise ValueError(f"batch size {batch_size} does not split over {n} processes: "
                          f"use a multiple of {n} (--batch-size)")

@@ -357,10 +357,10 @@ class Trainer:
                     state.setdefault(int(idx), {})[field] = value
             opt.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
         key = _rng_key(dist.rank())
-        if int(meta.get("world_size", 1)) != dist.world_size() or key not in tensors:
-            raise TrainingError(f"{path} was written by a run of {meta.get('world_size', 1)} "
-                                f"process(es), not {dist.world_size()}. Fix: resume with the same "
-                                "number of processes (torchrun --nproc-per-node).")
+        check_processes(path, meta, dist.world_size())
+        if key not in tensors:
+            raise TrainingError(f"{path}: no random state for rank {dist.rank()} (damaged). Fix: "
+                                "start a new run with another --out.")
         self.generator.set_state(tensors[key])
         self.step = self.saved_step = int(meta["step"])
         pick = meta.get("student_pick") or {}
@@ -529,6 +529,15 @@ RESUMED = {"teacher": "model", "image_size": "model",
 PATHS = ("train_dir", "textures")  # compared as absolute paths
 
 
+def check_processes(path: Path, meta: dict, processes: int) -> None:
+    """A state file resumes only with the number of processes that wrote it: each
+    rank's random generator is in it."""
+    if int(meta.get("world_size", 1)) != processes:
+        raise TrainingError(f"{path} was written by a run of {meta.get('world_size', 1)} "
+                            f"process(es), not {processes}. Fix: resume with the same "
+                            "number of processes (torchrun --nproc-per-node).")
+
+
 def resumed_settings(out_dir: Path, given: dict[str, object], defaults: dict[str, object]) -> dict:
     """The settings of a resumed run, which cannot change half-way: each setting of
     RESUMED and MODULES left at its default takes the run's value; one given with
@@ -536,6 +545,7 @@ def resumed_settings(out_dir: Path, given: dict[str, object], defaults: dict[str
     as left out). bf16, compiling and the device are not among them: they may change."""
     out_dir = Path(out_dir)
     meta = ckpt.read_meta(out_dir / STATE_NAME, kind=STATE_FORMAT)
+    check_processes(out_dir / STATE_NAME, meta, dist.processes())
     config = out_dir / "config.json"
     try:  # a run without one recorded only the state's settings: only those are checked
         run = json.loads(config.read_text()) if config.is_file() else {}
@@ -716,7 +726,8 @@ def train_folder(model_config: ModelConfig, preset_name: str, train_dir: Path, o
     train_dir = Path(train_dir)
     category = category or category_of(train_dir)
     train_config = preset(preset_name, **(schedule or {}))  # bad overrides fail before images load
-    check_out_dir(Path(out_dir), resume)  # and so does a finished run's folder
+    check_out_dir(Path(out_dir), resume)  # and so do a finished run's folder ...
+    dist.split_batch(train_config.batch_size, dist.processes())  # ... and a batch torchrun cannot split
     data = TrainData.from_folder(train_dir, model_config.image_size, textures, texture_limit, rotation,
                                  category, skip_bad=skip_bad, progress=progress)
     if announce and dist.is_main():

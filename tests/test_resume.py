@@ -333,6 +333,24 @@ def test_a_damaged_config_json_is_named_not_taken_for_a_run_without_one(tmp_path
     assert resumed_settings(tmp_path, {"preset": "cpu"}, defaults={})["batch_size"] == preset("tiny").batch_size
 
 
+def test_torchrun_mismatches_fail_before_the_images_load(tmp_path: Path, monkeypatch) -> None:
+    """Under torchrun, a global batch the ranks cannot split and a resume with another
+    number of processes were found after every image was decoded and the model built."""
+    from pfadseg.models import ModelConfig
+    from pfadseg.trainer import resumed_settings, train_folder
+
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it; the group is joined later
+    monkeypatch.setenv("RANK", "0")
+    config = ModelConfig.named("destseg", teacher="efficientnet_lite0", image_size=64)
+    with pytest.raises(ValueError, match="batch size 3 does not split over 2 processes"):
+        train_folder(config, "tiny", tmp_path / "no_images", tmp_path / "run", schedule={"batch_size": 3})
+    ckpt.atomic_save({"rng": torch.zeros(4, dtype=torch.uint8)},
+                     {"format": STATE_FORMAT, "format_version": ckpt.FORMAT_VERSION, "step": 2,
+                      "world_size": 1, "model": config.to_dict(), "train": {}}, tmp_path / STATE_NAME)
+    with pytest.raises(TrainingError, match=r"a run of 1 process\(es\), not 2. Fix: resume with the same"):
+        resumed_settings(tmp_path, {}, defaults={})
+
+
 if __name__ == "__main__":  # the killed child: python test_resume.py WHERE STEP PFADSEG-ARGS...
     kill_hooks(sys.argv[1], int(sys.argv[2]))
     sys.exit(cli.main(sys.argv[3:]))
