@@ -326,8 +326,11 @@ def create_app(detector: Detector, token: str | None = None,
             async with request.form(max_files=MAX_FILES, max_fields=MAX_FILES) as form:
                 uploads = [u for u in form.getlist("file") if isinstance(u, UploadFile)]
                 if not uploads:
-                    raise HTTPException(400, "no images: send one or more files in the multipart "
-                                             "form field 'file'")
+                    kind = request.headers.get("content-type", "none").split(";")[0]
+                    got = ("a 'file' field without a file name (curl: -F file=@x.png, not <x.png)"
+                           if "file" in form else f"content type {kind}, fields {sorted(form) or 'none'}")
+                    raise HTTPException(400, f"no images (got {got}): send one or more files in the "
+                                             "multipart/form-data field 'file', e.g. curl -F file=@x.png")
                 names, images = [], []
                 for i, upload in enumerate(uploads):
                     name = upload.filename or f"file {i + 1}"

@@ -148,6 +148,16 @@ def test_bad_input_gets_a_clear_4xx_and_the_server_keeps_serving(
     assert client.post("/predict", files=upload(IMAGE)).status_code == 200
 
 
+def test_an_upload_that_is_not_a_file_says_what_came(client: TestClient) -> None:
+    """A raw image body and a text part named 'file' (curl -F file=<x.png) both got the
+    bare 'no images'."""
+    raw = client.post("/predict", content=IMAGE.read_bytes(), headers={"content-type": "image/jpeg"})
+    assert raw.status_code == 400 and "got content type image/jpeg" in raw.json()["detail"]
+    text = client.post("/predict", data={"file": "not a file"},
+                       headers={"content-type": "application/x-www-form-urlencoded"})
+    assert text.status_code == 400 and "without a file name" in text.json()["detail"]
+
+
 def test_one_bad_file_among_good_ones_is_named(client: TestClient) -> None:
     files = upload(IMAGE) + [("file", ("second.gif", b"GIF89a garbage", "image/gif"))]
     response = client.post("/predict", files=files)
