@@ -267,7 +267,7 @@ def calibrate(model: AnomalyModel, good_images: torch.Tensor,
               false_alarm_rate: float = DEFAULT_FALSE_ALARM_RATE,
               pixel_false_alarm_rate: float = DEFAULT_PIXEL_FALSE_ALARM_RATE,
               batch_size: int = 16, bf16: bool = True,
-              source: str = "held-out good images") -> Thresholds:
+              source: str = "good images given to calibrate()") -> Thresholds:
     """Thresholds for `model` from defect-free uint8 images (N, 3, S, S) it never trained on
     (`source` says what they are, for the checkpoint's metadata).
 
