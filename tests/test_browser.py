@@ -146,3 +146,21 @@ def test_a_bad_file_shows_the_servers_reason(server: str, browser, tmp_path: Pat
     assert status.text.startswith("1 image(s) scored, 1 refused: 415: notes.txt")
     names = [e.text for e in browser.find_elements(By.CSS_SELECTOR, ".result .name")]
     assert names == [IMAGE.name]
+
+
+def test_a_busy_server_is_asked_again_after_its_retry_after(server: str, browser) -> None:
+    """A 503 (busy with other clients) stopped the page's upload with an error; it now
+    waits the Retry-After the server sends and sends the same request again."""
+    open_page(browser, server)
+    browser.execute_script(
+        "window.predictCalls = 0; const real = window.fetch;"
+        "window.fetch = (path, options) => {"
+        "  if (path !== '/predict') return real(path, options);"
+        "  window.predictCalls += 1;"
+        "  if (window.predictCalls <= 2) return Promise.resolve(new Response("
+        "    JSON.stringify({detail: 'busy'}), {status: 503, headers: {'Retry-After': '1'}}));"
+        "  return real(path, options); };")
+    browser.find_element(By.ID, "files").send_keys(str(IMAGE))
+    wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, ".result"), "a result")
+    assert browser.execute_script("return window.predictCalls;") == 3
+    assert browser.find_element(By.ID, "status").text == "1 image(s) scored"
