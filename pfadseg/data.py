@@ -561,9 +561,15 @@ def load_defect_set(defect_dir: Path, mask_dir: Path, size: int) -> tuple[torch.
     if missing:
         raise DataError(f"{missing[0]}: no mask under {mask_dir} ({len(missing)} image(s) without "
                         "one). Fix: add <stem>_mask.png (or <stem>.png) for each defect image.")
-    images, masks = [], []
+    images, masks, bad = [], [], []
     for path in paths:
-        img = to_rgb(open_image(path), path)
+        try:
+            img = to_rgb(open_image(path), path)
+        except DataError as exc:
+            bad.append(exc)
+            continue
         masks.append(load_mask(matched[path], size, expected=img.size))
         images.append(_pixels(img, size))
+    if bad:
+        raise unreadable(bad, len(paths))
     return _batch(images), np.stack(masks)

@@ -142,6 +142,12 @@ def test_load_defect_set_pairs_images_and_masks(folder: tuple[Path, Path]) -> No
     images, found = load_defect_set(test / "scratch", masks / "scratch", SIZE)
     assert images.shape == (2, 3, SIZE, SIZE) and found.shape == (2, SIZE, SIZE)
     assert found.any(axis=(1, 2)).all()
+    broken = sorted(p for p in (test / "scratch").rglob("*") if p.is_file())
+    for path in broken:
+        path.write_bytes(b"")
+    with pytest.raises(DataError, match=r"2 of 2 images cannot be read") as err:  # each named at once
+        load_defect_set(test / "scratch", masks / "scratch", SIZE)
+    assert all(str(p) in str(err.value) for p in broken)
 
 
 def test_load_defect_set_takes_a_whole_test_folder(folder: tuple[Path, Path], caplog) -> None:
