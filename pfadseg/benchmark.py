@@ -101,7 +101,7 @@ class Slot:
 def parse_variants(text: str) -> list[str]:
     """`ablation` (the 8 module combinations) or a comma list of variant names
     (pfadseg, destseg, destseg+aff, +aff+rcm, ...), as their canonical names."""
-    if text.strip().lower() == "ablation":
+    if [part.strip().lower() for part in text.split(",") if part.strip()] == ["ablation"]:
         return list(ABLATION)
     variants: list[str] = []
     for name in filter(None, (part.strip() for part in text.split(","))):

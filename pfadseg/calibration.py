@@ -324,7 +324,8 @@ def _same_weights(path: Path, tensors: dict[str, torch.Tensor]) -> bool:
 
 def write_calibrated_checkpoint(source: Path, out: Path, thresholds: Thresholds) -> Path:
     """A copy of checkpoint `source` at `out` with `thresholds` in its metadata
-    (weights and everything else unchanged; `source` itself is never rewritten)."""
+    (weights and everything else unchanged). `source` is rewritten only when it is
+    itself a calibrated copy and `out` (see `check_calibrated_path`)."""
     source, out = Path(source), Path(out)
     tensors, meta = ckpt.read(source)
     check_calibrated_path(source, out, tensors)

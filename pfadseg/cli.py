@@ -29,7 +29,7 @@ from .data import (IMAGE_SUFFIXES, DataError, category_name, list_test_images, l
 from .models import TEACHERS, ModelConfig, TeacherWeightsError
 from .models.teacher import RANDOM
 from .predict import PER_IMAGE
-from .runtime import DEVICE_HELP, cpu_heap_settings, place, resolve_device
+from .runtime import DEVICE_HELP, cpu_heap_settings, device_name, place, resolve_device
 from .synthesis import DefectSynthesizer, procedural_textures
 from .trainer import (RESUMED, ROTATIONS, STATE_NAME, VALIDATION_JSON, TrainingError, check_out_dir,
                       resumed_settings, train_folder)
@@ -387,7 +387,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     backend = args.backend or ("onnx" if args.onnx is not None else "torch")
     if args.onnx is not None and backend != "onnx":
         raise DataError("--onnx is the model of --backend onnx. Fix: leave out --backend torch, or --onnx")
-    if backend == "onnx" and args.device.strip().lower().split(":")[0] not in ("auto", "cpu"):
+    if backend == "onnx" and device_name(args.device).split(":")[0] not in ("auto", "cpu"):
         raise DataError(f"--device {args.device}: the onnx backend runs on the CPU. Fix: leave "
                         "out --device, or use --backend torch")
     if backend == "onnx" and args.compile:

@@ -29,7 +29,7 @@ from .config import check_whole
 from .data import IMAGE_SUFFIXES, DataError, load_rgb, to_rgb
 from .models import AnomalyModel, ModelConfig
 from .predict import MapFn, output_names
-from .runtime import place, resolve_device
+from .runtime import device_name, place, resolve_device
 from .trainer import check_out_dir, resumed_settings, train_folder
 from .variants import MODULES
 from .visualize import mask_image, overlay
@@ -106,10 +106,11 @@ def _rgb(item: ImageInput, index: int) -> np.ndarray:
     elif isinstance(item, Image.Image):  # opened lazily: a bad file fails here, as it is decoded
         try:
             rgb = np.asarray(to_rgb(item), dtype=np.uint8)
-        except (OSError, SyntaxError, ValueError) as exc:
+        except (OSError, SyntaxError, ValueError, AssertionError) as exc:  # closed: AssertionError
             source = getattr(item, "filename", "") or "in memory"
-            raise DataError(f"image {index} ({source}): cannot read it ({exc}). Fix: re-export "
-                            "the file as PNG or JPEG, or leave it out.") from exc
+            raise DataError(f"image {index} ({source}): cannot read it ({exc!r}). Fix: pass it open "
+                            "(not closed by a with block), or its path; re-export a damaged file as "
+                            "PNG or JPEG.") from exc
     elif isinstance(item, np.ndarray):
         if item.dtype != np.uint8 or not (item.ndim == 2 or (item.ndim == 3 and item.shape[2] in (1, 3, 4))):
             raise DataError(f"image {index}: an array must be uint8 (H, W, 3) RGB, (H, W, 4) RGBA "
@@ -138,8 +139,8 @@ def _names(items: Sequence[ImageInput]) -> list[str]:
     paths = [Path(item) if isinstance(item, (str, Path))
              else Path(getattr(item, "filename", "") or f"image_{i}.png")  # PIL knows its file
              for i, item in enumerate(items)]
-    return [stem + (path.suffix if path.suffix.lower() in IMAGE_SUFFIXES else path.suffix + ".png")
-            for stem, path in zip(output_names(paths), paths)]
+    paths = [p if p.suffix.lower() in IMAGE_SUFFIXES else p.with_name(p.name + ".png") for p in paths]
+    return [stem + path.suffix for stem, path in zip(output_names(paths), paths)]
 
 
 class Detector:
@@ -163,7 +164,7 @@ class Detector:
             raise ValueError(f"unknown backend {backend!r}; choose from {BACKENDS}")
         if onnx is not None and backend != "onnx":
             raise ValueError("onnx= is the model of backend='onnx': give both, or neither")
-        if backend == "onnx" and (str(device).split(":")[0] not in ("auto", "cpu") or compile):
+        if backend == "onnx" and (device_name(device).split(":")[0] not in ("auto", "cpu") or compile):
             raise ValueError(f"backend='onnx' runs its export on the CPU as it is (device={device!r}, "
                              f"compile={compile}). Fix: leave out device and compile, or backend='torch'")
         check_whole("batch_size", batch_size)

@@ -24,9 +24,14 @@ DEVICE_HELP = ("where to run: auto (CUDA when available, else CPU), cpu, cuda, c
 
 
 # --- device ---------------------------------------------------------------------
+def device_name(name: str | torch.device | None) -> str:
+    """A --device value as written ("CPU ", None, torch.device) in its plain form: cpu, auto, cuda:1."""
+    return str(name) if isinstance(name, torch.device) else (name or "auto").strip().lower()
+
+
 def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
     """The torch.device for a --device value; a clear error when it is not there."""
-    name = str(name) if isinstance(name, torch.device) else (name or "auto").strip().lower()
+    name = device_name(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:

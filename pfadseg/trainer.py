@@ -40,7 +40,7 @@ from .models.teacher import RANDOM
 from .models.losses import segmentation_loss
 from .runtime import (autocast, bf16_supported, compiled, cpu_training_fixes, fused_sgd, place,
                       release_free_memory, resolve_device, step_begin)
-from .data import category_of, load_textures, load_train_images
+from .data import DataError, category_name, category_of, load_textures, load_train_images
 from .files import replacing, write_text
 from .synthesis import (ROTATION_POLICIES, DefectSynthesizer, procedural_textures, rotate_images,
                         rotation_policy_for)
@@ -105,7 +105,7 @@ def check_aff_batch(aff: bool, per_process: int, config: TrainConfig,
     why = ("needs two or more" if least == 2 else
            "makes the gradients of two explode (the model comes out garbage)")
     raise ValueError(f"batch size {config.batch_size} leaves {share}, and AFF's batch norm on "
-                     f"pooled features {why}. Fix: a batch size of {least * dist.world_size()} "
+                     f"pooled features {why}. Fix: a batch size of {least * dist.processes()} "
                      f"or more (--batch-size), or {without}")
 
 
@@ -571,6 +571,9 @@ def resumed_settings(out_dir: Path, given: dict[str, object], defaults: dict[str
         if name in PATHS and run_value is not None:
             run_value = Path(run_value).resolve()
             value = value and Path(value).resolve()
+        if name == "category" and run_value is not None:  # runs from before: "bottle/" as typed
+            with contextlib.suppress(DataError):
+                run_value = category_name(run_value)
         if value is not None and value != defaults.get(name) and str(value) != str(run_value):
             differ.append(f"--{name.replace('_', '-')} {value} (the run's: "
                           f"{'none' if run_value is None else run_value})")
@@ -724,10 +727,11 @@ def train_folder(model_config: ModelConfig, preset_name: str, train_dir: Path, o
     settings go into config.json and the checkpoint, for --resume and `pfadseg test`;
     `announce` prints what is trained on which images."""
     train_dir = Path(train_dir)
-    category = category or category_of(train_dir)
+    category = category_name(category) if category else category_of(train_dir)
     train_config = preset(preset_name, **(schedule or {}))  # bad overrides fail before images load
-    check_out_dir(Path(out_dir), resume)  # and so do a finished run's folder ...
-    dist.split_batch(train_config.batch_size, dist.processes())  # ... and a batch torchrun cannot split
+    check_out_dir(Path(out_dir), resume)  # and so do a finished run's folder and a batch
+    check_aff_batch(model_config.aff, dist.split_batch(train_config.batch_size, dist.processes()),
+                    train_config)  # torchrun cannot split, or splits too small for AFF
     data = TrainData.from_folder(train_dir, model_config.image_size, textures, texture_limit, rotation,
                                  category, skip_bad=skip_bad, progress=progress)
     if announce and dist.is_main():

@@ -211,7 +211,7 @@ def test_commands_pass_options_through(tmp_path: Path) -> None:
 
 
 def test_variant_names() -> None:
-    assert parse_variants("ablation") == list(ABLATION)
+    assert parse_variants("ablation") == parse_variants(" Ablation,") == list(ABLATION)
     assert parse_variants("pfadseg, destseg,+rcm+aff,destseg") == ["pfadseg", "destseg", "destseg+aff+rcm"]
     with pytest.raises(ValueError, match="unknown variant 'patchcore'"):
         parse_variants("pfadseg,patchcore")

@@ -11,10 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import pfadseg
 from pfadseg.calibration import Thresholds
+from pfadseg.checkpoint import CheckpointError
 from pfadseg.data import DataError
 from pfadseg.demo import demo_root
 from pfadseg.detector import Detector, Prediction
@@ -70,6 +72,7 @@ def test_paths_pil_images_and_arrays_score_alike(trained: Detector) -> None:
     assert [p.name for p in trained.predict([array], names=["mine"])] == ["mine"]
     from pfadseg.detector import _names
     assert _names(["a/noext", "b/scan.dat", "c/x.TIF"]) == ["noext.png", "scan.dat.png", "x.TIF"]
+    assert _names(["a/scan.dat", "b/scan.dat.png"]) == ["a_scan.dat.png", "b_scan.dat.png"]
 
 
 def test_threshold_replaces_the_image_threshold_only(trained: Detector) -> None:
@@ -98,6 +101,10 @@ def test_bad_inputs_are_named(trained: Detector, tmp_path: Path) -> None:
     truncated.write_bytes(truncated.read_bytes()[:2000])
     with pytest.raises(DataError, match=rf"image 1 \({re.escape(str(truncated))}\): cannot read it"):
         trained.predict([IMAGES[0], Image.open(truncated)])
+    with Image.open(IMAGES[0]) as closed:
+        pass
+    with pytest.raises(DataError, match=r"image 0 \(.*000.jpg\): cannot read it.*pass it open"):
+        trained.predict([closed])
     with pytest.raises(DataError, match="image 0: int is not an image"):
         trained.predict([3])  # type: ignore[list-item]
     with pytest.raises(DataError, match=r"image 0: empty \(0x0 pixels\)"):
@@ -174,6 +181,9 @@ def test_load_refuses_what_the_onnx_backend_would_ignore(tmp_path: Path) -> None
     for kwargs in ({"device": "cuda"}, {"device": "cuda:1"}, {"compile": True}):
         with pytest.raises(ValueError, match="backend='onnx' runs its export on the CPU as it is"):
             Detector.load(tmp_path / "missing.safetensors", backend="onnx", **kwargs)
+    for device in (None, " CPU", torch.device("cpu")):  # what resolve_device takes as the CPU
+        with pytest.raises(CheckpointError, match="checkpoint not found"):  # past the check
+            Detector.load(tmp_path / "missing.safetensors", backend="onnx", device=device)
 
 
 def test_a_file_also_inside_a_given_folder_is_scored_once(caplog) -> None:

@@ -329,6 +329,8 @@ def test_a_damaged_config_json_is_named_not_taken_for_a_run_without_one(tmp_path
     config.write_text('{"preset": "ti')
     with pytest.raises(TrainingError, match=f"{config}: damaged .*Fix: delete it"):
         resumed_settings(tmp_path, {"preset": "cpu"}, defaults={})
+    config.write_text(json.dumps({"category": "bottle/"}))  # as typed, before names were read
+    assert resumed_settings(tmp_path, {"category": "bottle"}, defaults={})["category"] == "bottle"
     config.unlink()  # a run from before config.json: only the state's settings are checked
     assert resumed_settings(tmp_path, {"preset": "cpu"}, defaults={})["batch_size"] == preset("tiny").batch_size
 
@@ -344,6 +346,10 @@ def test_torchrun_mismatches_fail_before_the_images_load(tmp_path: Path, monkeyp
     config = ModelConfig.named("destseg", teacher="efficientnet_lite0", image_size=64)
     with pytest.raises(ValueError, match="batch size 3 does not split over 2 processes"):
         train_folder(config, "tiny", tmp_path / "no_images", tmp_path / "run", schedule={"batch_size": 3})
+    monkeypatch.setenv("WORLD_SIZE", "4")  # the cpu preset's 8 images: 2 per rank, too few for AFF
+    with pytest.raises(ValueError, match="leaves 2 images per process.*a batch size of 12 or more"):
+        train_folder(ModelConfig(teacher="efficientnet_lite0"), "cpu", tmp_path / "no_images", tmp_path / "run")
+    monkeypatch.setenv("WORLD_SIZE", "2")
     ckpt.atomic_save({"rng": torch.zeros(4, dtype=torch.uint8)},
                      {"format": STATE_FORMAT, "format_version": ckpt.FORMAT_VERSION, "step": 2,
                       "world_size": 1, "model": config.to_dict(), "train": {}}, tmp_path / STATE_NAME)

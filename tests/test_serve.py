@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import errno
 import importlib.util
 import io
 import socket
@@ -287,7 +288,7 @@ def test_non_local_bind_needs_a_token(detector: Detector) -> None:
     assert main(["serve", "--checkpoint", "missing.safetensors", "--host", "0.0.0.0"]) == 2
 
 
-def test_a_port_in_use_is_refused_before_the_model_loads(capsys) -> None:
+def test_a_port_in_use_is_refused_before_the_model_loads(capsys, monkeypatch) -> None:
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))
         holder.listen()
@@ -295,11 +296,17 @@ def test_a_port_in_use_is_refused_before_the_model_loads(capsys) -> None:
         assert main(["serve", "--checkpoint", "missing.safetensors", "--port", str(port)]) == 2
     err = capsys.readouterr().err
     assert f"cannot serve on 127.0.0.1:{port}" in err and "--port" in err and "missing" not in err
-    # an address this machine does not have (TEST-NET-3): the fix is the host, not the port
-    assert main(["serve", "--checkpoint", "missing.safetensors", "--host", "203.0.113.7",
-                 "--token", "t", "--port", "0"]) == 2
-    err = capsys.readouterr().err
-    assert "cannot serve on 203.0.113.7:0" in err and "Fix: check --host" in err
+    # an address this machine lacks, a name that does not resolve: the fix is the host, not the
+    # port (the errors are raised here: a machine may allow binding any address, or have no DNS)
+    for error in (OSError(errno.EADDRNOTAVAIL, "Cannot assign requested address"),
+                  socket.gaierror(socket.EAI_NONAME, "Name or service not known")):
+        def refuse(self: socket.socket, address: tuple, error: OSError = error) -> None:
+            raise error
+        monkeypatch.setattr(socket.socket, "bind", refuse)
+        assert main(["serve", "--checkpoint", "missing.safetensors", "--host", "203.0.113.7",
+                     "--token", "t", "--port", "0"]) == 2
+        err = capsys.readouterr().err
+        assert "cannot serve on 203.0.113.7:0" in err and "Fix: check --host" in err, err
 
 
 class _GatedDetector:
