@@ -73,27 +73,32 @@ class _Regions:
 
 
 def _as_scores(scores: np.ndarray, name: str) -> np.ndarray:
-    """Floating view of ``scores`` (no copy when already floating), NaN-checked."""
+    """Floating view of ``scores`` (no copy when already floating); NaN or infinity
+    (a broken model output, and no valid JSON threshold) is an error."""
     arr = np.asarray(scores)
     if not np.issubdtype(arr.dtype, np.floating):
         arr = arr.astype(np.float64)
-    if np.isnan(arr).any():
-        raise ValueError(f"{name} contains NaN")
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{name} contains NaN or infinity")
     return arr
 
 
 def _as_labels(labels: np.ndarray, shape: tuple[int, ...], name: str) -> np.ndarray:
-    """Boolean labels of the given shape."""
+    """Boolean labels of the given shape, from bool or 0/1 values (a 0/255 mask or
+    -1/1 labels would all read as positive)."""
     arr = np.asarray(labels)
     if arr.shape != shape:
         raise ValueError(f"{name} has shape {arr.shape}, expected {shape}")
+    if arr.dtype != bool and not ((arr == 0) | (arr == 1)).all():
+        raise ValueError(f"{name} must be bool or 0/1 (1: anomalous); convert first, e.g. "
+                         "mask > 0 for a 0/255 mask")
     return arr.astype(bool, copy=False)
 
 
 def _split(scores: np.ndarray, labels: np.ndarray, what: str) -> _Split:
     """Validate and split scores by label; ``what`` names the unit in errors."""
-    values = _as_scores(scores, f"{what} scores")
-    is_pos = _as_labels(labels, values.shape, f"{what} labels")
+    values = _as_scores(scores, f"{what.removesuffix('s')} scores")
+    is_pos = _as_labels(labels, values.shape, f"{what.removesuffix('s')} labels")
     pos = values[is_pos]
     if pos.size == 0:
         raise ValueError(f"no anomalous {what}: the metric is undefined")
@@ -312,6 +317,8 @@ def evaluate(
 ) -> dict[str, float]:
     """All metrics of the paper; pixels are split and sorted only once."""
     values, pixel_labels = _pixel_inputs(maps, masks)
+    if np.shape(scores) != values.shape[:1]:
+        raise ValueError(f"{np.shape(scores)} image scores for {values.shape[0]} maps: give one per map")
     pixels = _split(values, pixel_labels, "pixels")
     regions = _regions(values, pixel_labels)
     images = _split(scores, labels, "images")

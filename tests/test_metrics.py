@@ -217,6 +217,18 @@ def test_bad_inputs_raise():
         M.pixel_auroc(maps, masks[:, :-1])
     with pytest.raises(ValueError, match="fpr_limit"):
         M.aupro(maps, masks, fpr_limit=0.0)
+    # infinity ranked above all and wrote "Infinity" thresholds into metrics.json
+    with pytest.raises(ValueError, match="image scores contains NaN or infinity"):
+        M.image_auroc(np.array([0.1, 0.5, np.inf]), np.array([0, 1, 1]))
+    # -1/1 labels and 0/255 masks read as all positive: "no normal images", or wrong numbers
+    with pytest.raises(ValueError, match="image labels must be bool or 0/1"):
+        M.image_auroc(np.array([0.1, 0.5, 0.7]), np.array([-1, 1, 1]))
+    with pytest.raises(ValueError, match="pixel labels must be bool or 0/1.*mask > 0"):
+        M.pixel_ap(maps, masks.astype(np.uint8) * 255)
+    assert M.pixel_ap(maps, masks.astype(np.uint8)) == M.pixel_ap(maps, masks)
+    scores, labels = maps.max(axis=(1, 2)), masks.any(axis=(1, 2))
+    with pytest.raises(ValueError, match="image scores for .* maps: give one per map"):
+        M.evaluate(maps, masks, scores[:-1], labels[:-1])
 
 
 def test_a_defect_type_whose_masks_vanish_gets_image_metrics_only(caplog):
