@@ -217,40 +217,45 @@ def list_images(folder: Path, recursive: bool = False) -> list[Path]:
     return images
 
 
-def unreadable(errors: list[DataError], total: int, shown: int = 10) -> DataError:
-    """One error for all the files that could not be read, each with its own fix."""
-    if len(errors) == 1:
-        return errors[0]
-    more = f"\n  ... and {len(errors) - shown} more" if len(errors) > shown else ""
-    return DataError(f"{len(errors)} of {total} images cannot be read:\n  "
-                     + "\n  ".join(str(e) for e in errors[:shown]) + more)
-
-
 def _loading_bar(items: list, desc: str, progress: bool = True) -> tqdm:
     """`items` with a progress bar: none for a handful, and under torchrun rank 0's alone."""
     return tqdm(items, desc=desc, unit="img", leave=False,
                 disable=not progress or len(items) < 8 or not dist.is_main())
 
 
+def _upright_images(paths: list[Path], skip_bad: bool, desc: str, progress: bool = True,
+                    hint: str = "") -> Iterator[tuple[Path, Image.Image]]:
+    """Each file decoded and upright (see `to_rgb`), in order, under a loading bar.
+    Unreadable files are logged and left out with `skip_bad`; else, once all are
+    tried, one DataError lists them, then `hint` (a folder with three is fixed in
+    one run, not three)."""
+    bad = []
+    for path in _loading_bar(paths, desc, progress):
+        try:
+            img = open_image(path)
+        except DataError as exc:
+            if skip_bad:
+                log.warning("skipped: %s", exc)
+            else:
+                bad.append(exc)
+            continue
+        yield path, to_rgb(img, path)
+    if bad:  # each with its own fix; the first ten
+        listed = "\n  ".join(map(str, bad[:10])) + (f"\n  ... and {len(bad) - 10} more" if len(bad) > 10 else "")
+        message = str(bad[0]) if len(bad) == 1 else f"{len(bad)} of {len(paths)} images cannot be read:\n  {listed}"
+        raise DataError(f"{message} {hint}".rstrip())
+
+
 def load_images(paths: list[Path], size: int, skip_bad: bool = False,
                 desc: str = "loading images", progress: bool = True) -> tuple[torch.Tensor, list[Path]]:
     """Decode and resize once: uint8 (N, 3, size, size) and the paths kept.
 
-    Unreadable files stop the load after all are tried, so one error lists them
-    all; with `skip_bad` each is logged and left out.
+    Unreadable files: see `_upright_images`.
     """
-    arrays, kept, bad = [], [], []
-    for p in _loading_bar(paths, desc, progress):
-        try:
-            arrays.append(load_rgb(p, size))
-            kept.append(p)
-        except DataError as exc:
-            if not skip_bad:
-                bad.append(exc)
-                continue
-            log.warning("skipped: %s", exc)
-    if bad:
-        raise unreadable(bad, len(paths))
+    arrays, kept = [], []
+    for p, img in _upright_images(paths, skip_bad, desc, progress):
+        arrays.append(_pixels(img, size))
+        kept.append(p)
     if not arrays:
         return torch.empty(0, 3, size, size, dtype=torch.uint8), kept
     return _batch(arrays), kept
@@ -473,24 +478,18 @@ def load_folder_test_set(test_dir: Path, size: int, mask_dir: Path | None = None
     entries = list_test_images(test_dir)
     matched = _match_masks(entries, test_dir, Path(mask_dir), strict_masks) if mask_dir is not None else {}
     msize = size if mask_size == "input" else mask_size
-    images, masks, labels, defects, paths, bad = [], [], [], [], [], []
-    for defect, path in _loading_bar(entries, "loading test images"):
-        mask_path = matched.get(path)
-        if mask_dir is not None and mask_path is None and defect != "good":
+    for defect, path in entries:
+        if mask_dir is not None and path not in matched and defect != "good":
             rel = path.relative_to(test_dir)
             expected = Path(mask_dir) / rel.parent / f"{path.stem}_mask.png"
             raise DataError(f"{path}: its mask {expected} is missing. Fix: add the mask "
                             f"(<stem>_mask.png or <stem>.png, anywhere under {mask_dir}), or "
                             "move the image out of the test folder.")
-        try:
-            img = open_image(path)
-        except DataError as exc:
-            if skip_bad:
-                log.warning("skipped: %s", exc)
-            else:
-                bad.append(exc)
-            continue
-        img = to_rgb(img, path)  # upright: a mask is drawn on the image as viewers show it
+    defect_of = {path: defect for defect, path in entries}
+    images, masks, labels, defects, paths = [], [], [], [], []
+    # upright images: a mask is drawn on the image as viewers show it
+    for path, img in _upright_images(list(defect_of), skip_bad, "loading test images", hint=SKIP_HINT):
+        defect, mask_path = defect_of[path], matched.get(path)
         if mask_dir is not None:
             if mask_path is None:
                 shape = (img.height, img.width) if msize is None else (msize, msize)
@@ -505,8 +504,6 @@ def load_folder_test_set(test_dir: Path, size: int, mask_dir: Path | None = None
         labels.append(int(defect != "good"))
         defects.append(defect)
         paths.append(path)
-    if bad:
-        raise DataError(f"{unreadable(bad, len(entries))} {SKIP_HINT}")
     if not images:
         raise DataError(f"{test_dir}: no test images found ({'/'.join(IMAGE_SUFFIXES)})")
     if masks and len({m.shape for m in masks}) > 1:
@@ -561,15 +558,8 @@ def load_defect_set(defect_dir: Path, mask_dir: Path, size: int) -> tuple[torch.
     if missing:
         raise DataError(f"{missing[0]}: no mask under {mask_dir} ({len(missing)} image(s) without "
                         "one). Fix: add <stem>_mask.png (or <stem>.png) for each defect image.")
-    images, masks, bad = [], [], []
-    for path in paths:
-        try:
-            img = to_rgb(open_image(path), path)
-        except DataError as exc:
-            bad.append(exc)
-            continue
+    images, masks = [], []
+    for path, img in _upright_images(paths, False, "loading defect images"):
         masks.append(load_mask(matched[path], size, expected=img.size))
         images.append(_pixels(img, size))
-    if bad:
-        raise unreadable(bad, len(paths))
     return _batch(images), np.stack(masks)
