@@ -210,10 +210,11 @@ def _series_table(by_category: Table, variants: dict[str, str],
     flags = len(set(modules.values())) > 1 and None not in modules.values()
     header = ["Variant"] + ([m.upper() for m in TABLE4_MODULES] if flags else [])
     header += [METRIC_NAMES.get(m, m) for m in metrics]
+    averaged = [by_category[c] for c in _averaged(by_category)]
     rows = []
     for s in series:
         marks = [_ON if m in (modules[s] or ()) else "" for m in TABLE4_MODULES] if flags else []
-        values = [_fmt(_mean([by_category[c] for c in _averaged(by_category)], (s, m))) for m in metrics]
+        values = [_fmt(_mean(averaged, (s, m))) for m in metrics]
         rows.append([s] + marks + values)
     return header, rows
 
