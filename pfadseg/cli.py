@@ -22,7 +22,7 @@ from tqdm import tqdm
 from . import __version__
 from . import distributed as dist
 from .calibration import DEFAULT_FALSE_ALARM_RATE, DEFAULT_PIXEL_FALSE_ALARM_RATE, FEW_GOOD_IMAGES
-from .checkpoint import CheckpointError, load_checkpoint
+from .checkpoint import STATE_FORMAT, CheckpointError, load_checkpoint, read_meta
 from .config import LR_SCHEDULES, PRESETS
 from .data import (IMAGE_SUFFIXES, DataError, category_name, list_test_images, load_textures,
                    mvtec_category, texture_paths, train_image_paths)
@@ -401,7 +401,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     rows = predict_files(detector, inputs, args.out, args.batch_size, skip_bad=args.skip_bad_images)
     flagged = sum(r.get("anomalous", False) for r in rows)
     skipped = sum("error" in r for r in rows)
-    print(f"{len(rows) - skipped} images scored, {flagged} anomalous (threshold "
+    scored = len(rows) - skipped
+    print(f"{scored} image{'s' * (scored != 1)} scored, {flagged} anomalous (threshold "
           f"{detector.thresholds.image:.4f})" + (f", {skipped} unreadable skipped" if skipped else "")
           + f"; results in {args.out} (summary.csv)")
     if rows and skipped == len(rows):  # a script must not read this as success
@@ -768,6 +769,9 @@ def _again(args: argparse.Namespace) -> str:
     if args.command == "benchmark":
         return "; rerun the same command to continue"
     if args.command == "train" and (args.out / STATE_NAME).is_file():
+        with contextlib.suppress(CheckpointError, OSError, KeyError):  # the step is a courtesy
+            step = read_meta(args.out / STATE_NAME, kind=STATE_FORMAT)["step"]
+            return f"; continue with --resume, from step {step} (the last saved)"
         return "; continue with --resume"
     summary = args.out / "summary.csv" if args.command == "predict" else None
     if summary is not None and summary.is_file() and summary.stat().st_mtime >= args.started:

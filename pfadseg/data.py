@@ -86,6 +86,9 @@ def open_image(path: Path) -> Image.Image:
                         f"{path}: {img.width}x{img.height} pixels is over the limit of "
                         f"{MAX_PIXELS} (decompression-bomb guard). Fix: downscale the file.")
                 img.load()
+                if getattr(img, "n_frames", 1) > 1:
+                    log.warning("%s: %d frames (an animation or a multi-page file); only the first "
+                                "is read. Fix: save each frame as an image of its own.", path, img.n_frames)
                 return img.copy()
     except DataError:
         raise
@@ -147,11 +150,18 @@ def load_mask(path: Path, size: int | None, expected: tuple[int, int] | None = N
 def _walk(folder: Path) -> Iterator[Path]:
     """Every path below `folder`, into linked folders too (Path.rglob skips them before
     Python 3.13: a test set of symlinked defect folders looked empty); each real folder
-    once, hidden ones (.thumbnails/, .Trash-1000/, .ipynb_checkpoints/) never."""
+    once, hidden ones (.thumbnails/, .Trash-1000/, .ipynb_checkpoints/) never, nor a
+    link to a folder above `folder` (good/up -> .. read the defect folders as good)."""
+    top = os.path.realpath(folder)
     seen: set[str] = set()
     for root, dirs, names in os.walk(folder, followlinks=True, onerror=_unlisted):
         real = os.path.realpath(root)
         if real in seen:  # a link back up the tree, or two links to one folder
+            dirs.clear()
+            continue
+        if real != top and os.path.commonpath([real, top]) == real:
+            log.warning("%s: skipping this link to %s, a folder above %s (its images are not "
+                        "this folder's). Fix: remove the link.", root, real, folder)
             dirs.clear()
             continue
         seen.add(real)
@@ -176,8 +186,9 @@ def list_images(folder: Path, recursive: bool = False) -> list[Path]:
 
     Hidden files are never images, even with an image suffix: macOS writes
     "._name.png" resource forks and ".DS_Store" files next to copied images. Nor are
-    the overlays and masks `pfadseg predict` wrote (a summary.csv beside them): a
-    predict output inside a folder of good images would be trained or calibrated on.
+    the overlays and masks `pfadseg predict` wrote (a summary.csv or their _map.npy
+    beside them): a predict output inside a folder of good images would be trained or
+    calibrated on, or scored by a rerun of predict.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -193,7 +204,7 @@ def list_images(folder: Path, recursive: bool = False) -> list[Path]:
         log.warning("%s: skipping %d link(s) to nothing, e.g. %s. Fix: mend or remove them.",
                     folder, len(dangling), dangling[0].name)
     images, unread, predicted, seen = [], [], [], set()
-    for p in files:
+    for p in sorted(files, key=lambda p: p.is_symlink()):  # a file before a link to it: its own name
         suffix = p.suffix.lower()
         if p.name.startswith("."):
             log.debug("skipping hidden file %s", p)
@@ -201,7 +212,7 @@ def list_images(folder: Path, recursive: bool = False) -> list[Path]:
             unread.append(p)
         elif suffix not in IMAGE_SUFFIXES:
             log.info("skipping non-image file %s", p)
-        elif p.name.endswith(PREDICT_OUTPUTS) and (p.parent / "summary.csv").is_file():
+        elif _predicted(p):
             predicted.append(p)
         elif (real := os.path.realpath(p)) in seen:
             log.info("skipping %s: a link to an image already listed", p)
@@ -214,7 +225,15 @@ def list_images(folder: Path, recursive: bool = False) -> list[Path]:
     if predicted:
         log.warning("%s: leaving out %d overlays and masks that pfadseg predict wrote (e.g. %s)",
                     folder, len(predicted), predicted[0].relative_to(folder))
-    return images
+    return sorted(images)
+
+
+def _predicted(path: Path) -> bool:
+    """An overlay or mask that `pfadseg predict` wrote: beside its summary.csv, or,
+    where a hard kill left none, beside its own _map.npy (written before them)."""
+    ends = [e for e in PREDICT_OUTPUTS if path.name.endswith(e)]
+    return bool(ends) and ((path.parent / "summary.csv").is_file()
+                           or path.with_name(path.name.removesuffix(ends[0]) + "_map.npy").is_file())
 
 
 def _loading_bar(items: list, desc: str, progress: bool = True) -> tqdm:
@@ -457,8 +476,11 @@ def list_test_images(test_dir: Path) -> list[tuple[str, Path]]:
         raise DataError(f"{loose[0]}: image directly in the test folder, so its label is "
                         f"unknown. Fix: move it into {test_dir / 'good'} or a defect-type folder.")
     folders = sorted(d.name for d in test_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
-    return [(name, path) for name in folders
-            for path in list_images(test_dir / name, recursive=True)]
+    found = {name: list_images(test_dir / name, recursive=True) for name in folders}
+    empty = [name for name in folders if not found[name]]
+    if empty:
+        log.warning("%s: no images in %s/, left out of the test set", test_dir, "/, ".join(empty))
+    return [(name, path) for name in folders for path in found[name]]
 
 
 def load_folder_test_set(test_dir: Path, size: int, mask_dir: Path | None = None,
@@ -521,6 +543,9 @@ def load_test_set(root: Path, category: str, size: int, skip_bad: bool = False,
     if not test_dir.is_dir():
         raise DataError(f"{test_dir}: no test folder (MVTec layout test/<defect>/*.png)")
     truth = base / "ground_truth"
+    if not truth.is_dir():
+        log.warning("%s: no ground_truth/ folder beside test/, so image metrics only. Fix: put "
+                    "the masks in ground_truth/<defect>/<stem>_mask.png.", base)
     return load_folder_test_set(test_dir, size, truth if truth.is_dir() else None, skip_bad,
                                 mask_size, strict_masks=False)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -70,7 +71,7 @@ def output_names(paths: list[Path]) -> list[str]:
     names, used = [], set()
     for p in paths:
         name = p.stem if counts[p.stem] == 1 else f"{p.parent.name}_{p.stem}"
-        while len(name.encode()) > MAX_NAME_BYTES:  # room for "_overlay.png" within 255 bytes
+        while len(os.fsencode(name)) > MAX_NAME_BYTES:  # room for "_overlay.png" within 255 bytes
             name = name[:-1]
         base, i = name, 1
         while name in used:
@@ -113,13 +114,15 @@ def predict_files(detector: Detector, paths: list[Path], out_dir: Path, batch_si
             for path, p in zip(batch, detector.predict(images, batch_size, [names[q] for q in batch])):
                 gallery.add(p.name, p.image, p.anomaly_map, p.score)
                 mask = p.mask_at(p.output_size())
-                # whole or not at all, as the summary: an interrupt leaves no truncated image
+                # whole or not at all, as the summary: an interrupt leaves no truncated image.
+                # The map first: an overlay or mask beside its map is known as ours (data.list_images)
+                # also where a hard kill left no summary.csv
+                with replacing(out_dir / f"{p.name}_map.npy") as tmp, open(tmp, "wb") as fh:
+                    np.save(fh, p.anomaly_map)
                 with replacing(out_dir / f"{p.name}_overlay.png") as tmp:
                     p.overlay().save(tmp, "PNG", compress_level=1)  # much faster than the default 6, a bit larger
                 with replacing(out_dir / f"{p.name}_mask.png") as tmp:
                     mask_image(mask).save(tmp, "PNG")
-                with replacing(out_dir / f"{p.name}_map.npy") as tmp, open(tmp, "wb") as fh:
-                    np.save(fh, p.anomaly_map)
                 done[path] = {"image": str(path), "name": p.name, "score": p.score,
                               "normalized_score": p.normalized_score, "anomalous": p.anomalous,
                               "threshold": detector.thresholds.image,
@@ -139,7 +142,8 @@ def predict_files(detector: Detector, paths: list[Path], out_dir: Path, batch_si
             write_gallery_page(out_dir / "report.html", gallery,
                                [(row["image"], row["error"]) for row in rows if "error" in row])
             write_text(out_dir / "summary.json", json.dumps(rows, indent=2))
-            with replacing(out_dir / "summary.csv") as tmp, open(tmp, "w", newline="") as fh:
+            with replacing(out_dir / "summary.csv") as tmp, open(tmp, "w", newline="", encoding="utf-8",
+                                                                 errors="surrogateescape") as fh:
                 writer = csv.DictWriter(fh, fieldnames=SUMMARY_FIELDS)
                 writer.writeheader()
                 writer.writerows(rows)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -262,3 +263,24 @@ def test_test_table_says_when_the_threshold_misses_every_defect() -> None:
     assert "Fix:" not in format_table({**result, "image_auroc": 0.6})  # no threshold would help
     result["calibrated"].update(image_f1=0.5, defects_missed=3)
     assert "Fix:" not in format_table(result)
+
+
+def test_file_names_that_are_not_utf8_are_scored_and_reported(trained: Path, tmp_path: Path) -> None:
+    """A name with bytes that are not UTF-8 (an old Windows share) stopped predict before
+    its first image, and test after its whole evaluation, while writing report.html."""
+    name = os.fsdecode(b"bad_\xff\xfe.jpg")
+    folder = tmp_path / "test"
+    for kind in ("good", "broken_large"):
+        (folder / kind).mkdir(parents=True)
+        for src in sorted((demo_root() / "bottle" / "test" / kind).iterdir())[:2]:
+            (folder / kind / src.name).write_bytes(src.read_bytes())
+    (folder / "good" / name).write_bytes((folder / "good" / "000.jpg").read_bytes())
+    checkpoint = str(trained / "checkpoint.safetensors")
+    assert main(["predict", "--checkpoint", checkpoint, "--out", str(tmp_path / "p"),
+                 str(folder / "good")]) == 0
+    assert (tmp_path / "p" / "bad_\udcff\udcfe_overlay.png").is_file()
+    assert b"bad_\xff\xfe.jpg" in (tmp_path / "p" / "summary.csv").read_bytes()  # the file's own bytes
+    assert main(["test", "--checkpoint", checkpoint, "--test-dir", str(folder),
+                 "--out", str(tmp_path / "t")]) == 0
+    assert json.loads((tmp_path / "t" / "metrics.json").read_text())["n_images"] == 5
+    assert b"bad_\xff\xfe.jpg" in (tmp_path / "t" / "report.html").read_bytes()

@@ -1,6 +1,7 @@
 """Result files are written whole or not at all (pfadseg.files)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -41,3 +42,13 @@ def test_a_failed_write_names_its_file(tmp_path: Path) -> None:
     path = tmp_path / "summary.json"
     with pytest.raises(OSError, match="No space left on device: '.*summary.json'"), replacing(path):
         raise OSError(28, "No space left on device")  # what a full disk gives, without a name
+
+
+def test_two_processes_writing_one_file_never_share_a_temporary_file(tmp_path: Path) -> None:
+    """Two calibrations of one checkpoint wrote the same <file>.tmp: one could rename the
+    other's half-written file into place."""
+    path = tmp_path / "checkpoint.calibrated.safetensors"
+    with replacing(path) as tmp:
+        assert tmp.parent == tmp_path and f".{os.getpid()}." in tmp.name
+        tmp.write_bytes(b"x")
+    assert path.read_bytes() == b"x"

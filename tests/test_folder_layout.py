@@ -12,7 +12,8 @@ from PIL import Image
 from pfadseg.calibration import Thresholds
 from pfadseg.checkpoint import save_checkpoint
 from pfadseg.cli import main
-from pfadseg.data import DataError, list_images, load_defect_set, load_folder_test_set, load_rgb
+from pfadseg.data import (DataError, list_images, load_defect_set, load_folder_test_set, load_rgb,
+                          load_test_set)
 from pfadseg.models import AnomalyModel, ModelConfig
 from pfadseg.models.teacher import RANDOM
 
@@ -280,6 +281,23 @@ def test_linked_defect_folders_are_searched(tmp_path: Path, folder: tuple[Path, 
     assert ts.masks[[p.name for p in ts.paths].index("001.jpeg")].any()
 
 
+def test_a_link_to_a_folder_above_is_not_followed(folder: tuple[Path, Path], caplog) -> None:
+    """good/up -> .. read every defect image a second time as a good one (image AUROC
+    fell with no word), and a/up -> .. read the sibling folder b/."""
+    test, masks = folder
+    (test / "good" / "up").symlink_to("..", target_is_directory=True)
+    ts = load_folder_test_set(test, SIZE, masks)
+    assert len(ts.paths) == 5 and int(ts.labels.sum()) == 3
+    assert "skipping this link to" in caplog.text and "a folder above" in caplog.text
+    assert [p.name for p in list_images(test / "good", recursive=True)] == ["a.png", "b.jpg"]
+
+
+def test_a_file_and_a_link_to_it_are_listed_once_by_the_file_name(tmp_path: Path) -> None:
+    Image.fromarray(_image(0)).save(tmp_path / "target.png")
+    (tmp_path / "a_link.png").symlink_to("target.png")  # sorts first
+    assert [p.name for p in list_images(tmp_path)] == ["target.png"]
+
+
 def test_masks_kept_beside_their_images_are_refused_with_the_fix(folder: tuple[Path, Path]) -> None:
     """Labelling tools often save a.png and a_mask.png side by side: every image was
     then read as its own mask ("two masks for one image", "marks a defect in good/")."""
@@ -312,9 +330,32 @@ def test_listing_leaves_out_links_predict_outputs_and_says_so(tmp_path: Path, ca
     (tmp_path / "summary.csv").write_text("image\n")
     assert [p.name for p in list_images(tmp_path)] == ["a.png", "b.png"]
     assert "leaving out 2 overlays and masks that pfadseg predict wrote" in caplog.text
+    # a predict killed hard leaves no summary.csv: each output's map (written first) marks it
+    (tmp_path / "summary.csv").unlink()
+    np.save(tmp_path / "b_map.npy", np.zeros((2, 2), np.float32))
+    assert [p.name for p in list_images(tmp_path)] == ["a.png", "b.png"]
+
+
+def test_only_the_first_frame_of_an_animation_is_read_and_that_is_said(tmp_path: Path, caplog) -> None:
+    frames = [Image.fromarray(_image(seed)) for seed in range(3)]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    assert load_rgb(tmp_path / "anim.gif", None).shape == (SRC, SRC, 3)
+    assert "anim.gif: 3 frames (an animation or a multi-page file); only the first is read" in caplog.text
 
 
 def test_an_empty_file_is_called_one(tmp_path: Path) -> None:
     (tmp_path / "zero.png").touch()
     with pytest.raises(DataError, match=r"zero\.png: empty file \(0 bytes\)"):
         load_rgb(tmp_path / "zero.png", None)
+
+
+def test_missing_pieces_of_a_test_set_are_said(folder: tuple[Path, Path], caplog) -> None:
+    """An empty defect folder was left out, and an MVTec category without ground_truth/
+    gave image metrics only, with nothing said about where the masks were expected."""
+    test, _ = folder
+    (test / "crack").mkdir()
+    assert set(load_folder_test_set(test, SIZE).defects) == {"good", "dent", "scratch"}
+    assert "no images in crack/, left out of the test set" in caplog.text
+    category = test.parent
+    assert len(load_test_set(category.parent, category.name, SIZE).paths) == 5
+    assert "no ground_truth/ folder beside test/, so image metrics only" in caplog.text
