@@ -36,8 +36,9 @@ from .trainer import (RESUMED, ROTATIONS, STATE_NAME, VALIDATION_JSON, TrainingE
 from .variants import MODULES
 
 log = logging.getLogger("pfadseg")
-COMPILE_HELP = ("compile the model with torch.compile (Inductor, needs a C++ compiler): one to "
-                "three minutes of compiling first; on a 2-core CPU predict gained under 10%% "
+COMPILE_HELP = ("compile the model with torch.compile (on a CPU Inductor, which needs a C++ "
+                "compiler; on one GPU CUDA graphs): on a CPU one to three minutes of compiling "
+                "first, and a 2-core CPU's predict gained under 10%% "
                 "per image (docs/results.md)")
 
 
@@ -199,7 +200,7 @@ def _add_run_args(data: argparse._ArgumentGroup, model: argparse._ArgumentGroup,
     schedule.add_argument("--no-bf16", action="store_true",
                           help="run in plain fp32, without bf16 autocast")
     schedule.add_argument("--no-compile", action="store_true",
-                          help="run eagerly instead of compiled by torch.compile (Inductor): "
+                          help="run eagerly instead of compiled by torch.compile (Inductor; CUDA graphs on one GPU): "
                                "stage 2, and stage 1 where the preset compiles it (paper, official)")
 
 

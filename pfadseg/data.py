@@ -265,14 +265,14 @@ def _upright_images(paths: list[Path], skip_bad: bool, desc: str, progress: bool
         raise DataError(f"{message} {hint}".rstrip())
 
 
-def load_images(paths: list[Path], size: int, skip_bad: bool = False,
-                desc: str = "loading images", progress: bool = True) -> tuple[torch.Tensor, list[Path]]:
+def load_images(paths: list[Path], size: int, skip_bad: bool = False, desc: str = "loading images",
+                progress: bool = True, hint: str = "") -> tuple[torch.Tensor, list[Path]]:
     """Decode and resize once: uint8 (N, 3, size, size) and the paths kept.
 
     Unreadable files: see `_upright_images`.
     """
     arrays, kept = [], []
-    for p, img in _upright_images(paths, skip_bad, desc, progress):
+    for p, img in _upright_images(paths, skip_bad, desc, progress, hint):
         arrays.append(_pixels(img, size))
         kept.append(p)
     if not arrays:
@@ -318,10 +318,7 @@ def load_train_images(folder: Path, size: int, skip_bad: bool = False,
     if dist.is_main() and (nested := image_subfolders(folder)):  # torchrun: one walk, one line
         log.warning("%s: training on its %d images; its sub-folders (%s) are not read", folder,
                     len(paths), ", ".join(f"{s.name}/" for s in nested[:4]))
-    try:
-        images, kept = load_images(paths, size, skip_bad, "loading training images", progress)
-    except DataError as exc:  # only without skip_bad
-        raise DataError(f"{exc} {SKIP_HINT}") from exc
+    images, kept = load_images(paths, size, skip_bad, "loading training images", progress, SKIP_HINT)
     if not kept:
         raise DataError(f"{folder}: none of the {len(paths)} images could be read. Fix: see "
                         "the 'skipped' warnings above for each file's problem.")
@@ -556,10 +553,7 @@ def load_image_folder(folder: Path, size: int, skip_bad: bool = False) -> torch.
     if not paths:
         raise DataError(f"{folder}: no images ({'/'.join(IMAGE_SUFFIXES)}). Fix: point at a "
                         "folder of images.")
-    try:
-        images, kept = load_images(paths, size, skip_bad)
-    except DataError as exc:  # only without skip_bad
-        raise DataError(f"{exc} {SKIP_HINT}") from exc
+    images, kept = load_images(paths, size, skip_bad, hint=SKIP_HINT)
     if not kept:
         raise DataError(f"{folder}: none of the {len(paths)} images could be read (see the "
                         "'skipped' warnings above).")

@@ -13,11 +13,13 @@ from pathlib import Path
 import torch
 
 from .calibration import held_out_count
+from .checkpoint import CHECKPOINT_NAME
 from .config import preset
 from .data import list_images
 from .detector import Detector
 from .evaluation import format_table, run_test
 from .predict import collect_inputs, predict_files
+from .trainer import STATE_NAME
 
 CATEGORY = "bottle"
 DEMO_SIZE = 128  # a quarter of the pixels of 256: keeps the demo short on a CPU
@@ -47,14 +49,14 @@ def run_demo(out_dir: Path, quick: bool = False, device: str | torch.device = "a
         print("      a smoke test: too few steps for a good model, so warnings that the run looks "
               "bad are expected")
     run_dir = out_dir / "run"
-    ckpt_path = run_dir / "checkpoint.safetensors"
+    ckpt_path = run_dir / CHECKPOINT_NAME
     if ckpt_path.is_file():
         print(f"      reusing {ckpt_path}")
         detector = Detector.load(ckpt_path, device=device)
     else:
         detector = Detector.train(train_dir, run_dir, teacher="efficientnet_lite0", image_size=size,
                                   preset_name=preset_name, category=CATEGORY, device=device,
-                                  resume=(run_dir / "train_state.safetensors").is_file())
+                                  resume=(run_dir / STATE_NAME).is_file())
     print("[2/3] evaluating on the bundled test images")
     result = run_test(detector.model, root, CATEGORY, out_dir / "test", detector.meta)
     print(format_table(result))

@@ -7,6 +7,7 @@ import contextlib
 import ctypes
 import functools
 import gc
+import importlib.util
 import logging
 import os
 import shutil
@@ -110,18 +111,19 @@ CUDA_COMPILE = "cudagraphs"
 CUDA_COMPILE_MODES = ("cudagraphs", "reduce-overhead")
 
 
-def compiler_available(device: torch.device) -> bool:
-    """Inductor writes C++ on the CPU (a compiler must be found) and Triton on CUDA."""
+def missing_compiler(device: torch.device, backend: str = "inductor") -> str | None:
+    """What compiling with `backend` lacks on `device`, or None: Inductor writes C++ on
+    the CPU (a compiler must be found) and Triton kernels on CUDA; dynamo's cudagraphs
+    backend only records CUDA graphs and needs neither."""
+    if backend == "cudagraphs":
+        return None
     if device.type == "cuda":
-        try:
-            import triton  # noqa: F401
-        except ImportError:
-            return False
-        return True
+        return None if importlib.util.find_spec("triton") else "Triton is not installed"
     if device.type != "cpu":
-        return False
+        return f"torch.compile is not supported on {device.type}"
     default = "cl" if sys.platform == "win32" else "clang++" if sys.platform == "darwin" else "g++"
-    return shutil.which(os.environ.get("CXX", default)) is not None
+    cxx = os.environ.get("CXX", default)
+    return None if shutil.which(cxx) else f"no C++ compiler ({cxx}) found"
 
 
 def compiled(fn: Fn, device: torch.device, frozen: bool = False) -> Fn:
@@ -135,21 +137,23 @@ def compiled(fn: Fn, device: torch.device, frozen: bool = False) -> Fn:
     `frozen` treats the weights as constants (batch norm folded into the
     convolutions, oneDNN weights packed once): only for weights that no longer
     change. Without a compiler, or where compiling fails at the first call, `fn`
-    runs eagerly, with a warning; nothing is changed process-wide.
+    runs eagerly, with a warning. The one process-wide change: the logger
+    torch.utils.cpp_extension is set to errors only.
     """
-    if not compiler_available(device):
-        log.warning("torch.compile is not available on %s here (no compiler found): running eagerly",
-                    device)
+    graphs = device.type == "cuda" and not (torch.distributed.is_initialized()
+                                            and torch.distributed.get_world_size() > 1)
+    backend = CUDA_COMPILE if graphs else "inductor"
+    missing = missing_compiler(device, backend)
+    if missing:
+        log.warning("torch.compile cannot run on %s here (%s): running eagerly", device, missing)
         return fn
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime" noise
     from torch._inductor import config as inductor_config
 
-    graphs = device.type == "cuda" and not (torch.distributed.is_initialized()
-                                            and torch.distributed.get_world_size() > 1)
-    if graphs and CUDA_COMPILE == "reduce-overhead":
+    if backend == "reduce-overhead":
         compiled_fn = torch.compile(fn, dynamic=False, mode="reduce-overhead")
     else:
-        compiled_fn = torch.compile(fn, dynamic=False, backend="cudagraphs" if graphs else "inductor")
+        compiled_fn = torch.compile(fn, dynamic=False, backend=backend)
     patch = {"freezing": frozen} if device.type == "cpu" else {}
     state = {"fn": compiled_fn, "first": True}
 

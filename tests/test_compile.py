@@ -3,6 +3,7 @@ PyTorch, and a machine without a C++ compiler runs eagerly instead of failing.""
 from __future__ import annotations
 
 import copy
+import importlib.util
 import logging
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from pfadseg.trainer import TrainData, Trainer
 
 CPU = torch.device("cpu")
 needs_compiler = pytest.mark.skipif(
-    not runtime.compiler_available(CPU) or torch._dynamo.config.disable,
+    runtime.missing_compiler(CPU) is not None or torch._dynamo.config.disable,
     reason="torch.compile needs a C++ compiler (and TORCH_COMPILE_DISABLE unset)")
 
 
@@ -36,14 +37,14 @@ def _model() -> AnomalyModel:
 
 def test_no_compiler_runs_eagerly(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setattr(runtime.shutil, "which", lambda name: None)
-    assert not runtime.compiler_available(CPU)
+    assert "no C++ compiler" in runtime.missing_compiler(CPU)
 
     def fn(x: torch.Tensor) -> torch.Tensor:
         return x + 1
 
     with caplog.at_level(logging.WARNING):
         assert runtime.compiled(fn, CPU, frozen=True) is fn
-    assert "no compiler found" in caplog.text
+    assert "(no C++ compiler (g++) found): running eagerly" in caplog.text
 
 
 @needs_compiler
@@ -170,11 +171,28 @@ def test_one_cuda_gpu_compiles_as_cuda_compile_says(monkeypatch: pytest.MonkeyPa
     """The CUDA setting reaches torch.compile (stubbed: CI has no GPU); the CPU keeps Inductor."""
     calls = []
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: calls.append(kwargs) or fn)
-    monkeypatch.setattr(runtime, "compiler_available", lambda device: True)
+    monkeypatch.setattr(runtime.shutil, "which", lambda name: "/usr/bin/g++")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object())  # Triton is there
     monkeypatch.setattr(runtime, "CUDA_COMPILE", mode)
     runtime.compiled(torch.neg, torch.device("cuda"))
     runtime.compiled(torch.neg, CPU)
     assert calls == [{"dynamic": False, **expected}, {"dynamic": False, "backend": "inductor"}]
+
+
+def test_cuda_graphs_need_no_triton_and_inductor_on_cuda_says_it_does(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Without Triton, --compile on one GPU ran eagerly, saying "no compiler found",
+    though dynamo's cudagraphs backend needs no Triton (stubbed: CI has no GPU)."""
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: calls.append(kwargs) or fn)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(runtime, "CUDA_COMPILE", "cudagraphs")
+    runtime.compiled(torch.neg, torch.device("cuda"))
+    assert calls == [{"dynamic": False, "backend": "cudagraphs"}]
+    monkeypatch.setattr(runtime, "CUDA_COMPILE", "reduce-overhead")
+    with caplog.at_level(logging.WARNING):
+        assert runtime.compiled(torch.neg, torch.device("cuda")) is torch.neg
+    assert "(Triton is not installed): running eagerly" in caplog.text and len(calls) == 1
 
 
 def test_a_device_is_checked_whether_named_or_given_as_torch_device(

@@ -5,6 +5,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from torchvision.ops import sigmoid_focal_loss
 
 
 def l2_normalize(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
@@ -36,12 +37,9 @@ def mask_target(mask: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
 
 
 def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 4.0) -> torch.Tensor:
-    """Eq. 10: mean of BCE * (1 - p_t)^gamma (Lin et al.), from logits for stability."""
-    logits = logits.float()
-    p = torch.sigmoid(logits)
-    ce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
-    p_t = p * target + (1 - p) * (1 - target)
-    return (ce * (1 - p_t).pow(gamma)).mean()
+    """Eq. 10: mean of BCE * (1 - p_t)^gamma (Lin et al.), from logits for stability;
+    torchvision's focal loss without its class weight alpha."""
+    return sigmoid_focal_loss(logits.float(), target, alpha=-1, gamma=gamma, reduction="mean")
 
 
 def l1_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
