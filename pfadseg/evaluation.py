@@ -181,14 +181,25 @@ def format_table(result: dict) -> str:
         if "pixel_f1" in cal:
             line += f", pixel F1 {100 * cal['pixel_f1']:.1f}%"
         lines.append(line)
-        n_good = result["n_images"] - result["n_anomalous"]
-        wrong = [what for what, all_of in (("misses every defect", cal["defects_missed"] == result["n_anomalous"]),
-                                           ("flags every good image", cal["good_flagged"] == n_good)) if all_of]
-        # only where the scores do tell defects apart: else no threshold would help
-        if wrong and min(n_good, result["n_anomalous"]) > 0 and result["image_auroc"] >= 0.8:
-            lines.append(f"the image threshold {' and '.join(wrong)} here. Fix: `pfadseg calibrate` on "
-                         "your own good images (or with --defects and --masks, by best F1)")
+        warning = threshold_warning(result)
+        if warning:
+            lines.append(warning)
     return "\n".join(lines)
+
+
+def threshold_warning(result: dict) -> str | None:
+    """What to do when the checkpoint's image threshold misses every defect or flags
+    every good image of a test set whose scores do tell them apart (else none would help)."""
+    cal = result.get("calibrated")
+    if not cal:
+        return None
+    n_good = result["n_images"] - result["n_anomalous"]
+    wrong = [what for what, all_of in (("misses every defect", cal["defects_missed"] == result["n_anomalous"]),
+                                       ("flags every good image", cal["good_flagged"] == n_good)) if all_of]
+    if not wrong or min(n_good, result["n_anomalous"]) == 0 or result["image_auroc"] < 0.8:
+        return None
+    return (f"the image threshold {' and '.join(wrong)} here. Fix: `pfadseg calibrate` on "
+            "your own good images (or with --defects and --masks, by best F1)")
 
 
 def _thresholds_of(meta: dict) -> Thresholds | None:

@@ -25,7 +25,7 @@ from PIL import Image
 
 from .calibration import Thresholds
 from .data import TestSet
-from .evaluation import TestOutputs
+from .evaluation import TestOutputs, threshold_warning
 from .files import write_text
 from .metrics import average_precision
 from .visualize import colorize, outline
@@ -67,6 +67,14 @@ def _resize_map(values: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(img.resize(size, Image.BOX if size[0] < values.shape[1] else Image.BILINEAR))
 
 
+def _fixed(value: float, threshold: float, digits: int) -> str:
+    """`value` with `digits` decimals, or as many more (up to 8) as tell it apart from
+    `threshold`: a score just over the threshold must not print as the threshold."""
+    while digits < 8 and value != threshold and f"{value:.{digits}f}" == f"{threshold:.{digits}f}":
+        digits += 1
+    return f"{value:.{digits}f}"
+
+
 def _paint(rgb: np.ndarray, edge: np.ndarray, colour: tuple[int, int, int]) -> np.ndarray:
     out = rgb.copy()
     out[edge] = colour
@@ -101,11 +109,12 @@ class _Entry:
         return "WRONG: false alarm" if self.flagged else "WRONG: defect missed"
 
 
-def _panel(heading: str, uri: str) -> str:
+def _panel(name: str, heading: str, uri: str) -> str:
+    alt = html.escape(f"{name}: {heading}")
     if heading != "anomaly map":
-        return f'<td><img src="{uri}" alt="{html.escape(heading)}"></td>'
-    return (f'<td><div class="heat"><img src="{uri}" alt="anomaly map"><span class="bar"></span>'
-            '<span class="ticks"><b>1</b><b>0.5</b><b>0</b></span></div></td>')
+        return f'<td><img src="{uri}" alt="{alt}"></td>'
+    return (f'<td><div class="heat"><img src="{uri}" alt="{alt}"><span class="bar"></span>'
+            '<span class="ticks"><b>1</b><b title="the pixel threshold">0.5</b><b>0</b></span></div></td>')
 
 
 @dataclass
@@ -144,23 +153,25 @@ class Gallery:
             return "<p>No images.</p>"
         with_truth = any(len(e.panels) == 4 for e in self.entries)
         labelled = any(e.label is not None for e in self.entries)
+        t = self.thresholds
         rows = []
         for e in sorted(self.entries, key=lambda e: -e.error):
-            wrong = e.verdict.startswith("WRONG")
+            # the row is tinted where the verdict is wrong, or, without labels, where it flags
+            alarm = e.verdict.startswith("WRONG") if labelled else e.flagged
+            group = f"<br>{html.escape(e.group)}" if e.group else ""
             rows.append(
-                f'<tr class="{"wrong" if wrong else ""}"><td class="cap"><b>{html.escape(e.name)}</b>'
-                f"<br>{html.escape(e.group)}<br>score {e.score:.4f}<br>normalised {e.norm:.3f}"
-                f'<br><span class="verdict">{html.escape(e.verdict)}</span></td>'
-                + "".join(_panel(h, uri) for h, uri in e.panels) + "</tr>")
+                f'<tr class="{"alarm" if alarm else ""}"><td class="cap"><b>{html.escape(e.name)}</b>'
+                f"{group}<br>score {_fixed(e.score, t.image, 4)}<br>normalised {_fixed(e.norm, 0.5, 3)}"
+                f'<br><span class="verdict {"bad" if e.flagged else "good"}">{html.escape(e.verdict)}'
+                "</span></td>" + "".join(_panel(e.name, h, uri) for h, uri in e.panels) + "</tr>")
         heads = ["image", "input"] + (["ground truth (green)"] if with_truth else []) + [
             "anomaly map", "predicted mask" + (" (truth outlined)" if with_truth else "")]
-        head = "".join(f"<th>{h}</th>" for h in heads)
-        t = self.thresholds
+        head = "".join(f"<th scope='col'>{h}</th>" for h in heads)
         return (f"<p>Anomaly maps are normalised so that the pixel threshold ({t.pixel:.4f} raw) "
                 "is 0.5 on the colour bar; the predicted mask is the map at or above it. "
                 f"Image verdicts: raw score at or above the image threshold ({t.image:.4f}, "
                 f"normalised 0.5). {'Worst errors first.' if labelled else 'Most anomalous first.'}"
-                f'</p><table class="gallery"><tr>{head}</tr>{"".join(rows)}</table>')
+                f'</p><div class="scroll"><table class="gallery"><tr>{head}</tr>{"".join(rows)}</table></div>')
 
 
 def _colour_bar_uri() -> str:
@@ -209,8 +220,11 @@ def _histogram_figure(scores: np.ndarray, labels: np.ndarray, threshold: float |
     fig = Figure(figsize=(7.5, 3.4), dpi=90, layout="constrained")
     ax = fig.subplots()
     edges = np.histogram_bin_edges(np.r_[scores, threshold if threshold is not None else []], 40)
-    ax.hist(scores[labels == 0], bins=edges, alpha=0.65, color="tab:green", label="good")
-    ax.hist(scores[labels == 1], bins=edges, alpha=0.65, color="tab:red", label="defective")
+    # blue and orange (told apart with any colour vision), outlined where they overlap
+    ax.hist(scores[labels == 0], bins=edges, alpha=0.5, color="tab:blue", label="good")
+    ax.hist(scores[labels == 1], bins=edges, alpha=0.5, color="tab:orange", label="defective")
+    ax.hist(scores[labels == 0], bins=edges, histtype="step", color="tab:blue")
+    ax.hist(scores[labels == 1], bins=edges, histtype="step", color="tab:orange")
     if threshold is not None:
         ax.axvline(threshold, color="black", ls="--", label=f"threshold {threshold:.4f}")
     ax.set(xlabel="image score (raw)", ylabel="images", title="image scores")
@@ -224,10 +238,15 @@ body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}
 table{border-collapse:collapse;margin:.5em 0}
 td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
 th{background:#f2f2f2}
+.scroll{overflow-x:auto}
+img.plot{max-width:100%;height:auto}
+.gallery th{text-align:center}
 .gallery td{text-align:center;vertical-align:top;padding:2px}
 .gallery td.cap{text-align:left;font-size:85%;min-width:11em}
-tr.wrong td.cap{background:#fde2e2}
+tr.alarm td.cap{background:#fde2e2}
 .verdict{font-weight:bold}
+.verdict.bad{color:#b00020}
+.verdict.good{color:#1a7f37}
 .heat{display:inline-flex;align-items:stretch;gap:2px}
 .bar{width:12px;background-image:url(COLOURBAR);background-size:100% 100%}
 .ticks{display:flex;flex-direction:column;justify-content:space-between;font-size:70%}
@@ -238,7 +257,8 @@ table.cal td{text-align:left}
 
 def _page(title: str, body: str) -> str:
     style = _STYLE.replace("COLOURBAR", _colour_bar_uri())
-    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+    return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><meta name='viewport' "
+            f"content='width=device-width, initial-scale=1'><title>{html.escape(title)}</title>"
             f"{style}</head><body><h1>{html.escape(title)}</h1>{body}</body></html>")
 
 
@@ -254,15 +274,17 @@ def _metrics_table(rows: list[tuple[str, dict, dict]], keys: Sequence[str]) -> s
         f"<tr><th>{html.escape(name)}</th>"
         + "".join(f"<td>{_pct(seg.get(k))}</td><td>{_pct(dest.get(k))}</td>" for k in keys)
         + "</tr>" for name, seg, dest in rows)
-    return f"<table><tr><th rowspan=2></th>{head}</tr><tr>{sub}</tr>{body}</table>"
+    return (f"<div class='scroll'><table><tr><th rowspan=2></th>{head}</tr><tr>{sub}</tr>{body}</table>"
+            "</div><p>seg: the segmentation net's map (the model's output); DeST: the "
+            "teacher-student difference map, DeSTSeg's first stage, for comparison.</p>")
 
 
 def _how_found(t: Thresholds) -> str:
     """One sentence on where the checkpoint's thresholds come from."""
     if t.method == "false_alarm":
-        text = (f"false-alarm rates on {t.n_good} {t.source or 'good images'}: "
-                f"{_pct(t.false_alarm_rate)}% of good images, {_pct(t.pixel_false_alarm_rate)}% "
-                "of good pixels")
+        text = (f"set to flag {_pct(t.false_alarm_rate)}% of good images and "
+                f"{_pct(t.pixel_false_alarm_rate)}% of good pixels (target rates), from the scores "
+                f"of {t.n_good} {t.source or 'good images'}")
     elif t.method == "f1":
         text = f"best F1 on {t.n_defects} labelled defect and {t.n_good} good images ({t.source})"
     elif t.method == "given":
@@ -281,15 +303,17 @@ def _calibrated_html(result: dict, thresholds: Thresholds) -> str:
     rows = [("image threshold (raw)", f"{cal['image_threshold']:.4f}"),
             ("pixel threshold (raw)", f"{cal['pixel_threshold']:.4f}"),
             ("found by", _how_found(thresholds)),
-            ("image F1 at it / best possible",
-             f"{_pct(cal['image_f1'])} / {_pct(result.get('image_f1_max'))}"),
+            ("image F1 at the checkpoint's threshold / best possible",
+             f"{_pct(cal['image_f1'])}% / {_pct(result.get('image_f1_max'))}%"),
             ("good images flagged", str(cal["good_flagged"])),
             ("defective images missed", str(cal["defects_missed"]))]
     if "pixel_f1" in cal:
-        rows.append(("pixel F1 at it / best possible",
-                     f"{_pct(cal['pixel_f1'])} / {_pct(result.get('pixel_f1_max'))}"))
-    body = "".join(f"<tr><th>{a}</th><td>{b}</td></tr>" for a, b in rows)
-    return f"<h2>Thresholds of the checkpoint</h2><table class='cal'>{body}</table>"
+        rows.append(("pixel F1 at the checkpoint's threshold / best possible",
+                     f"{_pct(cal['pixel_f1'])}% / {_pct(result.get('pixel_f1_max'))}%"))
+    body = "".join(f"<tr><th scope='row'>{a}</th><td>{b}</td></tr>" for a, b in rows)
+    warning = threshold_warning(result)
+    note = f"<p class='note'>{html.escape(warning[0].upper() + warning[1:])}</p>" if warning else ""
+    return f"<h2>Thresholds of the checkpoint</h2>{note}<div class='scroll'><table class='cal'>{body}</table></div>"
 
 
 def write_test_report(path: Path, test: TestSet, outputs: TestOutputs, result: dict,
@@ -324,8 +348,12 @@ def write_test_report(path: Path, test: TestSet, outputs: TestOutputs, result: d
         curves.append(("pixel precision-recall", "pr", curve_points(outputs.seg, test.masks),
                        result["pixel_ap"]))
     histogram = _histogram_figure(outputs.scores, labels, thresholds.image)
-    parts += ["<h2>Curves (segmentation map)</h2>", f'<img src="{_curves_figure(curves)}" alt="curves">',
-              "<h2>Image scores</h2>", f'<img src="{histogram}" alt="histogram">']
+    areas = ", ".join(f"{title} area {area:.3f}" for title, _, _, area in curves)
+    parts += ["<h2>Curves (image scores and segmentation map)</h2>",
+              f'<img class="plot" src="{_curves_figure(curves)}" alt="curves: {areas}">',
+              "<h2>Image scores</h2>",
+              f'<img class="plot" src="{histogram}" alt="histogram of the image scores of good and '
+              'defective images, with the threshold">']
     gallery = Gallery(thresholds)
     for i, name in enumerate(_shown_names(test.paths)):
         image = test.images[i].permute(1, 2, 0).numpy()
@@ -346,16 +374,16 @@ def _shown_names(paths: Sequence[Path]) -> list[str]:
     return [Path(p).absolute().relative_to(root).as_posix() for p in paths]
 
 
-def write_gallery_page(path: Path, gallery: Gallery, skipped: Sequence[tuple[str, str]] = ()) -> Path:
+def write_gallery_page(path: Path, gallery: Gallery, skipped: Sequence[str] = ()) -> Path:
     """A page holding only `gallery` (see `Gallery.add`), after a list of the
-    `skipped` (file, error) that could not be scored."""
+    files that could not be scored (`skipped`: their errors, each naming its file)."""
     flagged = sum(e.flagged for e in gallery.entries)
+    t = gallery.thresholds
     body = (f"<p>{len(gallery.entries)} images, {flagged} anomalous at the image threshold "
-            f"({html.escape(gallery.thresholds.method)}).</p>")
-    if skipped:
+            f"{t.image:.4f} ({_how_found(t)}).</p>")
+    if skipped:  # each error names its file
         body += (f"<p>{len(skipped)} file(s) could not be read and are not shown:</p><ul>"
-                 + "".join(f"<li><b>{html.escape(name)}</b>: {html.escape(error)}</li>"
-                           for name, error in skipped) + "</ul>")
+                 + "".join(f"<li>{html.escape(error)}</li>" for error in skipped) + "</ul>")
     body += gallery.html()
     path = Path(path)
     write_text(path, _page("pfadseg predict", body))

@@ -140,7 +140,7 @@ def predict_files(detector: Detector, paths: list[Path], out_dir: Path, batch_si
         bar.close()
         if rows:  # else stopped before its first image: an earlier run's files stay as they were
             write_gallery_page(out_dir / "report.html", gallery,
-                               [(row["image"], row["error"]) for row in rows if "error" in row])
+                               [row["error"] for row in rows if "error" in row])
             write_text(out_dir / "summary.json", json.dumps(rows, indent=2))
             with replacing(out_dir / "summary.csv") as tmp, open(tmp, "w", newline="", encoding="utf-8",
                                                                  errors="surrogateescape") as fh:

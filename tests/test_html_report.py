@@ -50,16 +50,18 @@ def test_test_report_is_complete_and_self_contained(model: AnomalyModel, dataset
     for name in ("image AUROC", "pixel AUROC", "pixel AP", "IAP", "IAP@90", "AUPRO"):
         assert f">{name}<" in page
     assert "<th>crack</th>" in page and "DeST" in page  # per defect type, both maps
-    assert "Thresholds of the checkpoint" in page and "pixel F1 at it" in page
+    assert "Thresholds of the checkpoint" in page and "pixel F1 at the checkpoint's threshold" in page
+    assert "name='viewport'" in page and "<html lang='en'>" in page  # readable on a phone
     sources = re.findall(r'src="([^"]*)"', page)
     assert sources and all(s.startswith("data:image/") for s in sources)
     assert "url(data:image/png;base64," in page  # the colour bar, embedded once
-    assert len(re.findall(r'alt="curves"', page)) == 1 and 'alt="histogram"' in page
+    assert len(re.findall(r'alt="curves: image ROC area', page)) == 1 and 'alt="histogram of' in page
     # every image, four panels each, worst error first
     names = _rows(page)
     assert sorted(names) == sorted(p.relative_to(dataset / CATEGORY / "test").as_posix()
                                    for p in test.paths)
-    assert page.count('alt="ground truth"') == page.count('alt="predicted mask"') == len(names)
+    assert page.count(': ground truth"') == page.count(': predicted mask"') == len(names)
+    assert f'alt="{names[0]}: anomaly map"' in page
     norm = thresholds.normalize_image(outputs.scores)
     error = np.where(test.labels == 1, 1 - norm, norm)
     by_name = {p.relative_to(dataset / CATEGORY / "test").as_posix(): e
@@ -74,7 +76,7 @@ def test_report_without_masks_says_so(model: AnomalyModel, dataset: Path, tmp_pa
     test.masks = None
     write_results(model, test, CATEGORY, tmp_path, {"threshold": 0.5}, bf16=False, progress=False)
     page = (tmp_path / "report.html").read_text()
-    assert "No ground-truth masks were given" in page and 'alt="ground truth"' not in page
+    assert "No ground-truth masks were given" in page and ': ground truth"' not in page
     assert ">pixel AP<" not in page and len(_rows(page)) == 4 and "Worst errors first" in page
 
 
@@ -116,12 +118,26 @@ def test_predict_gallery_is_sorted_most_anomalous_first(tmp_path: Path) -> None:
     path = write_gallery_page(tmp_path / "report.html", gallery)
     page = path.read_text()
     assert _rows(page) == ["b.png", "c.png", "a.png"]
-    assert "1 anomalous" in page and 'alt="ground truth"' not in page
+    assert "1 anomalous at the image threshold 0.6000" in page and ': ground truth"' not in page
     assert "Most anomalous first" in page
-    assert page.count('alt="predicted mask"') == 3
+    assert page.count(': predicted mask"') == 3
+    assert page.count('class="verdict bad"') == 1 and page.count('class="verdict good"') == 2
     # thumbnails are downscaled: the 300-pixel side becomes THUMB
     first = re.search(r'src="data:image/jpeg;base64,([^"]+)"', page).group(1)
     assert max(Image.open(io.BytesIO(base64.b64decode(first))).size) == THUMB
+
+
+def test_a_score_by_its_threshold_is_shown_with_the_digits_that_tell_them_apart(tmp_path: Path) -> None:
+    """A score just over the threshold printed as the threshold ("score 0.4949", threshold
+    0.4949, verdict anomalous); a skipped file was named twice."""
+    gallery = Gallery(Thresholds(0.49491, 0.5, "test"))
+    image = np.zeros((8, 8, 3), dtype=np.uint8)
+    gallery.add("over.png", image, np.zeros((8, 8), np.float32), 0.494912)
+    gallery.add("under.png", image, np.zeros((8, 8), np.float32), 0.494905)
+    page = write_gallery_page(tmp_path / "report.html", gallery,
+                              ["/x/bad.png: cannot read image"]).read_text()
+    assert "score 0.494912<br>" in page and "score 0.49490<br>" in page  # not both 0.4949
+    assert "<li>/x/bad.png: cannot read image</li>" in page
 
 
 def test_curve_points_match_the_metrics() -> None:
