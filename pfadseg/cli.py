@@ -471,17 +471,24 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """`pfadseg export`: the checkpoint as an ONNX model."""
-    from .export import export_onnx
+    from .export import export_onnx, onnx_metadata
 
     out = out_file(args.out or args.checkpoint.with_suffix(".onnx"), "checkpoint.onnx")
     if out.suffix != ".onnx":  # e.g. the checkpoint itself, or an image: nothing is overwritten
         raise DataError(f"--out {out}: not a .onnx file name (the model written there replaces "
                         f"any file of that name). Fix: --out {out.with_suffix('.onnx')}")
     _device(args)  # a wrong --device is still an error, as on the other commands
-    model, _ = load_checkpoint(args.checkpoint)
+    model, meta = load_checkpoint(args.checkpoint)
     print(f"exporting to {out}, then checking it with onnxruntime (a few minutes on a CPU)...", flush=True)
-    export_onnx(model, out)
-    print(f"exported: {out}")
+    export_onnx(model, out, meta)
+    props = onnx_metadata(model, meta)
+    size = model.config.image_size
+    print(f"exported: {out}\n  input 'images': float32 (B, 3, {size}, {size}), RGB in [0, 1], each "
+          f"image resized to {size}x{size}; outputs 'seg_map', 'dest_map', 'score'")
+    print(f"  thresholds: image {props['image_threshold']}, pixel {props['pixel_threshold']} "
+          f"({props['threshold_method']})" if "image_threshold" in props else
+          "  no thresholds in the checkpoint: set your own on 'score' and 'seg_map'")
+    print("  all of this, in full, is in the file's metadata_props")
     return 0
 
 

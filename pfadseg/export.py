@@ -3,7 +3,8 @@
 The exported graph takes float32 images in [0, 1], shape (B, 3, S, S) with a
 dynamic batch axis, and returns the segmentation map (B, 1, S, S), the DeST map
 (B, 1, S, S) and the image scores (B,) (mean of the top-100 pixels of the
-segmentation map), all float32.
+segmentation map), all float32. The file's metadata_props say so (CONTRACT) and
+hold the checkpoint's thresholds, so that it can be run without pfadseg.
 """
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import __version__
+from .calibration import CalibrationError, Thresholds
 from .checkpoint import weights_fingerprint
 from .files import replacing
 from .models import AnomalyModel, image_scores
@@ -30,6 +33,15 @@ ONNX_HINT = "pip install pfadseg[onnx]"
 OPSET = 18  # the exporter's own opset: asking for an older one makes it convert down, which fails
 TOLERANCE = 1e-3  # largest |onnxruntime - torch| accepted on the check batch (fp32 both)
 WEIGHTS_KEY = "pfadseg_weights"  # ONNX metadata: checkpoint.weights_fingerprint of the model
+CONTRACT = {  # ONNX metadata_props for a program that runs the file without pfadseg
+    "input": "images: float32 (B, 3, S, S), RGB in [0, 1]; each image upright (EXIF applied), "
+             "alpha composited on black, resized to S x S (bilinear, aspect not kept); the "
+             "teacher's mean/std normalisation is inside the graph",
+    "outputs": "seg_map (B, 1, S, S): anomaly map in [0, 1], a defect where >= pixel_threshold "
+               "(resize it bilinearly to the image's size first); dest_map (B, 1, S, S): DeSTSeg's "
+               "teacher-student map, for diagnosis, no threshold; score (B,): mean of the 100 "
+               "highest seg_map values, a defective image where >= image_threshold",
+}
 
 
 class ExportError(ValueError):
@@ -117,8 +129,23 @@ def _largest_difference(path: Path, wrapper: nn.Module, images: torch.Tensor) ->
     return max(float(np.abs(g - w.numpy()).max()) for g, w in zip(got, want))
 
 
-def export_onnx(model: AnomalyModel, path: Path) -> Path:
-    """Write `model` (an fp32, eval-mode CPU copy of it) to `path` as ONNX; returns the path.
+def onnx_metadata(model: AnomalyModel, meta: dict) -> dict[str, str]:
+    """The metadata_props of an export: the weights' fingerprint, the input and output
+    contract, the input size, pfadseg's version and, when the checkpoint's metadata
+    `meta` holds them, its image and pixel thresholds and how they were set."""
+    props = {WEIGHTS_KEY: weights_fingerprint(model), **CONTRACT,
+             "image_size": str(model.config.image_size), "pfadseg_version": __version__}
+    try:
+        t = Thresholds.from_meta(meta)
+    except CalibrationError:  # a checkpoint without thresholds: the integrator must set one
+        return props
+    return {**props, "image_threshold": repr(t.image), "pixel_threshold": repr(t.pixel),
+            "threshold_method": t.method}
+
+
+def export_onnx(model: AnomalyModel, path: Path, meta: dict | None = None) -> Path:
+    """Write `model` (an fp32, eval-mode CPU copy of it) to `path` as ONNX, with the
+    metadata of `onnx_metadata` (`meta`: the checkpoint's); returns the path.
 
     Uses torch's torch.export-based exporter (the TorchScript one cannot turn RCM's
     pooling into ONNX with a dynamic batch axis). Its console output goes to
@@ -135,32 +162,35 @@ def export_onnx(model: AnomalyModel, path: Path) -> Path:
     wrapper = _ExportWrapper(cpu_model).eval()
     gen = torch.Generator().manual_seed(0)
     example, check = (torch.rand(n, 3, size, size, generator=gen) for n in (2, 3))
-    log_path = path.with_name(path.name + ".log")
-    with replacing(path) as tmp:  # any failure below leaves `path` as it was and no partial file
-        try:
-            with _output_to(log_path), warnings.catch_warnings(), torch.no_grad():
-                warnings.simplefilter("ignore")
-                torch.onnx.export(
-                    wrapper, (example,), str(tmp), dynamo=True, opset_version=OPSET,
-                    input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
-                    dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
-                    external_data=False, verbose=False, report=False)
-                difference = _largest_difference(tmp, wrapper, check)
-        except KeyboardInterrupt:  # nothing failed: leave no log either
-            log_path.unlink(missing_ok=True)
-            raise
-        except Exception as exc:  # noqa: BLE001 - any exporter failure, reported in one line
-            raise ExportError(f"ONNX export to {path} failed: {_first_line(exc)} "
-                              f"(exporter log: {log_path})") from exc
-        if not difference <= TOLERANCE:
-            raise ExportError(f"ONNX export to {path} failed: onnxruntime's outputs differ from "
-                              f"the model's by up to {difference:.3g} (more than {TOLERANCE}); "
-                              f"exporter log: {log_path}")
-        import onnx
+    log_path = path.with_name(f"{path.name}.{os.getpid()}.log")  # two exports: two logs
+    try:
+        with replacing(path) as tmp:  # any failure below leaves `path` as it was and no partial file
+            try:
+                with _output_to(log_path), warnings.catch_warnings(), torch.no_grad():
+                    warnings.simplefilter("ignore")
+                    torch.onnx.export(
+                        wrapper, (example,), str(tmp), dynamo=True, opset_version=OPSET,
+                        input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
+                        dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
+                        external_data=False, verbose=False, report=False)
+                    difference = _largest_difference(tmp, wrapper, check)
+            except Exception as exc:  # noqa: BLE001 - any exporter failure, reported in one line
+                raise ExportError(f"ONNX export to {path} failed: {_first_line(exc)} "
+                                  f"(exporter log: {log_path})") from exc
+            if not difference <= TOLERANCE:
+                raise ExportError(f"ONNX export to {path} failed: onnxruntime's outputs differ from "
+                                  f"the model's by up to {difference:.3g} (more than {TOLERANCE}); "
+                                  f"exporter log: {log_path}")
+            import onnx
 
-        stamped = onnx.load(str(tmp))
-        onnx.helper.set_model_props(stamped, {WEIGHTS_KEY: weights_fingerprint(model)})
-        onnx.save(stamped, str(tmp))
+            stamped = onnx.load(str(tmp))
+            onnx.helper.set_model_props(stamped, onnx_metadata(model, meta or {}))
+            onnx.save(stamped, str(tmp))
+    except ExportError:  # its message names the log
+        raise
+    except BaseException:  # Ctrl-C, or a failed write: nothing for the log to explain
+        log_path.unlink(missing_ok=True)
+        raise
     log_path.unlink()
     return path
 
@@ -174,7 +204,7 @@ def onnx_map_fn(path: Path, fingerprint: str | None = None) -> MapFn:
     if not path.is_file():
         raise ValueError(f"ONNX model not found: {path}. Create it with "
                          "`pfadseg export --checkpoint CHECKPOINT --out FILE`.")
-    session = _session(path)
+    session = _session(path, threads=torch.get_num_threads())  # --threads holds for onnxruntime too
     if fingerprint is not None:
         recorded = session.get_modelmeta().custom_metadata_map.get(WEIGHTS_KEY)
         if recorded != fingerprint:

@@ -72,12 +72,22 @@ def test_cli_export_is_quiet_and_matches_torch(checkpoint: Path, tmp_path: Path,
     assert cli.main(["export", "--checkpoint", str(checkpoint), "--out", str(out),
                      "--device", "cpu"]) == 0
     printed = capfd.readouterr()
-    assert printed.out.splitlines() == [f"exporting to {out}, then checking it with onnxruntime "
-                                        "(a few minutes on a CPU)...", f"exported: {out}"]
+    assert printed.out.splitlines() == [
+        f"exporting to {out}, then checking it with onnxruntime (a few minutes on a CPU)...",
+        f"exported: {out}", f"  input 'images': float32 (B, 3, {SIZE}, {SIZE}), RGB in [0, 1], each "
+        f"image resized to {SIZE}x{SIZE}; outputs 'seg_map', 'dest_map', 'score'",
+        "  thresholds: image 0.5, pixel 0.5 (legacy)", "  all of this, in full, is in the file's metadata_props"]
     assert printed.err == ""  # no exporter progress, IR dumps, warnings or tracebacks
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]  # no .tmp, no .log
-    model, _ = ckpt.load_checkpoint(checkpoint)
+    model, meta = ckpt.load_checkpoint(checkpoint)
     assert_matches_torch(model, out)
+    # what a program without pfadseg needs is in the file: thresholds, input size, contract
+    import onnxruntime as ort
+
+    props = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).get_modelmeta().custom_metadata_map
+    assert props == export.onnx_metadata(model, meta)
+    assert (props["image_threshold"], props["pixel_threshold"], props["image_size"]) == ("0.5", "0.5", str(SIZE))
+    assert "RGB in [0, 1]" in props["input"] and ">= pixel_threshold" in props["outputs"]
     # the file records the weights it came from: this checkpoint's run it, others' are refused
     assert Detector.load(checkpoint, backend="onnx", onnx=out).predict([np.zeros((8, 8, 3), np.uint8)])
     other = tmp_path / "other.safetensors"
@@ -124,14 +134,14 @@ def test_failed_export_says_why_in_one_line(checkpoint: Path, tmp_path: Path, ca
     assert cli.main(["export", "--checkpoint", str(checkpoint), "--out", str(out),
                      "--device", "cpu"]) == 2
     printed = capfd.readouterr()
-    log = tmp_path / "model.onnx.log"
+    log = tmp_path / f"model.onnx.{os.getpid()}.log"  # the process's own: two exports, two logs
     assert printed.out.startswith("exporting to")
     assert printed.err.splitlines() == [
         f"pfadseg export: error: ONNX export to {out} failed: RuntimeError: Failed to export "
         f"a node '%6713' (exporter log: {log})"]
     noise = log.read_text()  # the exporter's output is kept for a bug report
     assert "Torch IR graph" in noise and "Traceback" in noise and "Assertion failed" in noise
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx.log"]  # no half file
+    assert sorted(p.name for p in tmp_path.iterdir()) == [log.name]  # no half file
 
 
 def test_interrupted_export_leaves_nothing_behind(tmp_path: Path,
@@ -142,6 +152,15 @@ def test_interrupted_export_leaves_nothing_behind(tmp_path: Path,
         raise KeyboardInterrupt
 
     monkeypatch.setattr(torch.onnx, "export", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        export_onnx(random_model("destseg", "resnet18"), tmp_path / "model.onnx")
+    assert list(tmp_path.iterdir()) == []
+    # nor when Ctrl-C comes after the check, while the metadata is written (left an empty log)
+    monkeypatch.setattr(torch.onnx, "export", lambda *a, **k: Path(a[2]).write_bytes(b"x"))
+    monkeypatch.setattr(export, "_largest_difference", lambda *a: 0.0)
+    import onnx
+
+    monkeypatch.setattr(onnx, "load", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
         export_onnx(random_model("destseg", "resnet18"), tmp_path / "model.onnx")
     assert list(tmp_path.iterdir()) == []
@@ -158,7 +177,7 @@ def test_export_that_computes_otherwise_is_refused(tmp_path: Path,
         export_onnx(random_model("destseg", "resnet18"), out)
     assert "\n" not in str(err.value)
     assert out.read_bytes() == b"an earlier export"
-    assert not (tmp_path / "model.onnx.tmp").exists()
+    assert not list(tmp_path.glob("*.tmp"))
 
 
 def test_missing_exporter_package_is_a_clear_error(tmp_path: Path,
