@@ -565,7 +565,7 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)  # before or after the command's name
     for p, unset in ((parser, {}), (common, {"default": argparse.SUPPRESS})):  # the main parser's defaults
         p.add_argument("--threads", type=whole_number(1, os.cpu_count() or 1, "this machine's CPUs"),
-                       **unset, help="CPU threads for torch, at most the CPUs (default: all cores)")
+                       **unset, help="CPU threads for torch and ONNX Runtime, at most the CPUs (default: all cores)")
         p.add_argument("-v", "--verbose", action="store_true", **unset, help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True)
     command = functools.partial(sub.add_parser, parents=[common])

@@ -86,7 +86,7 @@ def open_image(path: Path) -> Image.Image:
                         f"{path}: {img.width}x{img.height} pixels is over the limit of "
                         f"{MAX_PIXELS} (decompression-bomb guard). Fix: downscale the file.")
                 img.load()
-                if getattr(img, "n_frames", 1) > 1:
+                if getattr(img, "n_frames", 1) > 1 and img.format != "MPO":  # MPO: a phone's JPEG + extras
                     log.warning("%s: %d frames (an animation or a multi-page file); only the first "
                                 "is read. Fix: save each frame as an image of its own.", path, img.n_frames)
                 return img.copy()
@@ -153,19 +153,22 @@ def _walk(folder: Path) -> Iterator[Path]:
     once, hidden ones (.thumbnails/, .Trash-1000/, .ipynb_checkpoints/) never, nor a
     link to a folder above `folder` (good/up -> .. read the defect folders as good)."""
     top = os.path.realpath(folder)
+    above = {os.path.realpath(p) for p in Path(folder).absolute().parents}  # also where folder is a link
     seen: set[str] = set()
     for root, dirs, names in os.walk(folder, followlinks=True, onerror=_unlisted):
         real = os.path.realpath(root)
         if real in seen:  # a link back up the tree, or two links to one folder
             dirs.clear()
             continue
-        if real != top and os.path.commonpath([real, top]) == real:
+        if real != top and (Path(top).is_relative_to(real) or real in above):
             log.warning("%s: skipping this link to %s, a folder above %s (its images are not "
                         "this folder's). Fix: remove the link.", root, real, folder)
             dirs.clear()
             continue
         seen.add(real)
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        # real folders before links to them: an image is listed under its own path
+        dirs[:] = sorted((d for d in dirs if not d.startswith(".")),
+                         key=lambda d: os.path.islink(os.path.join(root, d)))
         yield from (Path(root) / name for name in dirs + names)
 
 

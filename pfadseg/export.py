@@ -35,7 +35,8 @@ TOLERANCE = 1e-3  # largest |onnxruntime - torch| accepted on the check batch (f
 WEIGHTS_KEY = "pfadseg_weights"  # ONNX metadata: checkpoint.weights_fingerprint of the model
 CONTRACT = {  # ONNX metadata_props for a program that runs the file without pfadseg
     "input": "images: float32 (B, 3, S, S), RGB in [0, 1]; each image upright (EXIF applied), "
-             "alpha composited on black, resized to S x S (bilinear, aspect not kept); the "
+             "alpha composited on black, resized to S x S as 8-bit RGB by Pillow's BILINEAR "
+             "(antialiased; aspect not kept), then divided by 255; the "
              "teacher's mean/std normalisation is inside the graph",
     "outputs": "seg_map (B, 1, S, S): anomaly map in [0, 1], a defect where >= pixel_threshold "
                "(resize it bilinearly to the image's size first); dest_map (B, 1, S, S): DeSTSeg's "
@@ -149,7 +150,7 @@ def export_onnx(model: AnomalyModel, path: Path, meta: dict | None = None) -> Pa
 
     Uses torch's torch.export-based exporter (the TorchScript one cannot turn RCM's
     pooling into ONNX with a dynamic batch axis). Its console output goes to
-    `<path>.log`, which is deleted when the export succeeds and named in the
+    `<path>.<process id>.log`, which is deleted when the export succeeds and named in the
     ExportError when it fails. The file is checked before it replaces `path`:
     onnxruntime must give the model's outputs (to within TOLERANCE) for a batch
     of a size other than the traced one.

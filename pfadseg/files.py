@@ -14,8 +14,8 @@ def replacing(path: Path) -> Iterator[Path]:
     """A temporary path beside `path` to write to: renamed over `path` when the
     block ends, removed when it raises (a rename within one folder is atomic). A
     link is written through, and a file that is there keeps its permissions. The
-    temporary name holds the process id: two processes writing one file (two
-    calibrations of a checkpoint) never write into each other's."""
+    temporary name holds the process id: two processes of one machine writing one
+    file (two calibrations of a checkpoint) do not write into each other's."""
     path = Path(os.path.realpath(path))
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
@@ -32,6 +32,7 @@ def replacing(path: Path) -> Iterator[Path]:
 
 def write_text(path: Path, text: str) -> None:
     """`path.write_text(text)` (UTF-8), atomically. A file name that is not UTF-8
-    (it reaches Python as surrogates) is written as its own bytes."""
+    (it reaches Python as surrogates) is written as its own bytes, so the path
+    written opens the file."""
     with replacing(path) as tmp:
         tmp.write_text(text, encoding="utf-8", errors="surrogateescape")

@@ -257,6 +257,8 @@ table.cal td{text-align:left}
 
 def _page(title: str, body: str) -> str:
     style = _STYLE.replace("COLOURBAR", _colour_bar_uri())
+    # a file name that is not UTF-8 (surrogates in Python) shows as U+FFFD, the page stays UTF-8
+    body = body.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
     return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><meta name='viewport' "
             f"content='width=device-width, initial-scale=1'><title>{html.escape(title)}</title>"
             f"{style}</head><body><h1>{html.escape(title)}</h1>{body}</body></html>")
@@ -287,8 +289,8 @@ def _how_found(t: Thresholds) -> str:
                 f"of {t.n_good} {t.source or 'good images'}")
     elif t.method == "f1":
         text = f"best F1 on {t.n_defects} labelled defect and {t.n_good} good images ({t.source})"
-    elif t.method == "given":
-        text = "an image threshold given by hand (--threshold); the pixel threshold as calibrated"
+    elif t.method == "given":  # what calibration measured was at another image threshold
+        return "an image threshold given by hand (--threshold); the pixel threshold the checkpoint's"
     else:
         text = "one threshold from before calibration, for images and pixels alike"
     if t.defect_recall is not None:

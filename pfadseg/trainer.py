@@ -671,7 +671,7 @@ def train(model_config: ModelConfig, train_config: TrainConfig, data: TrainData,
     with run_lock(out_dir):
         state_path = out_dir / STATE_NAME
         if dist.is_main():  # half-written files of a run killed while saving (100s of MB)
-            for stale in [*out_dir.glob(f"{STATE_NAME}.*.tmp"), *out_dir.glob(f"{CHECKPOINT_NAME}.*.tmp")]:
+            for stale in [*out_dir.glob(f"{STATE_NAME}*.tmp"), *out_dir.glob(f"{CHECKPOINT_NAME}*.tmp")]:
                 stale.unlink(missing_ok=True)
         if resume:  # the run's own schedule; bf16 and compiling may be turned off for the rest
             kept = TrainConfig.from_dict(ckpt.read_meta(state_path, kind=STATE_FORMAT)["train"])

@@ -296,6 +296,11 @@ def test_a_file_and_a_link_to_it_are_listed_once_by_the_file_name(tmp_path: Path
     Image.fromarray(_image(0)).save(tmp_path / "target.png")
     (tmp_path / "a_link.png").symlink_to("target.png")  # sorts first
     assert [p.name for p in list_images(tmp_path)] == ["target.png"]
+    # and a folder and a link to it: by the folder's path, which its masks follow
+    (tmp_path / "real").mkdir()
+    (tmp_path / "target.png").rename(tmp_path / "real" / "x.png")
+    (tmp_path / "a_link").symlink_to("real", target_is_directory=True)
+    assert [p.relative_to(tmp_path).as_posix() for p in list_images(tmp_path, recursive=True)] == ["real/x.png"]
 
 
 def test_masks_kept_beside_their_images_are_refused_with_the_fix(folder: tuple[Path, Path]) -> None:

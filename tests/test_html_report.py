@@ -140,6 +140,24 @@ def test_a_score_by_its_threshold_is_shown_with_the_digits_that_tell_them_apart(
     assert "<li>/x/bad.png: cannot read image</li>" in page
 
 
+def test_threshold_notes_say_what_holds_for_the_threshold_in_use(tmp_path: Path) -> None:
+    """The test report lacked the command line's warning; predict's page said what
+    calibration measured at another image threshold after --threshold."""
+    from pfadseg.html_report import _calibrated_html
+
+    result = {"image_auroc": 0.9, "n_images": 12, "n_anomalous": 8, "image_f1_max": 0.9,
+              "calibrated": {"method": "false_alarm", "image_threshold": 0.7, "pixel_threshold": 0.6,
+                             "image_f1": 0.0, "good_flagged": 0, "defects_missed": 8}}
+    calibrated = Thresholds(0.7, 0.6, "false_alarm", 0.01, 0.001, 20, 40, "held-out good images",
+                            defect_recall=0.95)
+    assert "class='note'>The image threshold misses every defect here. Fix: `pfadseg calibrate`" \
+        in _calibrated_html(result, calibrated)
+    assert "it flags 95.0% of the images" in _calibrated_html(result, calibrated)
+    given = Gallery(Thresholds(**{**calibrated.__dict__, "image": 0.9, "method": "given"}))
+    page = write_gallery_page(tmp_path / "report.html", given).read_text()
+    assert "given by hand (--threshold)" in page and "95.0%" not in page
+
+
 def test_curve_points_match_the_metrics() -> None:
     rng = np.random.default_rng(3)
     labels = rng.random(5000) < 0.3
