@@ -39,15 +39,30 @@ class DataError(ValueError):
 
 
 _low_bits_warned = False  # the 12-bit warning, once per process: one camera made them all
+_long_warned = False  # the long-image warning, likewise
+LONG_SIDES = 4.0  # a side this many times the other: squashed square, details are lost
 
 
-def to_rgb(img: Image.Image, name: str | Path = "a 16-bit image") -> Image.Image:
+def warn_if_long(width: int, height: int, name: str | Path = "an image") -> None:
+    """Warn, once per process, of an image far from square (a line-scan strip): the
+    model sees every image squashed to its square input, which blurs such an image's
+    details away along its long side."""
+    global _long_warned
+    if max(width, height) > LONG_SIDES * min(width, height) and not _long_warned:
+        _long_warned = True
+        log.warning("%s is %dx%d: every image is squashed to the model's square input, which "
+                    "blurs a long image's details away. Fix: cut such images into squarish tiles "
+                    "(said of the first such image only).", name, width, height)
+
+
+def to_rgb(img: Image.Image, name: str | Path = "an image") -> Image.Image:
     """Convert any PIL image to upright 8-bit RGB: turned as its EXIF orientation
     says (as image viewers show a camera's JPEG), 16-bit grayscale rescaled from its
     full range (32-bit from the fewest bits holding its values, float from its own),
     palette and alpha images composited on black. `name` (its path) goes into warnings."""
     global _low_bits_warned
     img = ImageOps.exif_transpose(img)
+    warn_if_long(*img.size, name)
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         arr = np.asarray(img, dtype=np.float64)
         arr[~np.isfinite(arr)] = 0.0  # a float image's NaN/inf pixels: black, not an all-NaN scale

@@ -26,7 +26,7 @@ from PIL import Image
 from .calibration import CalibrationError, Thresholds
 from .checkpoint import load_checkpoint, weights_fingerprint
 from .config import check_whole
-from .data import IMAGE_SUFFIXES, DataError, load_rgb, to_rgb
+from .data import IMAGE_SUFFIXES, DataError, load_rgb, to_rgb, warn_if_long
 from .models import AnomalyModel, ModelConfig
 from .predict import MapFn, output_names
 from .runtime import device_name, place, resolve_device
@@ -128,6 +128,7 @@ def _rgb(item: ImageInput, index: int) -> np.ndarray:
                         "a PIL image or a uint8 array (H, W, 3), (H, W, 4) or (H, W).")
     if not rgb.shape[0] or not rgb.shape[1]:
         raise DataError(f"image {index}: empty ({rgb.shape[1]}x{rgb.shape[0]} pixels). Fix: leave it out.")
+    warn_if_long(rgb.shape[1], rgb.shape[0], f"image {index}")  # also for arrays, which skip to_rgb
     return rgb
 
 

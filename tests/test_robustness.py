@@ -797,6 +797,25 @@ def test_unreadable_folders_and_files_are_named_with_the_fix(tmp_path: Path, mon
         load_rgb(folder / "crack" / "000.png", None)
 
 
+def test_a_long_image_is_warned_of_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog) -> None:
+    """A 5x4000 line-scan strip was squashed to the square input and scored with no word."""
+    monkeypatch.setattr(data, "_long_warned", False)
+    path = tmp_path / "strip.png"
+    Image.fromarray(np.zeros((4000, 5, 3), np.uint8)).save(path)
+    wide = tmp_path / "wide.png"
+    Image.fromarray(np.zeros((40, 160, 3), np.uint8)).save(wide)
+    load_rgb(wide, None)  # 4:1 is not long yet
+    assert "squashed" not in caplog.text
+    load_rgb(path, None)
+    load_rgb(path, None)
+    assert caplog.text.count("strip.png is 5x4000: every image is squashed") == 1
+    from pfadseg.detector import _rgb  # an RGB array, which skips to_rgb, is checked too
+
+    monkeypatch.setattr(data, "_long_warned", False)
+    _rgb(np.zeros((5, 4000, 3), np.uint8), 3)
+    assert "image 3 is 4000x5: every image is squashed" in caplog.text
+
+
 def test_twelve_bit_data_in_a_sixteen_bit_file_is_warned_of(tmp_path: Path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """A 12-bit camera's values (0..4095) in a 16-bit PNG read as 0..16 of 255: said, not silent,
