@@ -480,8 +480,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     _device(args)  # a wrong --device is still an error, as on the other commands
     model, meta = load_checkpoint(args.checkpoint)
     print(f"exporting to {out}, then checking it with onnxruntime (a few minutes on a CPU)...", flush=True)
-    export_onnx(model, out, meta)
-    props = onnx_metadata(model, meta)
+    props = onnx_metadata(model, meta)  # once: it hashes the weights
+    export_onnx(model, out, props)
     size = model.config.image_size
     print(f"exported: {out}\n  input 'images': float32 (B, 3, {size}, {size}), RGB in [0, 1], each "
           f"image resized to {size}x{size}; outputs 'seg_map', 'dest_map', 'score'")

@@ -144,9 +144,9 @@ def onnx_metadata(model: AnomalyModel, meta: dict) -> dict[str, str]:
             "threshold_method": t.method}
 
 
-def export_onnx(model: AnomalyModel, path: Path, meta: dict | None = None) -> Path:
-    """Write `model` (an fp32, eval-mode CPU copy of it) to `path` as ONNX, with the
-    metadata of `onnx_metadata` (`meta`: the checkpoint's); returns the path.
+def export_onnx(model: AnomalyModel, path: Path, props: dict[str, str] | None = None) -> Path:
+    """Write `model` (an fp32, eval-mode CPU copy of it) to `path` as ONNX with the
+    metadata_props `props` (default: `onnx_metadata` without thresholds); returns the path.
 
     Uses torch's torch.export-based exporter (the TorchScript one cannot turn RCM's
     pooling into ONNX with a dynamic batch axis). Its console output goes to
@@ -185,7 +185,7 @@ def export_onnx(model: AnomalyModel, path: Path, meta: dict | None = None) -> Pa
             import onnx
 
             stamped = onnx.load(str(tmp))
-            onnx.helper.set_model_props(stamped, onnx_metadata(model, meta or {}))
+            onnx.helper.set_model_props(stamped, props or onnx_metadata(model, {}))
             onnx.save(stamped, str(tmp))
     except ExportError:  # its message names the log
         raise
